@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models built once per session, loaded through the public API."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from tests.tiny import specs
+
+
+class TinyZoo:
+    """Builds each family's tiny checkpoint on first request; caches paths and models."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.specs = specs()
+        self._paths: dict = {}
+        self._models: dict = {}
+
+    def path(self, name: str):
+        if name not in self._paths:
+            target = self.root / name
+            target.mkdir()
+            torch.manual_seed(0)
+            self.specs[name].build(target)
+            self._paths[name] = target
+        return self._paths[name]
+
+    def model(self, name: str):
+        """The HookedVLM of a family (shared; tests must not leave hooks on it)."""
+        if name not in self._models:
+            from tl_vlm import HookedVLM
+
+            self._models[name] = HookedVLM.from_pretrained(str(self.path(name)))
+        return self._models[name]
+
+    def reference(self, name: str):
+        """The plain HF model, eager attention, as numerical reference."""
+        spec = self.specs[name]
+        return spec.hf_class().from_pretrained(str(self.path(name)),
+                                               attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> TinyZoo:
+    return TinyZoo(tmp_path_factory.mktemp("tiny_models"))
+
+
+def pytest_generate_tests(metafunc):
+    if "family" in metafunc.fixturenames:
+        metafunc.parametrize("family", sorted(specs()))

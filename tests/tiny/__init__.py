@@ -1,0 +1,74 @@
+"""Tiny random VLMs, one builder per family, saved like real checkpoints.
+
+Every test loads these through the public ``HookedVLM.from_pretrained(path)``; the
+session-scoped ``tiny_zoo`` fixture (conftest.py) builds each family once per run.
+A family module here defines ``SPEC = TinySpec(...)``; ``SPECS`` collects them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+WORDS = ("what is this describe the image a cat dog red blue green shape colour where "
+         "left right top bottom answer question USER: ASSISTANT: yes no one two").split()
+
+
+def make_tokenizer(specials: Sequence[str], words: Sequence[str] = WORDS, *,
+                   bos: str = "<s>", eos: str = "</s>", pad: str = "<pad>", unk: str = "<unk>",
+                   extra_vocab: Sequence[str] = (), **tokenizer_kwargs: Any):
+    """A whitespace word-level fast tokenizer with the family's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for tok in [unk, bos, eos, pad, *specials, *words, *extra_vocab]:
+        vocab.setdefault(tok, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos,
+                                  pad_token=pad, unk_token=unk, **tokenizer_kwargs)
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tok
+
+
+def image(seed: int, size: tuple[int, int] = (20, 24)) -> Image.Image:
+    """A random RGB image (height, width)."""
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8"))
+
+
+@dataclass
+class TinySpec:
+    """How to build and exercise one family's tiny model.
+
+    Attributes:
+        family: tl_vlm family name.
+        build: writes model, tokenizer and processor into the given directory.
+        hf_class: the HF class used as numerical reference.
+        prompts, images: a batch of two prompts of different lengths (one with two
+            images where the family allows it); ``images`` follows ``HookedVLM.prepare``.
+        other_images: same structure, different pictures (to show images matter).
+        multi_image: whether one prompt may hold two images.
+    """
+
+    family: str
+    build: Callable[[Path], None]
+    hf_class: Callable[[], type]
+    prompts: list[str]
+    images: list[Any]
+    other_images: list[Any]
+    multi_image: bool = True
+    notes: str = field(default="")
+
+
+def specs() -> dict[str, TinySpec]:
+    """Every module of this package defines one family's SPEC."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return {n: importlib.import_module(f"{__name__}.{n}").SPEC for n in names}

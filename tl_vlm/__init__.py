@@ -1,0 +1,49 @@
+"""tl_vlm: TransformerLens for vision-language models.
+
+Load a VLM with hooks on every layer, find its image tokens, and run the Narrow Gate
+analyses as hook functions.
+
+Example:
+    >>> import tl_vlm                                                         # doctest: +SKIP
+    >>> model = tl_vlm.HookedVLM.from_pretrained("facebook/chameleon-7b")
+    >>> batch = model.prepare(["What animal is this?"], images=[img])
+    >>> logits, cache = model.run_with_cache(batch)
+    >>> batch.positions.gate
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Attribute -> module. Imported on first use so that the start-up hook
+# (tl_vlm._autoload, run from a .pth file) never pulls in torch.
+_LAZY = {
+    "HookedVLM": "tl_vlm.model",
+    "GenerationOutput": "tl_vlm.model",
+    "VLMBatch": "tl_vlm.batch",
+    "ImagePositions": "tl_vlm.positions",
+    "PositionSet": "tl_vlm.positions",
+    "ImageLayout": "tl_vlm.layout",
+    "LayoutError": "tl_vlm.layout",
+    "UnsupportedModelError": "tl_vlm.adapters",
+    "families": "tl_vlm.adapters",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        _register_once()
+        return getattr(module, name)
+    raise AttributeError(f"module 'tl_vlm' has no attribute {name!r}")
+
+
+def _register_once() -> None:
+    from tl_vlm import _tl_compat
+
+    _tl_compat.ensure_registered()

@@ -1,0 +1,74 @@
+"""A processed multimodal batch: the model's inputs and where the image is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_vlm.positions import ImagePositions
+
+
+@dataclass
+class VLMBatch:
+    """Everything one forward pass needs, plus the image positions of every example.
+
+    ``inputs`` is the processor's output (``input_ids``, ``attention_mask``,
+    ``pixel_values`` and the family's extra tensors such as ``image_sizes`` or
+    ``image_grid_thw``); all of it is passed to the model, so no family runs without
+    the metadata it needs.
+
+    Example:
+        >>> batch = model.prepare(["What is this?"], images=[img])   # doctest: +SKIP
+        >>> batch.positions.gate[0], batch.input_ids.shape            # doctest: +SKIP
+    """
+
+    inputs: dict[str, Any]
+    positions: ImagePositions
+    prompts: Optional[list[str]] = field(default=None, repr=False)
+
+    @property
+    def input_ids(self) -> Int[Tensor, "batch pos"]:
+        return self.inputs["input_ids"]
+
+    @property
+    def attention_mask(self) -> Int[Tensor, "batch pos"]:
+        mask = self.inputs.get("attention_mask")
+        return torch.ones_like(self.input_ids) if mask is None else mask
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """The inputs other than ``input_ids`` (masks, pixels, image metadata)."""
+        return {k: v for k, v in self.inputs.items() if k != "input_ids"}
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def padding_side(self) -> str:
+        """'left', 'right' or 'none' (no padding in the batch)."""
+        mask = self.attention_mask.bool()
+        if bool(mask.all()):
+            return "none"
+        return "left" if bool((~mask[:, 0]).any()) else "right"
+
+    def to(self, device: Union[str, torch.device]) -> "VLMBatch":
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.inputs.items()}
+        return VLMBatch(moved, self.positions, self.prompts)
+
+    def select(self, examples: Sequence[int]) -> "VLMBatch":
+        """A sub-batch. Only for families whose image tensors are one row per example."""
+        raise_if_mixed = [k for k, v in self.inputs.items()
+                          if isinstance(v, Tensor) and v.shape[0] != len(self)]
+        if raise_if_mixed:
+            raise ValueError(
+                f"cannot split this batch by example: {raise_if_mixed} are not one row per "
+                f"example; call model.prepare() on the sub-list of prompts instead"
+            )
+        idx = list(examples)
+        picked = {k: v[idx] if isinstance(v, Tensor) else v for k, v in self.inputs.items()}
+        prompts = [self.prompts[i] for i in idx] if self.prompts else None
+        return VLMBatch(picked, self.positions.select(idx), prompts)

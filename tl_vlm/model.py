@@ -1,0 +1,235 @@
+"""HookedVLM: a TransformerBridge that takes images.
+
+Example:
+    >>> import tl_vlm                                                     # doctest: +SKIP
+    >>> model = tl_vlm.HookedVLM.from_pretrained("facebook/chameleon-7b")
+    >>> batch = model.prepare(["What animal is this?"], images=[img])
+    >>> logits, cache = model.run_with_cache(batch)
+    >>> pos = batch.positions
+    >>> cache["blocks.3.attn.hook_pattern"][0, :, pos.text[0]][:, :, pos.image[0]]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from tl_vlm import _tl_compat
+from tl_vlm.adapters import Family, family_for_config
+from tl_vlm.batch import VLMBatch
+from tl_vlm.layout import ImageLayout, LayoutError
+
+ImageInput = Any  # a PIL image, an array, or anything the family's processor takes
+
+
+@contextlib.contextmanager
+def _offline_if_local(name_or_path: str) -> Iterator[None]:
+    """Loading a local directory must never wait on the hub (70 s time-outs seen)."""
+    if not os.path.isdir(name_or_path):
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    saved_const = hub_constants.HF_HUB_OFFLINE
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved_const
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class GenerationOutput:
+    """Tokens produced by :meth:`HookedVLM.generate`."""
+
+    sequences: Int[Tensor, "batch total_pos"]
+    logits: Float[Tensor, "batch new_pos vocab"]
+    prompt_length: int
+    text: list[str]
+
+    @property
+    def new_tokens(self) -> Int[Tensor, "batch new_pos"]:
+        return self.sequences[:, self.prompt_length:]
+
+
+class HookedVLM(TransformerBridge):
+    """A TransformerLens bridge over a vision-language model.
+
+    Everything TransformerBridge offers (``run_with_cache``, ``run_with_hooks``,
+    ``hooks()``, hook names such as ``blocks.{i}.attn.hook_pattern``) takes a
+    :class:`~tl_vlm.batch.VLMBatch` as input, and every attention hook is live (edits
+    change the output) on every family.
+    """
+
+    family: Family
+    layout: ImageLayout
+
+    # -- loading -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device, None] = None,
+        trust_remote_code: bool = False,
+        **boot_kwargs: Any,
+    ) -> "HookedVLM":
+        """Load a hub id or a local directory (safetensors) with hooks on every layer.
+
+        Example:
+            >>> model = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf",  # doctest: +SKIP
+            ...                                   dtype=torch.bfloat16, device="cuda")
+        """
+        from transformers import AutoConfig, AutoProcessor
+
+        with _offline_if_local(name_or_path):
+            hf_config = AutoConfig.from_pretrained(name_or_path,
+                                                   trust_remote_code=trust_remote_code)
+            family = family_for_config(hf_config)
+            try:
+                processor = AutoProcessor.from_pretrained(name_or_path,
+                                                          trust_remote_code=trust_remote_code)
+            except Exception as err:  # a VLM without its processor cannot place images
+                raise OSError(
+                    f"could not load the processor of {name_or_path!r} ({err}). tl_vlm needs "
+                    f"the checkpoint's processor files (processor/tokenizer configs); it "
+                    f"never installs packages at run time."
+                ) from err
+            arch = next(a for a in hf_config.architectures if a in family.architectures)
+            with _tl_compat.adapter_override(arch, family.adapter):
+                bridge = TransformerBridge.boot_transformers(
+                    name_or_path, dtype=dtype, device=device or "cpu",
+                    trust_remote_code=trust_remote_code, **boot_kwargs,
+                )
+        bridge.__class__ = cls
+        bridge.processor = processor
+        bridge.family = family
+        bridge.layout = family.layout(processor, bridge.original_model.config)
+        bridge.eval()
+        return bridge
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The wrapped Hugging Face model (the reference the bridge must equal)."""
+        return self.original_model
+
+    # -- inputs --------------------------------------------------------------
+    def prepare(
+        self,
+        prompts: Union[str, Sequence[str]],
+        images: Union[None, ImageInput, Sequence[Union[ImageInput, Sequence[ImageInput], None]]] = None,
+        padding_side: Optional[str] = None,
+        **processor_kwargs: Any,
+    ) -> VLMBatch:
+        """Process prompts and images into a batch with its :class:`ImagePositions`.
+
+        ``images[i]`` is the image (or list of images) of ``prompts[i]``. A prompt
+        without the family's image placeholder gets its images placed before the
+        text (the paper's image-then-text layout); a prompt with placeholders must
+        have exactly one image per placeholder.
+
+        Example:
+            >>> batch = model.prepare(["What animal is this?", "Describe it."],  # doctest: +SKIP
+            ...                       images=[img_a, img_b], padding_side="left")
+            >>> batch.positions.gate[0]
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        per_prompt = self._images_per_prompt(prompts, images)
+        texts = [self.layout.with_placeholders(p, len(imgs)) for p, imgs in zip(prompts, per_prompt)]
+        tokenizer = self.layout.tokenizer
+        side = padding_side or tokenizer.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        saved_side = tokenizer.padding_side
+        tokenizer.padding_side = side
+        try:
+            kwargs = dict(text=texts, return_tensors="pt", padding=True, **processor_kwargs)
+            if any(per_prompt):
+                kwargs["images"] = self.layout.processor_images(per_prompt)
+            inputs = dict(self.processor(**kwargs))
+        finally:
+            tokenizer.padding_side = saved_side
+        positions = self.layout.locate(inputs["input_ids"], inputs.get("attention_mask"), inputs)
+        for b, imgs in enumerate(per_prompt):
+            if positions.n_images(b) != len(imgs):
+                raise LayoutError(
+                    f"prompt {b} was given {len(imgs)} image(s) but its token ids hold "
+                    f"{positions.n_images(b)}"
+                )
+        return VLMBatch(inputs, positions, prompts).to(self.cfg.device)
+
+    @staticmethod
+    def _images_per_prompt(prompts: list[str], images: Any) -> list[list[Any]]:
+        if images is None:
+            return [[] for _ in prompts]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != len(prompts):
+            raise ValueError(
+                f"got {len(images)} image entries for {len(prompts)} prompts; pass one entry "
+                f"per prompt (an image, a list of images, or None)"
+            )
+        return [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
+                for im in images]
+
+    # -- running -------------------------------------------------------------
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        """TransformerBridge.forward, also taking a VLMBatch or a processor output."""
+        if isinstance(input, VLMBatch):
+            input = input.inputs
+        if isinstance(input, Mapping):
+            merged = {k: v for k, v in input.items() if k != "input_ids"}
+            merged.update(kwargs)
+            return super().forward(input["input_ids"], *args, **merged)
+        return super().forward(input, *args, **kwargs)
+
+    @torch.no_grad()
+    def generate(  # type: ignore[override]
+        self,
+        batch: VLMBatch,
+        max_new_tokens: int = 20,
+        fwd_hooks: Sequence[tuple[Any, Any]] = (),
+        do_sample: bool = False,
+        **generate_kwargs: Any,
+    ) -> GenerationOutput:
+        """Greedy (by default) generation with images, hooks active on every step.
+
+        Hooks stay on for the prompt pass and every cached step; on cached steps
+        ``hook_pattern`` is ``[batch, head, new_q, all_k]``.
+
+        Example:
+            >>> out = model.generate(batch, max_new_tokens=20, fwd_hooks=hooks)  # doctest: +SKIP
+            >>> out.text
+        """
+        if not isinstance(batch, VLMBatch):
+            raise TypeError("generate() takes a VLMBatch from model.prepare(...)")
+        if batch.padding_side == "right":
+            raise ValueError(
+                "batched generation needs left padding: model.prepare(..., padding_side='left')"
+            )
+        tokenizer = self.layout.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        with self.hooks(fwd_hooks=list(fwd_hooks)):
+            out = self.hf_model.generate(
+                **batch.inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                pad_token_id=pad, return_dict_in_generate=True, output_logits=True,
+                **generate_kwargs,
+            )
+        prompt_length = batch.input_ids.shape[1]
+        sequences = out.sequences
+        text = tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
+        return GenerationOutput(sequences, torch.stack(out.logits, dim=1), prompt_length, text)
