@@ -1,0 +1,75 @@
+"""Pixtral as packaged on the hub: a LLaVA checkpoint with a Pixtral vision tower.
+
+HF classes: ``LlavaForConditionalGeneration`` whose ``vision_config.model_type`` is
+``"pixtral"`` (mistral-community/pixtral-12b) -> ``model.vision_tower``
+(``PixtralVisionModel``: 2D-RoPE, block-diagonal attention across images),
+``model.multi_modal_projector``, ``model.language_model`` (Mistral), ``lm_head``.
+TL 4.3's ``LlavaArchitectureAdapter`` maps this tower with a CLIP bridge, which does
+not fit; tl_vlm keeps the tower whole (an opaque component, as TL's Mistral 3 adapter
+does for the same tower) and routes text attention through the hooked function.
+
+Layout (``PixtralProcessor``): each ``[IMG]`` in the prompt becomes ``rows`` rows of
+``cols`` ``[IMG]`` tokens, every row ended by ``[IMG_BREAK]`` except the last, which is
+ended by ``[IMG_END]``. ``rows``/``cols`` are the resized image's height/width over the
+patch size (times ``spatial_merge_size``), so they differ per image; the processor's
+``image_sizes`` gives them and the break tokens must agree. ``[IMG_END]`` is the EOI
+and the gate; there is no BOI. Not a native multimodal model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from typing import Any, Mapping, Optional
+
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformer_lens.model_bridge.supported_architectures.llava import (
+    LlavaArchitectureAdapter,
+)
+
+from tl_vlm.adapters import Family
+from tl_vlm.attention import use_hooked_attention
+from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
+
+
+def _processor_without_torchvision() -> None:
+    """Make ``PixtralProcessor`` loadable where torchvision is not installed.
+
+    transformers 5.23's ``processing_pixtral`` imports torchvision only through
+    ``image_processing_pixtral.get_resize_output_image_size``; the PIL image processor
+    module has the same function. Without torchvision the package exports a
+    placeholder that refuses to load, so ``AutoProcessor`` fails on every Pixtral
+    checkpoint. With torchvision present nothing is changed.
+    """
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    import transformers.models.pixtral as pixtral_pkg
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    if name not in sys.modules:
+        stub = types.ModuleType(name)
+        stub.get_resize_output_image_size = pil.get_resize_output_image_size
+        sys.modules[name] = stub
+    from transformers.models.pixtral import processing_pixtral
+
+    # The lazy package only consults its import structure for missing attributes.
+    pixtral_pkg.PixtralProcessor = processing_pixtral.PixtralProcessor
+
+
+_processor_without_torchvision()
+
+
+def _is_pixtral_tower(hf_config: Any) -> bool:
+    return getattr(getattr(hf_config, "vision_config", None), "model_type", "") == "pixtral"
+
+
+class PixtralAdapter(LlavaArchitectureAdapter):
+    """TL's LLaVA adapter with the Pixtral tower kept opaque and hooked attention."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        # No TL bridge fits Pixtral's 2D-RoPE tower; wrap it whole (hook_in/hook_out).
+        self.component_mapping["vision_encoder"] = GeneralizedComponent(name="model.vision_tower")
+        use_hooked_attention(self)

@@ -1,0 +1,140 @@
+"""Qwen2-VL and Qwen2.5-VL (one adapter, one layout).
+
+HF classes: ``Qwen2VLForConditionalGeneration`` and
+``Qwen2_5_VLForConditionalGeneration``. Both hold ``model.visual`` (ViT over
+``patch_size`` x ``patch_size`` x ``temporal_patch_size`` patches: ``patch_embed``,
+``rotary_pos_emb``, ``blocks.{i}`` with ``norm1``/``norm2``, ``attn.qkv``/``attn.proj``
+and an MLP, then ``merger`` which folds 2x2 patches into one text-side token),
+``model.language_model`` (a Qwen2 decoder with q/k/v biases and M-RoPE) and
+``lm_head``. The towers differ only in their MLP (Qwen2-VL: ``fc1``/``fc2``;
+Qwen2.5-VL: gated ``gate_proj``/``up_proj``/``down_proj``) and in Qwen2.5-VL's
+windowed attention, which stays inside HF's forward.
+
+TL 4.3 has no Qwen2-VL adapter and its ``Qwen2_5_VLArchitectureAdapter`` refuses to
+load without torchvision, which neither family needs once the PIL image processor
+is used; :class:`Qwen2VLAdapter` serves both without that requirement. Text
+attention runs through tl_vlm's hooked attention function, after HF has applied
+M-RoPE with the 3-D position ids that ``get_rope_index`` computes from
+``image_grid_thw`` and ``mm_token_type_ids`` (both forwarded from the processor).
+
+Layout: ``<|vision_start|>`` (BOI), ``rows x cols`` ``<|image_pad|>`` tokens in
+row-major order, ``<|vision_end|>`` (EOI). ``image_grid_thw`` row ``(t, h, w)``
+counts patches, so the text-side grid is ``(t * h // m) x (w // m)`` with
+``m = spatial_merge_size`` (frames stacked as rows; images have ``t == 1``). There
+are no row-break tokens. Qwen2-VL is not a native multimodal model (a ViT feeds a
+language model), so it has no gate in the Narrow Gate sense; EOI is still recorded
+as ``gate`` so knockout presets can target it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional
+
+from transformer_lens.model_bridge.generalized_components import LinearBridge
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import (
+    Qwen2_5_VLArchitectureAdapter,
+)
+
+from tl_vlm.adapters import Family
+from tl_vlm.attention import use_hooked_attention
+from tl_vlm.layout import ImageLayout, LayoutError
+
+QWEN2_VL = "Qwen2VLForConditionalGeneration"
+QWEN2_5_VL = "Qwen2_5_VLForConditionalGeneration"
+
+
+def _is_qwen2_vl(cfg: Any) -> bool:
+    """Whether the bridge config is Qwen2-VL (else Qwen2.5-VL).
+
+    TL copies the HF config onto ``cfg``; Qwen2-VL's vision config has ``embed_dim``
+    and ``mlp_ratio`` where Qwen2.5-VL's has ``intermediate_size``.
+    """
+    arch = getattr(cfg, "architecture", None)
+    if arch in (QWEN2_VL, QWEN2_5_VL):
+        return arch == QWEN2_VL
+    vision = getattr(cfg, "vision_config", None)
+    return getattr(vision, "model_type", "") == "qwen2_vl" or hasattr(vision, "mlp_ratio")
+
+
+class Qwen2VLAdapter(Qwen2_5_VLArchitectureAdapter):
+    """TL's Qwen2.5-VL mapping, without torchvision, with hooked attention, for both towers."""
+
+    # The PIL image processor does Qwen's resizing; nothing here imports torchvision.
+    required_libraries: list[str] = []
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        if _is_qwen2_vl(cfg):
+            # Qwen2-VL's vision MLP is fc1 -> act -> fc2 (not gated).
+            blocks = self.component_mapping["vision_encoder"].submodules["blocks"]
+            blocks.submodules["mlp"] = GeneralizedComponent(
+                name="mlp",
+                submodules={"in": LinearBridge(name="fc1"), "out": LinearBridge(name="fc2")},
+            )
+        use_hooked_attention(self)
+
+
+class Qwen2VLLayout(ImageLayout):
+    """``<|vision_start|>`` + rows x cols ``<|image_pad|>`` + ``<|vision_end|>``.
+
+    A prompt marks an image with ``<|vision_start|><|image_pad|><|vision_end|>`` (what
+    Qwen's chat template writes); a bare ``<|image_pad|>`` is wrapped in the vision
+    start/end tokens, since the model always sees images between them.
+    """
+
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    content_token = "<|image_pad|>"
+    boi_token = "<|vision_start|>"
+    eoi_token = "<|vision_end|>"
+    native = False
+    gate_description = "none (non-native)"
+
+    def __init__(self, processor: Any, config: Any) -> None:
+        super().__init__(processor, config)
+        self.content_token = getattr(processor, "image_token", None) or self.content_token
+        # The config holds the ids the model uses; read the token strings from them.
+        for attr, key in (("boi_token", "vision_start_token_id"),
+                          ("eoi_token", "vision_end_token_id")):
+            tid = getattr(config, key, None)
+            if tid is not None:
+                tok = self.tokenizer.convert_ids_to_tokens(int(tid))
+                if tok is not None:
+                    setattr(self, attr, tok)
+        self.placeholder = self.boi_token + self.content_token + self.eoi_token
+        self.merge = int(config.vision_config.spatial_merge_size)
+
+    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            return []
+        grids = []
+        for n, (t, h, w) in enumerate(thw.tolist()):
+            if h % self.merge or w % self.merge:
+                raise LayoutError(
+                    f"image {n}: image_grid_thw {(t, h, w)} is not divisible by "
+                    f"spatial_merge_size {self.merge}"
+                )
+            grids.append((t * h // self.merge, w // self.merge))
+        return grids
+
+    def count_placeholders(self, prompt: str) -> int:
+        return prompt.count(self.content_token)
+
+    def with_placeholders(self, prompt: str, n_images: int) -> str:
+        prompt = super().with_placeholders(prompt, n_images)
+        # Wrap every bare <|image_pad|> (one without its vision start/end) in them.
+        pad, boi, eoi = map(re.escape, (self.content_token, self.boi_token, self.eoi_token))
+        bare = re.compile(f"(?<!{boi}){pad}(?!{eoi})")
+        return bare.sub(lambda _: self.placeholder, prompt)
+
+
+FAMILY = Family(
+    name="qwen2_vl",
+    architectures=(QWEN2_VL, QWEN2_5_VL),
+    adapter=Qwen2VLAdapter,
+    layout=Qwen2VLLayout,
+    example_ids=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"),
+    tl_has_adapter=False,
+)
