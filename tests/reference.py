@@ -1,0 +1,50 @@
+"""Independent references, computed by hand on the plain Hugging Face model.
+
+``logits_with_pattern_edit`` runs HF's own eager attention and, in each chosen layer,
+adds to the attention output the change that an edited pattern makes:
+``o_proj((P' - P) @ V)``, with ``P`` the layer's HF pattern and ``V`` its values from the
+same pass. Nothing of tl_vlm's attention function is used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def hf_attention_modules(model, ref) -> list[torch.nn.Module]:
+    """For each block of the bridge, the same attention module inside ``ref``."""
+    names = {id(m): n for n, m in model.hf_model.named_modules()}
+    ref_modules = dict(ref.named_modules())
+    return [ref_modules[names[id(block.attn.original_component)].replace("._original_component", "")]
+            for block in model.blocks]
+
+
+@torch.no_grad()
+def logits_with_pattern_edit(model, ref, inputs: dict, edits: dict[int, Callable]) -> torch.Tensor:
+    """HF logits where layer ``l``'s pattern ``P`` is replaced by ``edits[l](P)``."""
+    modules = hf_attention_modules(model, ref)
+    handles, values = [], {}
+    for layer, edit in edits.items():
+        attn = modules[layer]
+
+        def grab_v(m, args, out, layer=layer):
+            values[layer] = out
+
+        def add_delta(m, args, kwargs, output, layer=layer, edit=edit, attn=attn):
+            pattern = output[1]                                     # [b, h, q, k]
+            b, h, q, k = pattern.shape
+            v = values[layer].view(b, k, -1, attn.head_dim).transpose(1, 2)
+            v = v.repeat_interleave(h // v.shape[1], dim=1)
+            dz = ((edit(pattern) - pattern) @ v).transpose(1, 2).reshape(b, q, -1)
+            delta = torch.nn.functional.linear(dz, attn.o_proj.weight)
+            return (output[0] + delta,) + tuple(output[1:])
+
+        handles.append(attn.v_proj.register_forward_hook(grab_v))
+        handles.append(attn.register_forward_hook(add_delta, with_kwargs=True))
+    try:
+        return ref(**inputs, output_attentions=True).logits
+    finally:
+        for h in handles:
+            h.remove()

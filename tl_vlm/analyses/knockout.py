@@ -1,0 +1,161 @@
+"""Attention knockout: cut the edges from a query set to a key set.
+
+Two semantics, named explicitly:
+
+- ``"zero"`` (the Narrow Gate paper): post-softmax weights of the cut edges are set to
+  zero at ``hook_pattern``, *without* renormalisation, so the row's remaining weights
+  keep their values and the row sums to less than one.
+- ``"mask"``: pre-softmax scores of the cut edges are set to ``-inf`` at
+  ``hook_attn_scores``, so softmax renormalises over the remaining keys.
+
+The hooks work on every step of cached generation: queries are then the new tokens
+(which count as text and belong to every query set that asks for generated tokens),
+keys the whole cache.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_vlm.batch import VLMBatch
+from tl_vlm.positions import ImagePositions, PositionSet
+
+Layers = Union[Literal["all"], int, Sequence[int], range]
+Hook = tuple[str, Callable]
+
+
+def resolve_layers(model, layers: Layers) -> list[int]:
+    """Layer indices from ``"all"``, an int, or a sequence; negative ints count from the end.
+
+    Example:
+        >>> resolve_layers(model, [-1])        # doctest: +SKIP
+        [31]
+    """
+    n = model.cfg.n_layers
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be 'all', an int or a sequence of ints, got {layers!r}")
+        return list(range(n))
+    seq = [layers] if isinstance(layers, int) else list(layers)
+    out = []
+    for layer in seq:
+        if not isinstance(layer, int) or not -n <= layer < n:
+            raise IndexError(f"layer {layer!r} is outside the model's {n} layers (0..{n - 1})")
+        out.append(layer % n)
+    if not out:
+        raise ValueError("no layers selected")
+    return sorted(set(out))
+
+
+def last_layers(model, w: int) -> list[int]:
+    """The last ``w`` layers (the paper's progressive knockout)."""
+    if not 1 <= w <= model.cfg.n_layers:
+        raise ValueError(f"w must be in 1..{model.cfg.n_layers}, got {w}")
+    return list(range(model.cfg.n_layers - w, model.cfg.n_layers))
+
+
+def _positions(batch: Union[VLMBatch, ImagePositions]) -> ImagePositions:
+    return batch.positions if isinstance(batch, VLMBatch) else batch
+
+
+def knockout_hooks(
+    model,
+    batch: Union[VLMBatch, ImagePositions],
+    keys: PositionSet,
+    queries: Optional[PositionSet] = None,
+    layers: Layers = "all",
+    heads: Optional[Sequence[int]] = None,
+    method: Literal["zero", "mask"] = "zero",
+    generated_queries: bool = True,
+) -> list[Hook]:
+    """Hooks that cut attention from ``queries`` to ``keys`` in the chosen layers and heads.
+
+    Args:
+        keys: positions attended *to* that are cut.
+        queries: positions whose attention is cut (default: every position).
+        layers: ``"all"``, an int or a sequence of layer indices.
+        heads: head indices (default: every head).
+        method: ``"zero"`` post-softmax, no renormalisation (the paper), or ``"mask"``
+            pre-softmax ``-inf`` (renormalised).
+        generated_queries: tokens produced by ``generate`` are queries too (they are text).
+
+    Example:
+        >>> pos = batch.positions                                             # doctest: +SKIP
+        >>> hooks = knockout_hooks(model, batch, keys=pos.gate, layers="all")
+        >>> logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+    """
+    pos = _positions(batch)
+    queries = pos.all if queries is None else queries
+    for name, s in (("keys", keys), ("queries", queries)):
+        if not isinstance(s, PositionSet):
+            raise TypeError(f"{name} must be a PositionSet (e.g. batch.positions.gate)")
+        if s.mask.shape != pos.padding.mask.shape:
+            raise ValueError(
+                f"{name} covers {tuple(s.mask.shape)} [batch, pos] but the batch is "
+                f"{tuple(pos.padding.mask.shape)}"
+            )
+    if keys.is_empty():
+        raise ValueError(
+            "the key set is empty in every example (does this family have the token you "
+            "asked for? e.g. LLaVA has no end-of-image token: use positions.last_image)"
+        )
+    if method not in ("zero", "mask"):
+        raise ValueError(f"method must be 'zero' (post-softmax) or 'mask' (pre-softmax), got {method!r}")
+    if heads is not None:
+        bad = [h for h in heads if not 0 <= h < model.cfg.n_heads]
+        if bad:
+            raise IndexError(f"heads {bad} outside 0..{model.cfg.n_heads - 1}")
+    key_mask, query_mask = keys.mask, queries.mask
+    head_index = None if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
+
+    def cut_edges(k_len: int, q_len: int, n_heads: int, device) -> Tensor:
+        """[batch, head, q, k] booleans: True where the edge is cut."""
+        seq = key_mask.shape[1]
+        if k_len < seq:
+            raise ValueError(f"attention over {k_len} keys but the batch has {seq} positions")
+        grow = k_len - seq  # generated tokens: never keys, queries if generated_queries
+        k = torch.cat([key_mask, key_mask.new_zeros(len(key_mask), grow)], dim=1)
+        q = torch.cat([query_mask, query_mask.new_full((len(query_mask), grow), generated_queries)], 1)
+        edges = q[:, k_len - q_len:, None] & k[:, None, :]            # [b, q, k]
+        edges = edges[:, None].expand(-1, n_heads, -1, -1)
+        if head_index is not None:
+            keep = torch.zeros(n_heads, dtype=torch.bool)
+            keep[head_index] = True
+            edges = edges & keep[None, :, None, None]
+        return edges.to(device)
+
+    def zero_hook(pattern: Float[Tensor, "batch head q k"], hook) -> Tensor:
+        b, h, q, k = pattern.shape
+        return pattern.masked_fill(cut_edges(k, q, h, pattern.device), 0.0)
+
+    def mask_hook(scores: Float[Tensor, "batch head q k"], hook) -> Tensor:
+        b, h, q, k = scores.shape
+        return scores.masked_fill(cut_edges(k, q, h, scores.device), float("-inf"))
+
+    point, fn = ("hook_pattern", zero_hook) if method == "zero" else ("hook_attn_scores", mask_hook)
+    return [(f"blocks.{layer}.attn.{point}", fn) for layer in resolve_layers(model, layers)]
+
+
+def gate_knockout(model, batch, layers: Layers = "all", **kw) -> list[Hook]:
+    """The paper's [EOI] condition: every position stops attending to the gate
+    (EOI; EOI and EOF for Emu3)."""
+    return knockout_hooks(model, batch, keys=_positions(batch).gate, layers=layers, **kw)
+
+
+def image_to_text_knockout(model, batch, layers: Layers = "all", **kw) -> list[Hook]:
+    """The paper's img->text condition: text after the image (and generated tokens)
+    stops attending to BOI and the image tokens; the gate stays open."""
+    pos = _positions(batch)
+    keys = pos.image_side - pos.gate
+    return knockout_hooks(model, batch, keys=keys, queries=pos.after_image, layers=layers, **kw)
+
+
+def random_image_knockout(model, batch, k: int = 10, seed: int = 0, layers: Layers = "all",
+                          **kw) -> list[Hook]:
+    """The paper's control: ``k`` random image content tokens per example, seeded."""
+    pos = _positions(batch)
+    return knockout_hooks(model, batch, keys=pos.image.random(k, seed), layers=layers, **kw)
