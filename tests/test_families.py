@@ -5,8 +5,9 @@ Parametrised over ``family`` (all tiny models in tests/tiny) by conftest.py.
 
 from __future__ import annotations
 
-import pytest
 import torch
+
+from tests.reference import logits_with_pattern_edit
 
 ATOL = 1e-4
 
@@ -64,57 +65,23 @@ def test_cache_holds_every_layer_over_the_full_sequence(tiny_zoo, family):
         assert cache[f"blocks.{i}.hook_resid_pre"].shape == (b, seq, model.cfg.d_model)
 
 
-def _hf_attention_modules(model, ref):
-    """(bridge-side HF attention module of each layer, same module in the reference)."""
-    names = {id(m): n for n, m in model.hf_model.named_modules()}
-    ref_modules = dict(ref.named_modules())
-    out = []
-    for block in model.blocks:
-        hf_attn = block.attn.original_component
-        name = names[id(hf_attn)]
-        out.append(ref_modules[name.replace("._original_component", "")])
-    return out
-
-
 @torch.no_grad()
 def test_zeroing_a_key_column_matches_hand_reference(tiny_zoo, family):
     """Pattern edits are live: bridge == HF with the hand-computed change added."""
     model, batch = _batch(tiny_zoo, family)
-    ref = tiny_zoo.reference(family)
     layer = model.cfg.n_layers - 1
     key = int(batch.positions.image[0][1])
 
-    def zero_key(pattern, hook):
+    def zero_key(pattern):
         pattern = pattern.clone()
         pattern[..., key] = 0.0
         return pattern
 
-    got = model.run_with_hooks(batch, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", zero_key)])
-    clean = model(batch)
-    assert (got - clean).abs().max() > 1e-4, "the edit did not reach the logits"
-
-    # Independent reference: HF's own eager attention, plus the change the zeroed column
-    # makes to the attention output, computed by hand from HF's pattern and values.
-    attn = _hf_attention_modules(model, ref)[layer]
-    seen = {}
-    handle = attn.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))
-    out = ref(**batch.inputs, output_attentions=True)
-    handle.remove()
-    pattern = out.attentions[layer]                          # [b, h, q, k]
-    b, h, q, k = pattern.shape
-    v = seen["v"].view(b, k, -1, attn.head_dim).transpose(1, 2)  # [b, kv_heads, k, d]
-    v = v.repeat_interleave(h // v.shape[1], dim=1)
-    removed = torch.zeros_like(pattern)
-    removed[..., key] = -pattern[..., key]
-    dz = (removed @ v).transpose(1, 2).reshape(b, q, h * attn.head_dim)
-    delta = torch.nn.functional.linear(dz, attn.o_proj.weight)
-
-    def add_delta(module, args, output):
-        return (output[0] + delta,) + tuple(output[1:])
-
-    handle = attn.register_forward_hook(add_delta)
-    expected = ref(**batch.inputs).logits
-    handle.remove()
+    got = model.run_with_hooks(batch, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern",
+                                                  lambda p, hook: zero_key(p))])
+    assert (got - model(batch)).abs().max() > 1e-4, "the edit did not reach the logits"
+    expected = logits_with_pattern_edit(model, tiny_zoo.reference(family), batch.inputs,
+                                        {layer: zero_key})
     mask = batch.attention_mask.bool()
     torch.testing.assert_close(got[mask], expected[mask], atol=ATOL, rtol=0)
 
