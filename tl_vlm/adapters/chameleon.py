@@ -1,0 +1,151 @@
+"""Chameleon (``ChameleonForConditionalGeneration``): early-fusion VQ image tokens.
+
+HF classes and module paths covered:
+
+- ``model.embed_tokens`` (embed), ``model.rotary_emb``, ``model.norm`` (ln_final),
+  ``lm_head`` (unembed).
+- ``model.layers`` (blocks): ``ChameleonDecoderLayer`` (7B, pre-norm:
+  ``input_layernorm`` -> ``ln1``, ``post_attention_layernorm`` -> ``ln2``) or
+  ``ChameleonSwinDecoderLayer`` (30B/34B, ``config.swin_norm=True``: the same two
+  modules normalise the *outputs* of attention and MLP, so they map to
+  ``ln1_post``/``ln2_post`` and there is no ``ln1``/``ln2``).
+- ``self_attn`` (``ChameleonAttention``: ``q_proj``/``k_proj``/``v_proj``/``o_proj``;
+  its per-head QK LayerNorms ``q_norm``/``k_norm`` run inside the wrapped HF module),
+  ``mlp`` (SwiGLU ``gate_proj``/``up_proj``/``down_proj``).
+- ``model.vqmodel`` (``ChameleonVQVAE``) is not mapped: it only turns pixels into
+  codebook ids; reach it via ``bridge.original_model.model.vqmodel``.
+
+TransformerLens 4.3 has no Chameleon adapter; tl_vlm registers this one with TL, so
+plain ``TransformerBridge.boot_transformers(path)`` works too.
+
+Layout: the prompt's ``<image>`` becomes ``<racm3:break>`` (BOI) + ``image_seq_length``
+x ``<image>`` + ``<eoss>`` (EOI). Inside the HF forward the ``<image>`` placeholders are
+replaced by the embeddings of the image's VQ codes, which are ordinary vocabulary
+entries (``IMGIMG...`` tokens via ``config.vocabulary_map``), so the decoder sees real
+tokens. The codes are the VQ latent grid read row-major: 32x32 = 1024 for 512px
+images. The gate is EOI; there are no row-break tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+from transformer_lens.model_bridge.generalized_components import (
+    BlockBridge,
+    EmbeddingBridge,
+    RMSNormalizationBridge,
+    RotaryEmbeddingBridge,
+    UnembeddingBridge,
+)
+from transformer_lens.utilities import architectures as _tl_architectures
+
+from tl_vlm.adapters import Family
+from tl_vlm.attention import use_hooked_attention
+from tl_vlm.layout import ImageLayout, LayoutError
+
+
+class ChameleonAdapter(ArchitectureAdapter):
+    """TransformerLens adapter for ``ChameleonForConditionalGeneration`` (both layouts).
+
+    The bridge config does not carry ``swin_norm``, so the block mapping is built for
+    the 7B layout here and switched in :meth:`prepare_model`, which TL calls with the
+    loaded HF model before it builds the bridge.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        # TL picks the HF auto class from this table after building the adapter and
+        # would otherwise try AutoModelForCausalLM, which has no Chameleon entry.
+        _tl_architectures.MULTIMODAL_ARCHITECTURES.add("ChameleonForConditionalGeneration")
+        self.cfg.is_multimodal = True
+        self._set_rms_rotary_defaults()
+        self.weight_processing_conversions = {**self._qkvo_weight_conversions()}
+        self.swin_norm = False
+        self.component_mapping = {
+            "embed": EmbeddingBridge(name="model.embed_tokens"),
+            "rotary_emb": RotaryEmbeddingBridge(name="model.rotary_emb"),
+            "blocks": self._blocks(swin_norm=False),
+            "ln_final": RMSNormalizationBridge(name="model.norm", config=self.cfg),
+            "unembed": UnembeddingBridge(name="lm_head", config=self.cfg),
+        }
+        use_hooked_attention(self)
+
+    def _blocks(self, swin_norm: bool) -> BlockBridge:
+        first = RMSNormalizationBridge(name="input_layernorm", config=self.cfg)
+        second = RMSNormalizationBridge(name="post_attention_layernorm", config=self.cfg)
+        # Swin layers normalise the sublayer outputs before the residual add: post-norms.
+        norms = {"ln1_post": first, "ln2_post": second} if swin_norm else {"ln1": first, "ln2": second}
+        return BlockBridge(
+            name="model.layers",
+            submodules={**norms, "attn": self._build_attention_bridge(), "mlp": self._gated_mlp()},
+        )
+
+    def use_swin_norm(self) -> None:
+        """Switch the block mapping to the 30B/34B post-norm layout."""
+        self.swin_norm = True
+        # Folding a norm into the next layer's weights (and centring the writing
+        # weights) assumes the norm feeds that layer; post-norms do not.
+        self.supports_fold_ln = False
+        self.supports_center_writing_weights = False
+        self.component_mapping["blocks"] = self._blocks(swin_norm=True)
+        use_hooked_attention(self)
+
+    def prepare_loading(self, model_name: str, model_kwargs: dict) -> None:
+        super().prepare_loading(model_name, model_kwargs)
+        if getattr(model_kwargs.get("config"), "swin_norm", False) and not self.swin_norm:
+            self.use_swin_norm()
+
+    def prepare_model(self, hf_model: Any) -> None:
+        super().prepare_model(hf_model)
+        if getattr(hf_model.config, "swin_norm", False) and not self.swin_norm:
+            self.use_swin_norm()
+
+
+def _downsampled(size: int, levels: int) -> int:
+    """Latent side after the VQ encoder's ``levels`` pad(0,1)+conv(k3,s2) downsamplings."""
+    for _ in range(levels):
+        size = (size + 1 - 3) // 2 + 1
+    return size
+
+
+class ChameleonLayout(ImageLayout):
+    """``<racm3:break>`` + rows x cols ``<image>`` (VQ codes, row-major) + ``<eoss>``."""
+
+    placeholder = "<image>"
+    content_token = "<image>"
+    boi_token = "<racm3:break>"
+    eoi_token = "<eoss>"
+    native = True
+    gate_description = "EOI <eoss>"
+
+    def __init__(self, processor: Any, config: Any) -> None:
+        super().__init__(processor, config)
+        # Token strings as this checkpoint's processor defines them.
+        self.placeholder = self.content_token = processor.image_token
+        self.boi_token = processor.image_start_token
+        self.eoi_token = processor.image_end_token
+
+    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
+        """The VQ latent grid of every image, from the pixel size and the encoder depth."""
+        pixels = inputs.get("pixel_values")
+        if pixels is None:
+            return []
+        if pixels.ndim != 4:
+            raise LayoutError(
+                f"Chameleon pixel_values should be [images, channels, height, width], got "
+                f"shape {tuple(pixels.shape)}"
+            )
+        levels = len(self.config.vq_config.channel_multiplier) - 1
+        rows, cols = (_downsampled(s, levels) for s in pixels.shape[-2:])
+        return [(rows, cols)] * pixels.shape[0]
+
+
+FAMILY = Family(
+    name="chameleon",
+    architectures=("ChameleonForConditionalGeneration",),
+    adapter=ChameleonAdapter,
+    layout=ChameleonLayout,
+    example_ids=("facebook/chameleon-7b", "facebook/chameleon-30b"),
+    tl_has_adapter=False,
+)
