@@ -14,7 +14,7 @@ def build(path):
     import tl_vlm.adapters.pixtral  # noqa: F401  (PixtralProcessor without torchvision)
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, MistralConfig,
                               PixtralImageProcessorPil, PixtralVisionConfig)
-    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    from transformers.models.pixtral import PixtralProcessor
 
     tok = make_tokenizer(SPECIALS)
     cfg = LlavaConfig(

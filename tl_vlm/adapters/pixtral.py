@@ -18,10 +18,13 @@ and the gate; there is no BOI. Not a native multimodal model.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 import types
 from typing import Any, Mapping, Optional
+
+import torch
 
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformer_lens.model_bridge.supported_architectures.llava import (
@@ -30,7 +33,7 @@ from transformer_lens.model_bridge.supported_architectures.llava import (
 
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
-from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
+from tl_vlm.layout import ImageLayout, LayoutError
 
 
 def _processor_without_torchvision() -> None:
@@ -52,7 +55,8 @@ def _processor_without_torchvision() -> None:
         stub = types.ModuleType(name)
         stub.get_resize_output_image_size = pil.get_resize_output_image_size
         sys.modules[name] = stub
-    from transformers.models.pixtral import processing_pixtral
+    # A real import (the lazy package's attribute would be the placeholder).
+    processing_pixtral = importlib.import_module("transformers.models.pixtral.processing_pixtral")
 
     # The lazy package only consults its import structure for missing attributes.
     pixtral_pkg.PixtralProcessor = processing_pixtral.PixtralProcessor
@@ -73,3 +77,48 @@ class PixtralAdapter(LlavaArchitectureAdapter):
         # No TL bridge fits Pixtral's 2D-RoPE tower; wrap it whole (hook_in/hook_out).
         self.component_mapping["vision_encoder"] = GeneralizedComponent(name="model.vision_tower")
         use_hooked_attention(self)
+
+
+class PixtralLayout(ImageLayout):
+    """``[IMG]`` x cols per row, rows ended by ``[IMG_BREAK]``, the last by ``[IMG_END]``.
+
+    ``row_breaks`` holds the ``[IMG_BREAK]`` tokens only; ``[IMG_END]`` (which ends the
+    last row) is the EOI and the gate. The default run-based locator fits: an image is
+    a maximal run of ``[IMG]``/``[IMG_BREAK]`` that must be followed by ``[IMG_END]``,
+    so two images written back to back stay apart. Rows and columns come from the
+    break tokens and must equal ``image_sizes // (patch_size * spatial_merge_size)``.
+    """
+
+    placeholder = "[IMG]"
+    content_token = "[IMG]"
+    row_break_token = "[IMG_BREAK]"
+    eoi_token = "[IMG_END]"
+    last_row_break_is_eoi = True
+    native = False
+    gate_description = "none; attention gathers on row breaks"
+
+    def __init__(self, processor: Any, config: Any) -> None:
+        super().__init__(processor, config)
+        self.placeholder = self.content_token = processor.image_token
+        self.row_break_token = processor.image_break_token
+        self.eoi_token = processor.image_end_token
+        self.patch = int(processor.patch_size) * int(getattr(processor, "spatial_merge_size", 1))
+
+    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            if inputs.get("pixel_values") is not None:
+                raise LayoutError("Pixtral inputs with pixel_values need the processor's image_sizes")
+            return None
+        sizes = torch.as_tensor(sizes).tolist()
+        return [(int(h) // self.patch, int(w) // self.patch) for h, w in sizes]
+
+
+FAMILY = Family(
+    name="pixtral",
+    architectures=("LlavaForConditionalGeneration",),
+    adapter=PixtralAdapter,
+    layout=PixtralLayout,
+    example_ids=("mistral-community/pixtral-12b",),
+    matches=_is_pixtral_tower,
+)

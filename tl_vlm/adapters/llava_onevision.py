@@ -1,0 +1,243 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``).
+
+HF classes: ``LlavaOnevisionForConditionalGeneration`` -> ``model.vision_tower``
+(SigLIP), ``model.multi_modal_projector``, ``model.image_newline`` (a learned vector),
+``model.language_model`` (Qwen2), ``lm_head``. TL 4.3's
+``LlavaOnevisionArchitectureAdapter`` maps these (SigLIP bridge for the tower); tl_vlm
+keeps its mapping and routes text attention through the hooked attention function.
+
+Processor: transformers 5 builds ``LlavaOnevisionProcessor`` with a video processor,
+and every video processor needs torchvision; without torchvision the processor can be
+neither built nor loaded. :func:`allow_image_only_processor` (run on import, only when
+torchvision is missing) makes it image-only, as tl_vlm does for Qwen2-VL.
+
+Layout: every image feature is the same ``<image>`` id; there is no BOI, EOI or gate.
+What the run holds depends on how many images its prompt has (``batch_num_images``):
+
+* a prompt's only image is split into anyres tiles: first the base image, ``s x s``
+  features (``s = vision image_size // patch_size``) row-major with no newline; then
+  the tiles stitched into one ``(tiles_h * s) x (tiles_w * s)`` map, unpadded back to
+  the image's aspect ratio (and shrunk by bilinear interpolation when larger than
+  ``anyres_max_N`` tiles allow), written row by row with one ``image_newline`` feature
+  after every row;
+* in a prompt with several images each image is its base ``s x s`` features followed
+  by a single newline feature.
+
+Grid convention ``(image, row, col)``: base features are rows ``0..s-1``, cols
+``0..s-1``; tile-map features continue below the base, rows ``s..s+H-1``, cols
+``0..W-1`` (``H x W`` the unpadded, possibly shrunk, tile map). Newline features are
+``row_breaks``; they are not in ``image`` and have no grid entry. All of it is derived
+from ``image_sizes``, ``batch_num_images``, ``image_grid_pinpoints`` and
+``vision_aspect_ratio`` exactly as ``pack_image_features`` builds the features, and the
+ids must hold exactly those many ``<image>`` tokens (else :class:`LayoutError`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+from transformer_lens.model_bridge.supported_architectures.llava_onevision import (
+    LlavaOnevisionArchitectureAdapter,
+)
+
+from tl_vlm.adapters import Family
+from tl_vlm.attention import use_hooked_attention
+from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
+
+
+def allow_image_only_processor() -> bool:
+    """Let ``LlavaOnevisionProcessor`` work without a video processor when torchvision is absent.
+
+    ``ProcessorMixin`` takes its sub-processors from ``get_attributes()``; dropping
+    ``video_processor`` there makes ``__init__``, ``from_pretrained`` and
+    ``save_pretrained`` handle text and images only. With torchvision installed nothing
+    is changed. Returns whether the processor was patched.
+    """
+    if importlib.util.find_spec("torchvision") is not None:
+        return False
+    from transformers import LlavaOnevisionProcessor
+
+    def image_only_attributes(cls: type) -> list[str]:
+        return ["image_processor", "tokenizer"]
+
+    LlavaOnevisionProcessor.get_attributes = classmethod(image_only_attributes)
+    LlavaOnevisionProcessor.video_processor = None  # read by ProcessorMixin for videos
+    return True
+
+
+allow_image_only_processor()
+
+
+class LlavaOnevisionAdapter(LlavaOnevisionArchitectureAdapter):
+    """TL's LLaVA-OneVision adapter with hooked attention."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        use_hooked_attention(self)
+
+
+@dataclass(frozen=True)
+class OnevisionImage:
+    """How one image's features are packed (what ``pack_image_features`` builds).
+
+    Attributes:
+        side: columns of the base grid (``vision image_size // patch_size``).
+        n_base: base features (``side * side`` for the towers OneVision ships with).
+        tile_rows, tile_cols: the unpadded tile map (0 x 0 in multi-image prompts).
+        images_in_prompt: the prompt's ``batch_num_images`` entry.
+    """
+
+    side: int
+    n_base: int
+    tile_rows: int
+    tile_cols: int
+    images_in_prompt: int
+
+    @property
+    def tiled(self) -> bool:
+        return self.images_in_prompt == 1
+
+    @property
+    def length(self) -> int:
+        """Number of ``<image>`` tokens of this image."""
+        if self.tiled:
+            return self.n_base + self.tile_rows * (self.tile_cols + 1)
+        return self.n_base + 1
+
+    def place(self, start: int, n_img: int, out: RowLayout) -> None:
+        """Write this image's positions, starting at ``start``, into ``out``."""
+        for k in range(self.n_base):
+            out.image.append(start + k)
+            out.grid.append((n_img, k // self.side, k % self.side))
+        p = start + self.n_base
+        if not self.tiled:  # one newline after the base features
+            out.row_breaks.append(p)
+            return
+        base_rows = -(-self.n_base // self.side)
+        for r in range(self.tile_rows):
+            for c in range(self.tile_cols):
+                out.image.append(p)
+                out.grid.append((n_img, base_rows + r, c))
+                p += 1
+            out.row_breaks.append(p)
+            p += 1
+
+
+def _tile_map(height: int, width: int, pinpoints: list, tile_px: int, side: int,
+              aspect: str) -> tuple[int, int]:
+    """(rows, cols) of the unpadded (and possibly shrunk) tile feature map of an image."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution((height, width), pinpoints)
+    cur_h, cur_w = best_h // tile_px * side, best_w // tile_px * side
+    # Undo the letterbox padding: keep the rows/cols the resized image covers.
+    if width / height > cur_w / cur_h:
+        pad = (cur_h - int(round(height * (cur_w / width), 7))) // 2
+        cur_h -= 2 * pad
+    else:
+        pad = (cur_w - int(round(width * (cur_h / height), 7))) // 2
+        cur_w -= 2 * pad
+    max_tiles = int(aspect.strip("anyres_max_"))
+    ratio = math.sqrt(cur_h * cur_w / (max_tiles * side**2))
+    if ratio > 1.1:  # the model shrinks the map by bilinear interpolation
+        cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
+    return cur_h, cur_w
+
+
+class LlavaOnevisionLayout(ImageLayout):
+    """``<image>`` features: base grid, then tile rows each ended by a newline feature.
+
+    See the module docstring for the packing and the grid convention. ``image_grids``
+    returns one :class:`OnevisionImage` per image (not a plain (rows, cols): the
+    feature map is not a rectangle); newline features are ``row_breaks``.
+    """
+
+    placeholder = "<image>"
+    content_token = "<image>"
+    native = False
+    gate_description = "none (no end-of-image token)"
+
+    def __init__(self, processor: Any, config: Any) -> None:
+        super().__init__(processor, config)
+        self.placeholder = self.content_token = processor.image_token
+
+    def processor_images(self, per_prompt: list[list[Any]]) -> Any:
+        # Nested, so the processor counts images per prompt (``batch_num_images``):
+        # that count decides between anyres tiles (1 image) and base-only (several).
+        return [list(imgs) for imgs in per_prompt]
+
+    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[OnevisionImage]]:
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            if inputs.get("pixel_values") is not None:
+                raise LayoutError("LLaVA-OneVision inputs with pixel_values need image_sizes")
+            return None
+        sizes = [tuple(int(v) for v in hw) for hw in torch.as_tensor(sizes).tolist()]
+        counts = inputs.get("batch_num_images")
+        # Without batch_num_images the model tiles every image; mirror that.
+        per_image = ([1] * len(sizes) if counts is None
+                     else [int(n) for n in torch.as_tensor(counts).tolist() for _ in range(int(n))])
+        if len(per_image) != len(sizes):
+            raise LayoutError(
+                f"batch_num_images counts {len(per_image)} images but image_sizes has {len(sizes)}"
+            )
+        cfg, vision = self.config, self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        tower_tokens = getattr(self.processor, "num_image_tokens", None) or side * side
+        n_base = tower_tokens - int(cfg.vision_feature_select_strategy == "default")
+        aspect = getattr(cfg, "vision_aspect_ratio", None) or "anyres_max_9"
+        out = []
+        for (h, w), n in zip(sizes, per_image):
+            rows = cols = 0
+            if n == 1:
+                rows, cols = _tile_map(h, w, cfg.image_grid_pinpoints, vision.image_size,
+                                       side, aspect)
+            out.append(OnevisionImage(side, n_base, rows, cols, n))
+        return out
+
+    def locate_row(self, ids: list[int], grids: GridQueue) -> RowLayout:
+        """Split each run of ``<image>`` ids into images by their metadata lengths."""
+        content = self.token_id(self.content_token)
+        out = RowLayout()
+        n_img = 0
+        plans: list[OnevisionImage] = []
+        for start, end in runs(ids, {content}):
+            p = start
+            while p < end:  # back-to-back placeholders make one run of several images
+                plan = grids.pop()
+                if plan is None:
+                    raise LayoutError(
+                        "LLaVA-OneVision positions need the processor's image_sizes; pass "
+                        "the processor's full output"
+                    )
+                if p + plan.length > end:
+                    raise LayoutError(
+                        f"image {n_img} at position {p}: the metadata gives {plan.length} "
+                        f"<image> features but the run has {end - p} left; were the ids "
+                        f"truncated or image_sizes/batch_num_images changed?"
+                    )
+                plan.place(p, n_img, out)
+                plans.append(plan)
+                p += plan.length
+                n_img += 1
+        for plan in plans:
+            if plan.images_in_prompt != len(plans):
+                raise LayoutError(
+                    f"batch_num_images says {plan.images_in_prompt} image(s) for a prompt "
+                    f"whose ids hold {len(plans)}"
+                )
+        return out
+
+
+FAMILY = Family(
+    name="llava_onevision",
+    architectures=("LlavaOnevisionForConditionalGeneration",),
+    adapter=LlavaOnevisionAdapter,
+    layout=LlavaOnevisionLayout,
+    example_ids=("llava-hf/llava-onevision-qwen2-0.5b-ov-hf",),
+)
