@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+torch.set_num_threads(1)  # tiny models: threads only add contention on 2 cores
+
 from tests.tiny import specs
 
 

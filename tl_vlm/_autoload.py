@@ -40,6 +40,14 @@ class LazyAdapter:
         return f"LazyAdapter({self.target!r})"
 
 
+def mark_multimodal(architecture: str) -> None:
+    """TL picks the HF auto class from ``MULTIMODAL_ARCHITECTURES`` and falls back to
+    ``AutoModelForCausalLM``, which has no entry for tl_vlm's new architectures."""
+    from transformer_lens.utilities import architectures
+
+    architectures.MULTIMODAL_ARCHITECTURES.add(architecture)
+
+
 def tl_vlm_entry_points() -> dict[str, str]:
     """Architecture name -> "module:Adapter" for tl_vlm's own entry points."""
     return {
@@ -56,6 +64,7 @@ def register(factory_module) -> list[str]:
     for name, target in tl_vlm_entry_points().items():
         if name not in table:
             table[name] = LazyAdapter(target)
+            mark_multimodal(name)
             added.append(name)
     return added
 

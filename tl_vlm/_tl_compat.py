@@ -4,7 +4,8 @@
    built-in ``SUPPORTED_ARCHITECTURES`` table, so ``register_adapter`` and the
    ``transformer_lens.architectures`` entry points never reach names TL does not list
    (Chameleon, Janus, Qwen2-VL). :func:`ensure_registered` adds tl_vlm's new
-   architectures to both the table and the factory (``tl_vlm._autoload`` does the same
+   architectures to both the table and the factory, and to TL's multimodal set (else
+   TL loads them with ``AutoModelForCausalLM``) (``tl_vlm._autoload`` does the same
    without an import, through a ``.pth`` start-up hook).
 2. **Families TL has, with tl_vlm's adapter.** :func:`adapter_override` makes one boot
    use tl_vlm's adapter (hooked attention, Pixtral tower) without replacing TL's
@@ -50,6 +51,7 @@ def ensure_registered() -> list[str]:
                     _factory.SUPPORTED_ARCHITECTURES[arch] = fam.adapter
                     added.append(arch)
                 _factory.ArchitectureAdapterFactory._adapters.setdefault(arch, fam.adapter)
+                _autoload.mark_multimodal(arch)
         return added
 
 

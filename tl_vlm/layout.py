@@ -92,7 +92,6 @@ class ImageLayout:
         content_token: the token id repeated once per image feature / VQ code.
         boi_token, eoi_token: tokens right before / after the image (None if absent).
         row_break_token: token ending each row (None if rows are not marked).
-        last_row_break_is_eoi: Pixtral ends the last row with EOI instead of a break.
         native: whether the family is a native multimodal model (trained on image tokens).
         gate_description: the gate, for the supported-model table.
     """
@@ -102,7 +101,6 @@ class ImageLayout:
     boi_token: Optional[str] = None
     eoi_token: Optional[str] = None
     row_break_token: Optional[str] = None
-    last_row_break_is_eoi: bool = False
     native: bool = False
     gate_description: str = "none"
 
@@ -125,10 +123,12 @@ class ImageLayout:
         return int(tid)
 
     # -- metadata --------------------------------------------------------------
-    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
-        """(rows, cols) of content tokens for every image of the batch, in order.
+    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[Any]]:
+        """Per-image grid metadata in batch order, handed to ``locate_row`` one by one.
 
-        None when the grid is read from break tokens instead.
+        (rows, cols) of content tokens for the default locator; layouts that override
+        ``locate_row`` may return their own per-image records. None when the grid is
+        read from break tokens instead.
         """
         return None
 

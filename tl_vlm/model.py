@@ -223,6 +223,12 @@ class HookedVLM(TransformerBridge):
             )
         tokenizer = self.layout.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if "past_key_values" not in generate_kwargs and "cache_implementation" not in generate_kwargs:
+            # A full-length cache on every layer, sliding-window ones included, so that
+            # on cached steps key index == sequence position for position-based hooks.
+            from transformers import DynamicCache
+
+            generate_kwargs["past_key_values"] = DynamicCache()
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             out = self.hf_model.generate(
                 **batch.inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -49,7 +49,13 @@ def families() -> list[Family]:
     global _FAMILIES
     if _FAMILIES is None:
         names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-        _FAMILIES = [importlib.import_module(f"{__name__}.{m}").FAMILY for m in names]
+        loaded = []
+        for m in names:
+            try:
+                loaded.append(importlib.import_module(f"{__name__}.{m}").FAMILY)
+            except Exception as err:  # name the broken family instead of a bare ImportError
+                raise RuntimeError(f"tl_vlm family module {m!r} failed to load: {err!r}") from err
+        _FAMILIES = loaded
     return _FAMILIES
 
 

@@ -38,7 +38,6 @@ from transformer_lens.model_bridge.generalized_components import (
     RotaryEmbeddingBridge,
     UnembeddingBridge,
 )
-from transformer_lens.utilities import architectures as _tl_architectures
 
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
@@ -55,9 +54,6 @@ class ChameleonAdapter(ArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        # TL picks the HF auto class from this table after building the adapter and
-        # would otherwise try AutoModelForCausalLM, which has no Chameleon entry.
-        _tl_architectures.MULTIMODAL_ARCHITECTURES.add("ChameleonForConditionalGeneration")
         self.cfg.is_multimodal = True
         self._set_rms_rotary_defaults()
         self.weight_processing_conversions = {**self._qkvo_weight_conversions()}

@@ -39,7 +39,6 @@ from transformer_lens.model_bridge.supported_architectures.llama import (
     LlamaArchitectureAdapter,
 )
 
-from transformer_lens.utilities import architectures as _tl_architectures
 
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
@@ -53,9 +52,6 @@ class JanusAdapter(LlamaArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        # TL picks the HF auto class from this table after building the adapter; without
-        # Janus in it, TL would try AutoModelForCausalLM, which has no Janus entry.
-        _tl_architectures.MULTIMODAL_ARCHITECTURES.add(JANUS)
         self.cfg.is_multimodal = True
         self._reprefix_components("model.", "model.language_model.")
         # Janus' vision tower is SigLIP's with its own names: it sits directly under
