@@ -12,7 +12,10 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tl_vlm import _hf_compat
 from tl_vlm.layout import ImageLayout
+
+_hf_compat.apply()  # processors that need torchvision only for videos
 
 
 

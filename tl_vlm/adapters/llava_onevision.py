@@ -6,10 +6,8 @@ HF classes: ``LlavaOnevisionForConditionalGeneration`` -> ``model.vision_tower``
 ``LlavaOnevisionArchitectureAdapter`` maps these (SigLIP bridge for the tower); tl_vlm
 keeps its mapping and routes text attention through the hooked attention function.
 
-Processor: transformers 5 builds ``LlavaOnevisionProcessor`` with a video processor,
-and every video processor needs torchvision; without torchvision the processor can be
-neither built nor loaded. :func:`allow_image_only_processor` (run on import, only when
-torchvision is missing) makes it image-only, as tl_vlm does for Qwen2-VL.
+Processor: without torchvision, ``LlavaOnevisionProcessor`` is made image-only by
+:mod:`tl_vlm._hf_compat`.
 
 Layout: every image feature is the same ``<image>`` id; there is no BOI, EOI or gate.
 What the run holds depends on how many images its prompt has (``batch_num_images``):
@@ -34,7 +32,6 @@ ids must hold exactly those many ``<image>`` tokens (else :class:`LayoutError`).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -48,29 +45,6 @@ from transformer_lens.model_bridge.supported_architectures.llava_onevision impor
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
 from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
-
-
-def allow_image_only_processor() -> bool:
-    """Let ``LlavaOnevisionProcessor`` work without a video processor when torchvision is absent.
-
-    ``ProcessorMixin`` takes its sub-processors from ``get_attributes()``; dropping
-    ``video_processor`` there makes ``__init__``, ``from_pretrained`` and
-    ``save_pretrained`` handle text and images only. With torchvision installed nothing
-    is changed. Returns whether the processor was patched.
-    """
-    if importlib.util.find_spec("torchvision") is not None:
-        return False
-    from transformers import LlavaOnevisionProcessor
-
-    def image_only_attributes(cls: type) -> list[str]:
-        return ["image_processor", "tokenizer"]
-
-    LlavaOnevisionProcessor.get_attributes = classmethod(image_only_attributes)
-    LlavaOnevisionProcessor.video_processor = None  # read by ProcessorMixin for videos
-    return True
-
-
-allow_image_only_processor()
 
 
 class LlavaOnevisionAdapter(LlavaOnevisionArchitectureAdapter):

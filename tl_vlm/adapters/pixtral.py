@@ -13,15 +13,12 @@ Layout (``PixtralProcessor``): each ``[IMG]`` in the prompt becomes ``rows`` row
 ended by ``[IMG_END]``. ``rows``/``cols`` are the resized image's height/width over the
 patch size (times ``spatial_merge_size``), so they differ per image; the processor's
 ``image_sizes`` gives them and the break tokens must agree. ``[IMG_END]`` is the EOI
-and the gate; there is no BOI. Not a native multimodal model.
+and the gate; there is no BOI. Not a native multimodal model. Without torchvision the
+processor is made loadable by :mod:`tl_vlm._hf_compat`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
 from typing import Any, Mapping, Optional
 
 import torch
@@ -34,35 +31,6 @@ from transformer_lens.model_bridge.supported_architectures.llava import (
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
 from tl_vlm.layout import ImageLayout, LayoutError
-
-
-def _processor_without_torchvision() -> None:
-    """Make ``PixtralProcessor`` loadable where torchvision is not installed.
-
-    transformers 5.23's ``processing_pixtral`` imports torchvision only through
-    ``image_processing_pixtral.get_resize_output_image_size``; the PIL image processor
-    module has the same function. Without torchvision the package exports a
-    placeholder that refuses to load, so ``AutoProcessor`` fails on every Pixtral
-    checkpoint. With torchvision present nothing is changed.
-    """
-    if importlib.util.find_spec("torchvision") is not None:
-        return
-    import transformers.models.pixtral as pixtral_pkg
-    from transformers.models.pixtral import image_processing_pil_pixtral as pil
-
-    name = "transformers.models.pixtral.image_processing_pixtral"
-    if name not in sys.modules:
-        stub = types.ModuleType(name)
-        stub.get_resize_output_image_size = pil.get_resize_output_image_size
-        sys.modules[name] = stub
-    # A real import (the lazy package's attribute would be the placeholder).
-    processing_pixtral = importlib.import_module("transformers.models.pixtral.processing_pixtral")
-
-    # The lazy package only consults its import structure for missing attributes.
-    pixtral_pkg.PixtralProcessor = processing_pixtral.PixtralProcessor
-
-
-_processor_without_torchvision()
 
 
 def _is_pixtral_tower(hf_config: Any) -> bool:

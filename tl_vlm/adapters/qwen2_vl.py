@@ -17,11 +17,8 @@ attention runs through tl_vlm's hooked attention function, after HF has applied
 M-RoPE with the 3-D position ids that ``get_rope_index`` computes from
 ``image_grid_thw`` and ``mm_token_type_ids`` (both forwarded from the processor).
 
-Processor: transformers 5 builds ``Qwen2VLProcessor``/``Qwen2_5_VLProcessor`` with a
-video processor, and every video processor needs torchvision, so without torchvision
-these processors cannot even be constructed or loaded. :func:`allow_image_only_processors`
-(run on import, only when torchvision is missing) makes them image-only instead: they
-load the tokenizer and the PIL image processor, and videos raise a clear ImportError.
+Processor: without torchvision, ``Qwen2VLProcessor``/``Qwen2_5_VLProcessor`` are made
+image-only by :mod:`tl_vlm._hf_compat`.
 
 Layout: ``<|vision_start|>`` (BOI), ``rows x cols`` ``<|image_pad|>`` tokens in
 row-major order, ``<|vision_end|>`` (EOI). ``image_grid_thw`` row ``(t, h, w)``
@@ -34,7 +31,6 @@ as ``gate`` so knockout presets can target it.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from typing import Any, Mapping, Optional
 
@@ -50,42 +46,6 @@ from tl_vlm.layout import ImageLayout, LayoutError
 
 QWEN2_VL = "Qwen2VLForConditionalGeneration"
 QWEN2_5_VL = "Qwen2_5_VLForConditionalGeneration"
-
-
-class _NoVideoProcessor:
-    """Stands in for the video processor when torchvision is missing: a clear error."""
-
-    valid_kwargs = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise ImportError(
-            "Qwen-VL video inputs need transformers' video processor, which needs "
-            "torchvision (not installed); tl_vlm handles images only without it"
-        )
-
-
-def allow_image_only_processors() -> bool:
-    """Let the Qwen-VL processors work without a video processor when torchvision is absent.
-
-    ``ProcessorMixin`` takes its sub-processors from ``get_attributes()``; dropping
-    ``video_processor`` there is all it takes for ``__init__``, ``from_pretrained`` and
-    ``save_pretrained`` to handle text and images only. With torchvision installed
-    nothing is changed. Returns whether the processors were patched.
-    """
-    if importlib.util.find_spec("torchvision") is not None:
-        return False
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
-
-    def image_only_attributes(cls: type) -> list[str]:
-        return ["image_processor", "tokenizer"]
-
-    for proc in (Qwen2VLProcessor, Qwen2_5_VLProcessor):
-        proc.get_attributes = classmethod(image_only_attributes)
-        proc.video_processor = _NoVideoProcessor()  # called by ProcessorMixin for videos
-    return True
-
-
-allow_image_only_processors()
 
 
 def _is_qwen2_vl(cfg: Any) -> bool:
