@@ -44,7 +44,9 @@ class TinyZoo:
     def reference(self, name: str):
         """The plain HF model, eager attention, as numerical reference."""
         spec = self.specs[name]
-        return spec.hf_class().from_pretrained(str(self.path(name)),
+        import transformers
+
+        return getattr(transformers, spec.hf_class).from_pretrained(str(self.path(name)),
                                                attn_implementation="eager").eval()
 
 

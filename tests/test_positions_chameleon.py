@@ -146,7 +146,10 @@ def swin(tmp_path_factory):
 
 
 def _reference(path):
-    return tiny_chameleon._hf_class().from_pretrained(str(path), attn_implementation="eager").eval()
+    from transformers import ChameleonForConditionalGeneration
+
+    return ChameleonForConditionalGeneration.from_pretrained(str(path),
+                                                             attn_implementation="eager").eval()
 
 
 def test_swin_blocks_map_post_norms(swin):

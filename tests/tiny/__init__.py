@@ -51,7 +51,7 @@ class TinySpec:
     Attributes:
         family: tl_vlm family name.
         build: writes model, tokenizer and processor into the given directory.
-        hf_class: the HF class used as numerical reference.
+        hf_class: name of the transformers class used as numerical reference.
         prompts, images: a batch of two prompts of different lengths (one with two
             images where the family allows it); ``images`` follows ``HookedVLM.prepare``.
         other_images: same structure, different pictures (to show images matter).
@@ -60,7 +60,7 @@ class TinySpec:
 
     family: str
     build: Callable[[Path], None]
-    hf_class: Callable[[], type]
+    hf_class: str
     prompts: list[str]
     images: list[Any]
     other_images: list[Any]

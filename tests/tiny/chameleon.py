@@ -62,15 +62,10 @@ def build(path, swin_norm: bool = False):
     processor.save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import ChameleonForConditionalGeneration
-    return ChameleonForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="chameleon",
     build=build,
-    hf_class=_hf_class,
+    hf_class="ChameleonForConditionalGeneration",
     prompts=["what is this", "<image> a cat <image> describe the image a dog"],
     images=[image(0), [image(1), image(2, (30, 18))]],
     other_images=[image(10), [image(11), image(12, (30, 18))]],

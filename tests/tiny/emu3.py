@@ -61,15 +61,10 @@ def build(path):
     processor.save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import Emu3ForConditionalGeneration
-    return Emu3ForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="emu3",
     build=build,
-    hf_class=_hf_class,
+    hf_class="Emu3ForConditionalGeneration",
     prompts=["what is this", "<image> a cat <image> describe the image a dog"],
     # Same-size pictures: the processor pads a batch's images to the largest, and the VQ
     # encoder (convolutions, a global attention block) sees that padding, so mixed sizes

@@ -54,15 +54,10 @@ def build(path):
     processor.save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import Gemma3ForConditionalGeneration
-    return Gemma3ForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="gemma3",
     build=build,
-    hf_class=_hf_class,
+    hf_class="Gemma3ForConditionalGeneration",
     prompts=["what is this", "<start_of_image> a cat <start_of_image> describe the image a dog"],
     images=[image(0), [image(1), image(2, (30, 18))]],
     other_images=[image(10), [image(11), image(12, (30, 18))]],

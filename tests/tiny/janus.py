@@ -53,15 +53,10 @@ def build(path):
     processor.save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import JanusForConditionalGeneration
-    return JanusForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="janus",
     build=build,
-    hf_class=_hf_class,
+    hf_class="JanusForConditionalGeneration",
     prompts=["what is this", f"{IMG} a cat {IMG} describe the image a dog"],
     images=[image(0), [image(1), image(2, (30, 18))]],
     other_images=[image(10), [image(11), image(12, (30, 18))]],

@@ -27,15 +27,10 @@ def build(path):
     processor.save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import LlavaForConditionalGeneration
-    return LlavaForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="llava",
     build=build,
-    hf_class=_hf_class,
+    hf_class="LlavaForConditionalGeneration",
     prompts=["what is this", "<image> a cat <image> describe the image a dog"],
     images=[image(0), [image(1), image(2, (30, 18))]],
     other_images=[image(10), [image(11), image(12, (30, 18))]],

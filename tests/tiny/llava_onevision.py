@@ -38,15 +38,10 @@ def build(path, vision_aspect_ratio="anyres_max_9"):
     processor.save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import LlavaOnevisionForConditionalGeneration
-    return LlavaOnevisionForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="llava_onevision",
     build=build,
-    hf_class=_hf_class,
+    hf_class="LlavaOnevisionForConditionalGeneration",
     prompts=["what is this", "<image> a cat <image> describe the image a dog"],
     images=[image(0), [image(1), image(2, (30, 18))]],
     other_images=[image(10), [image(11), image(12, (30, 18))]],

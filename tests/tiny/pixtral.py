@@ -38,15 +38,10 @@ def build(path):
     processor.save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import LlavaForConditionalGeneration
-    return LlavaForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="pixtral",
     build=build,
-    hf_class=_hf_class,
+    hf_class="LlavaForConditionalGeneration",
     prompts=["what is this", "[IMG] a cat [IMG] describe the image a dog"],
     images=[image(0, (16, 12)), [image(1, (8, 16)), image(2, (12, 12))]],
     other_images=[image(10, (16, 12)), [image(11, (8, 16)), image(12, (12, 12))]],

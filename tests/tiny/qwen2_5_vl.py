@@ -27,15 +27,10 @@ def build(path):
     Qwen2_5_VLProcessor(image_processor=image_processor(), tokenizer=tok).save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    return Qwen2_5_VLForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="qwen2_5_vl",
     build=build,
-    hf_class=_hf_class,
+    hf_class="Qwen2_5_VLForConditionalGeneration",
     prompts=["what is this",
              "<|vision_start|><|image_pad|><|vision_end|> a cat <|image_pad|> describe the image"],
     images=[image(0, (16, 24)), [image(1, (16, 16)), image(2, (24, 16))]],

@@ -65,15 +65,10 @@ def build(path):
     Qwen2VLProcessor(image_processor=image_processor(), tokenizer=tok).save_pretrained(path)
 
 
-def _hf_class():
-    from transformers import Qwen2VLForConditionalGeneration
-    return Qwen2VLForConditionalGeneration
-
-
 SPEC = TinySpec(
     family="qwen2_vl",
     build=build,
-    hf_class=_hf_class,
+    hf_class="Qwen2VLForConditionalGeneration",
     # The second prompt writes one full placeholder and one bare <|image_pad|>.
     prompts=["what is this",
              "<|vision_start|><|image_pad|><|vision_end|> a cat <|image_pad|> describe the image"],
