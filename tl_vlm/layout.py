@@ -94,6 +94,9 @@ class ImageLayout:
         row_break_token: token ending each row (None if rows are not marked).
         native: whether the family is a native multimodal model (trained on image tokens).
         gate_description: the gate, for the supported-model table.
+        processor_tokens: layout attribute -> processor attribute to read it from, so a
+            checkpoint whose processor renames its image tokens is still located right
+            (e.g. ``{"content_token": "image_token"}``).
     """
 
     placeholder: str = "<image>"
@@ -103,11 +106,16 @@ class ImageLayout:
     row_break_token: Optional[str] = None
     native: bool = False
     gate_description: str = "none"
+    processor_tokens: dict[str, str] = {}
 
     def __init__(self, processor: Any, config: Any) -> None:
         self.processor = processor
         self.config = config
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        for attr, source in self.processor_tokens.items():
+            token = getattr(processor, source, None)
+            if token is not None:
+                setattr(self, attr, token)
 
     # -- token ids -------------------------------------------------------------
     def token_id(self, token: Optional[str]) -> Optional[int]:

@@ -114,13 +114,8 @@ class ChameleonLayout(ImageLayout):
     eoi_token = "<eoss>"
     native = True
     gate_description = "EOI <eoss>"
-
-    def __init__(self, processor: Any, config: Any) -> None:
-        super().__init__(processor, config)
-        # Token strings as this checkpoint's processor defines them.
-        self.placeholder = self.content_token = processor.image_token
-        self.boi_token = processor.image_start_token
-        self.eoi_token = processor.image_end_token
+    processor_tokens = {"placeholder": "image_token", "content_token": "image_token",
+                        "boi_token": "image_start_token", "eoi_token": "image_end_token"}
 
     def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
         """The VQ latent grid of every image, from the pixel size and the encoder depth."""

@@ -84,12 +84,11 @@ class JanusLayout(ImageLayout):
     boi_token = "<begin_of_image>"
     eoi_token = "<end_of_image>"
     gate_description = "none (non-native)"
+    processor_tokens = {"placeholder": "image_token", "content_token": "image_token",
+                        "boi_token": "image_start_token", "eoi_token": "image_end_token"}
 
     def __init__(self, processor: Any, config: Any) -> None:
         super().__init__(processor, config)
-        self.placeholder = self.content_token = processor.image_token
-        self.boi_token = processor.image_start_token
-        self.eoi_token = processor.image_end_token
         self.n_tokens = int(processor.num_image_tokens)
         side = math.isqrt(self.n_tokens)
         vision = config.vision_config

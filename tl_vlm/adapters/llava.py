@@ -40,10 +40,7 @@ class LlavaLayout(ImageLayout):
     placeholder = "<image>"
     content_token = "<image>"
     gate_description = "none (no end-of-image token)"
-
-    def __init__(self, processor: Any, config: Any) -> None:
-        super().__init__(processor, config)
-        self.placeholder = self.content_token = processor.image_token
+    processor_tokens = {"placeholder": "image_token", "content_token": "image_token"}
 
     def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
         vision = self.config.vision_config

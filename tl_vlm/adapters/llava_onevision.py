@@ -135,10 +135,7 @@ class LlavaOnevisionLayout(ImageLayout):
     content_token = "<image>"
     native = False
     gate_description = "none (no end-of-image token)"
-
-    def __init__(self, processor: Any, config: Any) -> None:
-        super().__init__(processor, config)
-        self.placeholder = self.content_token = processor.image_token
+    processor_tokens = {"placeholder": "image_token", "content_token": "image_token"}
 
     def processor_images(self, per_prompt: list[list[Any]]) -> Any:
         # Nested, so the processor counts images per prompt (``batch_num_images``):

@@ -64,12 +64,11 @@ class PixtralLayout(ImageLayout):
     last_row_break_is_eoi = True
     native = False
     gate_description = "none; attention gathers on row breaks"
+    processor_tokens = {"placeholder": "image_token", "content_token": "image_token",
+                        "row_break_token": "image_break_token", "eoi_token": "image_end_token"}
 
     def __init__(self, processor: Any, config: Any) -> None:
         super().__init__(processor, config)
-        self.placeholder = self.content_token = processor.image_token
-        self.row_break_token = processor.image_break_token
-        self.eoi_token = processor.image_end_token
         self.patch = int(processor.patch_size) * int(getattr(processor, "spatial_merge_size", 1))
 
     def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
