@@ -41,6 +41,11 @@ class TinyZoo:
             self._models[name] = HookedVLM.from_pretrained(str(self.path(name)))
         return self._models[name]
 
+    def batch(self, name: str, images=None, **prepare_kwargs):
+        """(model, its spec's batch); ``images`` replaces the spec's pictures."""
+        spec, model = self.specs[name], self.model(name)
+        return model, model.prepare(spec.prompts, images=images or spec.images, **prepare_kwargs)
+
     def reference(self, name: str):
         """The plain HF model, eager attention, as numerical reference."""
         spec = self.specs[name]

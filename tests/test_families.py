@@ -12,17 +12,11 @@ from tests.reference import logits_with_pattern_edit
 ATOL = 1e-4
 
 
-def _batch(tiny_zoo, family, images=None, **kw):
-    spec = tiny_zoo.specs[family]
-    model = tiny_zoo.model(family)
-    return model, model.prepare(spec.prompts, images=images or spec.images, **kw)
-
-
 @torch.no_grad()
 def test_images_change_the_logits(tiny_zoo, family):
     """Guards every other test: a model that ignores its image proves nothing."""
-    model, batch = _batch(tiny_zoo, family)
-    _, other = _batch(tiny_zoo, family, images=tiny_zoo.specs[family].other_images)
+    model, batch = tiny_zoo.batch(family)
+    _, other = tiny_zoo.batch(family, images=tiny_zoo.specs[family].other_images)
     assert torch.equal(batch.input_ids, other.input_ids)
     diff = (model(batch) - model(other)).abs().amax(dim=(1, 2))
     assert (diff > 1e-3).all(), f"image does not reach the logits: {diff}"
@@ -30,7 +24,7 @@ def test_images_change_the_logits(tiny_zoo, family):
 
 @torch.no_grad()
 def test_logits_equal_hf_with_padding(tiny_zoo, family):
-    model, batch = _batch(tiny_zoo, family)
+    model, batch = tiny_zoo.batch(family)
     assert batch.padding_side == "right" and len(batch) == 2
     ref = tiny_zoo.reference(family)
     expected = ref(**batch.inputs).logits
@@ -42,7 +36,7 @@ def test_logits_equal_hf_with_padding(tiny_zoo, family):
 @torch.no_grad()
 def test_left_padding_equals_one_by_one(tiny_zoo, family):
     spec = tiny_zoo.specs[family]
-    model, batch = _batch(tiny_zoo, family, padding_side="left")
+    model, batch = tiny_zoo.batch(family, padding_side="left")
     assert batch.padding_side == "left"
     logits = model(batch)
     for b, (prompt, imgs) in enumerate(zip(spec.prompts, spec.images)):
@@ -54,7 +48,7 @@ def test_left_padding_equals_one_by_one(tiny_zoo, family):
 
 @torch.no_grad()
 def test_cache_holds_every_layer_over_the_full_sequence(tiny_zoo, family):
-    model, batch = _batch(tiny_zoo, family)
+    model, batch = tiny_zoo.batch(family)
     _, cache = model.run_with_cache(batch)
     b, seq = batch.input_ids.shape
     for i in range(model.cfg.n_layers):
@@ -68,7 +62,7 @@ def test_cache_holds_every_layer_over_the_full_sequence(tiny_zoo, family):
 @torch.no_grad()
 def test_zeroing_a_key_column_matches_hand_reference(tiny_zoo, family):
     """Pattern edits are live: bridge == HF with the hand-computed change added."""
-    model, batch = _batch(tiny_zoo, family)
+    model, batch = tiny_zoo.batch(family)
     layer = model.cfg.n_layers - 1
     key = int(batch.positions.image[0][1])
 
@@ -89,7 +83,7 @@ def test_zeroing_a_key_column_matches_hand_reference(tiny_zoo, family):
 @torch.no_grad()
 def test_generate_keeps_hooks_on_cached_steps(tiny_zoo, family):
     """generate() with a hook == step-by-step full forwards with the same hook."""
-    model, batch = _batch(tiny_zoo, family, padding_side="left")
+    model, batch = tiny_zoo.batch(family, padding_side="left")
     keys = batch.positions.image_side
 
     def cut(pattern, hook):

@@ -10,12 +10,6 @@ from tl_vlm.positions import PositionSet
 ATOL = 1e-4
 
 
-def _setup(tiny_zoo, family, **kw):
-    spec = tiny_zoo.specs[family]
-    model = tiny_zoo.model(family)
-    return model, model.prepare(spec.prompts, images=spec.images, **kw)
-
-
 def _edges(batch, keys, queries):
     """[b, 1, q, k] cut edges, from the position sets directly."""
     return (queries.mask[:, :, None] & keys.mask[:, None, :])[:, None]
@@ -24,7 +18,7 @@ def _edges(batch, keys, queries):
 @pytest.mark.parametrize("method", ["zero", "mask"])
 @torch.no_grad()
 def test_knockout_equals_hand_reference(tiny_zoo, family, method):
-    model, batch = _setup(tiny_zoo, family)
+    model, batch = tiny_zoo.batch(family)
     ref = tiny_zoo.reference(family)
     pos = batch.positions
     keys = pos.image.random(2, seed=0) | pos.gate
@@ -51,7 +45,7 @@ def test_knockout_equals_hand_reference(tiny_zoo, family, method):
 
 @torch.no_grad()
 def test_zero_and_mask_semantics_differ_as_they_should(tiny_zoo):
-    model, batch = _setup(tiny_zoo, "llava")
+    model, batch = tiny_zoo.batch("llava")
     pos = batch.positions
     keys = pos.image.random(3, seed=1)
     seen = {}
@@ -71,7 +65,7 @@ def test_zero_and_mask_semantics_differ_as_they_should(tiny_zoo):
 
 
 def test_presets_pick_the_papers_sets(tiny_zoo):
-    model, batch = _setup(tiny_zoo, "llava")
+    model, batch = tiny_zoo.batch("llava")
     assert [n for n, _ in A.random_image_knockout(model, batch, k=3, layers=A.last_layers(model, 1))] \
         == [f"blocks.{model.cfg.n_layers - 1}.attn.hook_pattern"]
     with pytest.raises(ValueError, match="no end-of-image token"):
@@ -79,7 +73,7 @@ def test_presets_pick_the_papers_sets(tiny_zoo):
 
 
 def test_bad_arguments_raise_clearly(tiny_zoo):
-    model, batch = _setup(tiny_zoo, "llava")
+    model, batch = tiny_zoo.batch("llava")
     pos = batch.positions
     with pytest.raises(IndexError, match="outside the model's 2 layers"):
         A.knockout_hooks(model, batch, keys=pos.image, layers=[5])

@@ -37,13 +37,20 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        _register_once()
-        return getattr(module, name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        if not _registered:
+            _register()
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'tl_vlm' has no attribute {name!r}")
 
 
-def _register_once() -> None:
+_registered = False
+
+
+def _register() -> None:
+    global _registered
     from tl_vlm import _tl_compat
 
     _tl_compat.ensure_registered()
+    _registered = True
