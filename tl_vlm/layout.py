@@ -143,6 +143,14 @@ class ImageLayout:
     def count_placeholders(self, prompt: str) -> int:
         return prompt.count(self.placeholder)
 
+    def pretokenised_images(self, prompt: str) -> int:
+        """Images written into the prompt as tokens already (no pixels to process).
+
+        Zero for families whose images always come as pixels; a native family whose
+        images are token ids (Chameleon's VQ codes) overrides this.
+        """
+        return 0
+
     def with_placeholders(self, prompt: str, n_images: int) -> str:
         """The prompt with one placeholder per image (images first if it has none)."""
         found = self.count_placeholders(prompt)

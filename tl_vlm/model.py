@@ -164,10 +164,13 @@ class HookedVLM(TransformerBridge):
         finally:
             tokenizer.padding_side = saved_side
         positions = self.layout.locate(inputs["input_ids"], inputs.get("attention_mask"), inputs)
-        for b, imgs in enumerate(per_prompt):
-            if positions.n_images(b) != len(imgs):
+        for b, (prompt, imgs) in enumerate(zip(prompts, per_prompt)):
+            expected = len(imgs) + self.layout.pretokenised_images(prompt)
+            if positions.n_images(b) != expected:
                 raise LayoutError(
-                    f"prompt {b} was given {len(imgs)} image(s) but its token ids hold "
+                    f"prompt {b} was given {len(imgs)} image(s) (plus "
+                    f"{expected - len(imgs)} written as tokens, per "
+                    f"ImageLayout.pretokenised_images) but its token ids hold "
                     f"{positions.n_images(b)}"
                 )
         return VLMBatch(inputs, positions, prompts).to(self.cfg.device)
