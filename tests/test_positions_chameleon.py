@@ -251,3 +251,101 @@ def test_plain_boot_transformers_switches_to_swin(swin):
     ids = torch.tensor([[1, 8, 9, 10, 11]])   # BOS "what is this describe"
     expected = _reference(path)(ids).logits
     torch.testing.assert_close(bridge(ids), expected, atol=1e-4, rtol=0)
+
+
+# -- pre-tokenised images: VQ code tokens written into the prompt, no pixels ----------
+
+
+def _codes(n=16, start=0):
+    return " ".join(tiny_chameleon.code_token((start + i) % tiny_chameleon.N_CODES)
+                    for i in range(n))
+
+
+def _pretokenised(n=16, start=0):
+    return f"<racm3:break> {_codes(n, start)} <eoss>"
+
+
+def test_pretokenised_image_without_pixels(tiny_zoo):
+    model = tiny_zoo.model("chameleon")
+    batch = model.prepare([f"{_pretokenised()} what is this", "a cat"])
+    pos = batch.positions
+    # row 0: BOI 0, codes 1-16, EOI 17, "what is this" 18-20, sep 21
+    # row 1: "a cat" 0-1, sep 2, pads 3-21
+    assert "pixel_values" not in batch.inputs
+    assert pos.boi.tolist() == [[0], []]
+    assert pos.image.tolist() == [list(range(1, 17)), []]
+    assert pos.eoi.tolist() == [[17], []] and pos.gate.tolist() == [[17], []]
+    assert pos.text.tolist() == [[18, 19, 20, 21], [0, 1, 2]]
+    assert pos.after_image[0].tolist() == [18, 19, 20, 21]
+    assert pos.grid[0].tolist() == _grid(0)
+    assert pos.grid[1].shape == (0, 3)
+    # the content ids are the code tokens themselves, in prompt order
+    tok = model.layout.tokenizer
+    assert tok.convert_ids_to_tokens(batch.input_ids[0, 1:17].tolist()) == _codes().split()
+    assert sorted(model.layout.code_token_ids) == sorted(
+        tok.convert_tokens_to_ids(_codes().split()))
+    with torch.no_grad():
+        assert torch.isfinite(model(batch)).all()
+
+
+def test_pretokenised_and_pixel_images_in_one_batch(tiny_zoo):
+    model = tiny_zoo.model("chameleon")
+    prompts = [f"{_pretokenised(start=3)} what is this",
+               f"<image> a cat {_pretokenised()} {_pretokenised(start=5)} describe"]
+    batch = model.prepare(prompts, images=[None, image(0)], padding_side="left")
+    pos = batch.positions
+    # row 1 (longest): BOI 0, placeholders 1-16, EOI 17, "a cat" 18-19, BOI 20,
+    #   codes 21-36, EOI 37, BOI 38, codes 39-54, EOI 55, "describe" 56, sep 57
+    # row 0: 22 tokens, left-padded by 36
+    assert batch.input_ids.shape == (2, 58)
+    assert pos.boi.tolist() == [[36], [0, 20, 38]]
+    assert pos.gate.tolist() == [[53], [17, 37, 55]]
+    assert pos.image[0].tolist() == list(range(37, 53))
+    assert pos.image[1].tolist() == (list(range(1, 17)) + list(range(21, 37))
+                                     + list(range(39, 55)))
+    assert pos.grid[0].tolist() == _grid(0)
+    assert pos.grid[1].tolist() == _grid(0, 1, 2)
+    assert pos.text.tolist() == [[54, 55, 56, 57], [18, 19, 56, 57]]
+    assert batch.inputs["pixel_values"].shape[0] == 1
+    tok = model.layout.tokenizer
+    assert set(tok.convert_ids_to_tokens(batch.input_ids[1, 1:17].tolist())) == {"<image>"}
+
+
+def test_pretokenised_images_are_counted_from_the_prompt(tiny_zoo):
+    layout = tiny_zoo.model("chameleon").layout
+    assert layout.pretokenised_images("what is this") == 0
+    assert layout.pretokenised_images("<image> what is this") == 0
+    assert layout.pretokenised_images(f"{_pretokenised()} a {_pretokenised(9)} b") == 2
+
+
+def test_pretokenised_image_needs_a_square_grid(tiny_zoo):
+    model = tiny_zoo.model("chameleon")
+    with pytest.raises(LayoutError, match="holds 15 VQ code tokens.*not a square"):
+        model.prepare([f"{_pretokenised(15)} what"])
+    assert model.prepare([f"{_pretokenised(9)} what"]).positions.grid[0].tolist() == [
+        [0, r, c] for r in range(3) for c in range(3)]
+
+
+def test_pretokenised_image_needs_boi_and_eoi_and_no_mixing(tiny_zoo):
+    model = tiny_zoo.model("chameleon")
+    with pytest.raises(LayoutError, match="not preceded by BOI"):
+        model.prepare([f"{_codes()} <eoss> what"])
+    with pytest.raises(LayoutError, match="not followed by EOI"):
+        model.prepare([f"<racm3:break> {_codes()} what"])
+    batch = model.prepare([f"{_pretokenised()} what"])
+    ids = batch.input_ids.clone()
+    ids[0, 5] = model.layout.token_id("<image>")
+    with pytest.raises(LayoutError, match="mixes 1 <image> placeholders with 15 VQ code"):
+        model.layout.locate(ids, None, batch.inputs)
+
+
+def test_real_config_code_tokens():
+    """A config without a vocabulary map (or with one) gives the code-token id set."""
+    from transformers import ChameleonConfig
+
+    from tl_vlm.adapters.chameleon import ChameleonLayout
+
+    tok = tiny_chameleon.make_chameleon_tokenizer()
+    assert ChameleonLayout(tok, ChameleonConfig()).code_token_ids == frozenset()
+    cfg = ChameleonConfig(vocabulary_map={"IMGIMGBAZ": 7, "IMGIMGAZ": 3, "<image>": 1, "a": 2})
+    assert ChameleonLayout(tok, cfg).code_token_ids == frozenset({3, 7})

@@ -24,10 +24,17 @@ replaced by the embeddings of the image's VQ codes, which are ordinary vocabular
 entries (``IMGIMG...`` tokens via ``config.vocabulary_map``), so the decoder sees real
 tokens. The codes are the VQ latent grid read row-major: 32x32 = 1024 for 512px
 images. The gate is EOI; there are no row-break tokens.
+
+A prompt may also hold an image already tokenised: ``<racm3:break>``, the VQ code
+tokens themselves (any ``IMGIMG...`` entry of ``config.vocabulary_map``), ``<eoss>``,
+with no pixels (the toy models of :mod:`tl_vlm.toy` are prompted this way). Such an
+image's grid is square (``sqrt`` of its code count), as every real Chameleon image is.
 """
 
 from __future__ import annotations
 
+import math
+from functools import cached_property
 from typing import Any, Mapping, Optional
 
 from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
@@ -41,7 +48,7 @@ from transformer_lens.model_bridge.generalized_components import (
 
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
-from tl_vlm.layout import ImageLayout, LayoutError
+from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
 
 
 class ChameleonAdapter(ArchitectureAdapter):
@@ -106,7 +113,12 @@ def _downsampled(size: int, levels: int) -> int:
 
 
 class ChameleonLayout(ImageLayout):
-    """``<racm3:break>`` + rows x cols ``<image>`` (VQ codes, row-major) + ``<eoss>``."""
+    """``<racm3:break>`` + rows x cols ``<image>`` (VQ codes, row-major) + ``<eoss>``.
+
+    The content between BOI and EOI is either ``<image>`` placeholders (expanded by the
+    processor from pixels; grid from the pixel size) or the VQ code tokens themselves
+    (a pre-tokenised image; square grid). One image cannot mix the two.
+    """
 
     placeholder = "<image>"
     content_token = "<image>"
@@ -130,6 +142,63 @@ class ChameleonLayout(ImageLayout):
         levels = len(self.config.vq_config.channel_multiplier) - 1
         rows, cols = (_downsampled(s, levels) for s in pixels.shape[-2:])
         return [(rows, cols)] * pixels.shape[0]
+
+    @cached_property
+    def code_token_ids(self) -> frozenset[int]:
+        """Ids of the VQ code tokens (``IMGIMG...`` entries of ``config.vocabulary_map``)."""
+        vocab = getattr(self.config, "vocabulary_map", None) or {}
+        return frozenset(int(i) for name, i in vocab.items() if name.startswith("IMGIMG"))
+
+    def pretokenised_images(self, prompt: str) -> int:
+        """Runs of VQ code tokens in the prompt (each one image written as tokens)."""
+        if not self.code_token_ids or self.boi_token not in prompt:
+            return 0
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return len(runs(ids, self.code_token_ids))
+
+    def locate_row(self, ids: list[int], grids: GridQueue) -> RowLayout:
+        """Like the default locator, with pre-tokenised images (code tokens) as content too.
+
+        Runs of ``<image>`` placeholders take their grid from the pixel metadata, runs of
+        code tokens a square grid; a run mixing both is refused.
+        """
+        placeholder = self.token_id(self.content_token)
+        codes = self.code_token_ids
+        boi, eoi = self.token_id(self.boi_token), self.token_id(self.eoi_token)
+        out = RowLayout()
+        for n_img, (start, end) in enumerate(runs(ids, {placeholder} | codes)):
+            if start == 0 or ids[start - 1] != boi:
+                raise LayoutError(f"image {n_img} at position {start} is not preceded by BOI")
+            out.boi.append(start - 1)
+            if end >= len(ids) or ids[end] != eoi:
+                raise LayoutError(f"image {n_img} ending at {end} is not followed by EOI")
+            out.eoi.append(end)
+            out.gate.append(end)
+            span = list(range(start, end))
+            n_placeholders = sum(ids[p] == placeholder for p in span)
+            if n_placeholders == len(span):
+                grid = grids.pop()
+            elif n_placeholders == 0:
+                grid = self._square_grid(len(span), n_img)
+            else:
+                raise LayoutError(
+                    f"image {n_img} at position {start} mixes {n_placeholders} <image> "
+                    f"placeholders with {len(span) - n_placeholders} VQ code tokens; an "
+                    f"image is either pixels (placeholders) or pre-tokenised codes"
+                )
+            self._grid_span(ids, span, n_img, placeholder, None, grid, out)
+        return out
+
+    @staticmethod
+    def _square_grid(n: int, n_img: int) -> tuple[int, int]:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise LayoutError(
+                f"pre-tokenised image {n_img} holds {n} VQ code tokens, which is not a "
+                f"square number: without pixels its grid is taken to be square (real "
+                f"Chameleon images are 32x32 = 1024 codes)"
+            )
+        return side, side
 
 
 FAMILY = Family(
