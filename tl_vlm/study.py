@@ -1,0 +1,152 @@
+"""The Narrow Gate study as one resumable run: the main job behind ``tl-vlm narrow-gate``.
+
+Steps (each saved when finished; see :class:`~tl_vlm.runstore.RunStore`):
+
+- ``accuracy``: task accuracy without knockout, with the gate knocked out, with
+  img->text knocked out, and with ``random_k`` random image tokens knocked out (mean
+  over ``random_seeds`` draws); paper semantics (post-softmax zero), all layers.
+- ``progressive``: gate knockout in the last w layers only.
+- ``contribution``: cross-modal attention contribution per layer and key group.
+- ``separation``: modality separation (|cos|, cluster homogeneity, intrinsic dimension).
+- ``overlap``: neighbourhood overlap of gate / last-image / mean-image representations
+  with the class labels.
+- ``patching``: steering by patching the gate from an image of another class.
+
+Example:
+    >>> from tl_vlm.study import StudySettings, run_study                   # doctest: +SKIP
+    >>> results = run_study(model, task, RunStore("report/", settings.to_dict()), settings)
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from tl_vlm import analyses as A
+from tl_vlm.runstore import RunStore
+from tl_vlm.tasks import Example, Task
+
+STEPS = ("accuracy", "progressive", "contribution", "separation", "overlap", "patching")
+
+
+@dataclass
+class StudySettings:
+    """What the study runs; saved with the run so a resume uses the same settings."""
+
+    model: str
+    dataset: str
+    n_examples: int
+    batch_size: int = 16
+    seed: int = 0
+    random_k: int = 10
+    random_seeds: int = 3
+    steps: tuple[str, ...] = STEPS
+    patch_layers: Optional[tuple[int, ...]] = None   # None: every layer
+    patch_streams: tuple[str, ...] = ("resid_pre", "attn_in")
+    n_pairs: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _progress(iterable, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr,
+                disable=not sys.stderr.isatty())
+
+
+def _conditions(model, settings: StudySettings, batch) -> dict[str, list[list]]:
+    """Knockout conditions -> one list of hooks per draw (one draw unless random)."""
+    pos = batch.positions
+    out: dict[str, list[list]] = {"none": [[]]}
+    if not pos.gate.is_empty():
+        out["gate"] = [A.gate_knockout(model, batch)]
+    out["img_to_text"] = [A.image_to_text_knockout(model, batch)]
+    out["random"] = [A.random_image_knockout(model, batch, k=settings.random_k, seed=s)
+                     for s in range(settings.random_seeds)]
+    return out
+
+
+def _chunks(task: Task, settings: StudySettings):
+    return list(task.batches(settings.batch_size))
+
+
+def step_accuracy(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
+    """Accuracy per knockout condition; every finished batch is recorded for resuming."""
+    done = {(r["condition"], r["draw"], r["start"]): r["scores"] for r in store.records("accuracy")}
+    chunks = _chunks(task, settings)
+    for start, examples in _progress(chunks, len(chunks), "knockout"):
+        batch = task.prepare(model, examples)
+        for name, draws in _conditions(model, settings, batch).items():
+            for draw, hooks in enumerate(draws):
+                if (name, draw, start) in done:
+                    continue
+                scores = task.score(model, batch, examples, fwd_hooks=hooks).tolist()
+                store.record("accuracy", {"condition": name, "draw": draw, "start": start,
+                                          "scores": scores})
+                done[(name, draw, start)] = scores
+    per_condition: dict[str, list[float]] = {}
+    for (name, draw, start), scores in sorted(done.items()):
+        per_condition.setdefault(name, []).extend(scores)
+    conditions = {name: {"mean": sum(s) / len(s), "n": len(s) // (settings.random_seeds if name == "random" else 1)}
+                  for name, s in per_condition.items()}
+    result = {"conditions": conditions, "chance": task.chance(), "skipped": {}}
+    if "gate" not in conditions:
+        result["skipped"]["gate"] = f"{model.family.name} has no gate token ({model.layout.gate_description})"
+    return result
+
+
+def step_progressive(model, task: Task, store: RunStore, settings: StudySettings) -> Optional[dict]:
+    """Gate knockout in the last w layers, for w from 1 to every layer."""
+    n_layers = model.cfg.n_layers
+    widths = sorted({max(1, round(n_layers * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1)}
+                    | ({*range(1, n_layers + 1)} if n_layers <= 8 else set()))
+    done = {(r["w"], r["start"]): r["scores"] for r in store.records("progressive")}
+    chunks = _chunks(task, settings)
+    for start, examples in _progress(chunks, len(chunks), "progressive knockout"):
+        batch = task.prepare(model, examples)
+        if batch.positions.gate.is_empty():
+            return None
+        for w in widths:
+            if (w, start) in done:
+                continue
+            hooks = A.gate_knockout(model, batch, layers=A.last_layers(model, w))
+            scores = task.score(model, batch, examples, fwd_hooks=hooks).tolist()
+            store.record("progressive", {"w": w, "start": start, "scores": scores})
+            done[(w, start)] = scores
+    accuracy = []
+    for w in widths:
+        scores = [s for (ww, _), ss in sorted(done.items()) if ww == w for s in ss]
+        accuracy.append(sum(scores) / len(scores))
+    clean = store.load("accuracy")["conditions"]["none"]["mean"] if store.done("accuracy") else None
+    return {"widths": widths, "accuracy": accuracy, "clean": clean, "chance": task.chance()}
+
+
+STEP_FUNCTIONS: dict[str, Callable[..., Optional[dict]]] = {
+    "accuracy": step_accuracy,
+    "progressive": step_progressive,
+}
+
+
+def run_study(model, task: Task, store: RunStore, settings: StudySettings,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every step of ``settings.steps`` not yet saved in ``store``; returns all results."""
+    unknown = [s for s in settings.steps if s not in STEP_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"unknown steps {unknown}; choose from {list(STEP_FUNCTIONS)}")
+    for step in settings.steps:
+        if store.done(step):
+            log(f"[{step}] already done: kept")
+            continue
+        log(f"[{step}] running")
+        result = STEP_FUNCTIONS[step](model, task, store, settings)
+        if result is None:
+            log(f"[{step}] does not apply to this model: skipped")
+            result = {"skipped": True}
+        store.save(step, result)
+    return {k: v for k, v in store.results().items() if not v.get("skipped") is True}

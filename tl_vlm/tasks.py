@@ -1,0 +1,219 @@
+"""Image-understanding tasks that the main job scores a model on.
+
+A :class:`Task` is a list of :class:`Example` (a prompt, its images, the accepted
+answers and a class label) plus a rule for scoring a batch. Two rules cover the
+paper's tasks:
+
+- :class:`NextTokenTask`: the answer is one token; an example is right when the
+  greedy next token is the answer's first token (ImageNet-style prompt completion,
+  the toy models' one-token answers).
+- :class:`GenerationTask`: greedy generation of up to ``max_new_tokens`` tokens
+  scored with the VQA accuracy ``min(1, matches / 3)`` against the annotators'
+  answers after VQA-style normalisation (VQAv2, short-answer questions).
+
+Example:
+    >>> task = GenerationTask.from_jsonl("vqa.jsonl")                     # doctest: +SKIP
+    >>> for examples in task.batches(8):
+    ...     batch = task.prepare(model, examples)
+    ...     scores = task.score(model, batch, examples)                      # [batch] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_vlm.batch import VLMBatch
+
+Hooks = Sequence[tuple[Union[str, Callable], Callable]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question about one (or more) images.
+
+    Attributes:
+        prompt: the text; images go before it unless it holds the family's placeholders.
+        images: PIL images or paths (loaded lazily); empty when the prompt writes its
+            image as tokens (the toy models).
+        answers: accepted answers (VQA: the ten annotators' answers).
+        label: the class the image shows (pairs source and target images for patching);
+            defaults to the first answer.
+        kind: the question type (e.g. ``"colour"``); examples of one kind share their
+            set of possible answers, which sets the chance level.
+    """
+
+    prompt: str
+    images: tuple = ()
+    answers: tuple[str, ...] = ()
+    label: Optional[str] = None
+    kind: Optional[str] = None
+
+    @property
+    def klass(self) -> str:
+        return self.label if self.label is not None else self.answers[0]
+
+
+def _load_image(image: Any) -> Any:
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        return Image.open(image).convert("RGB")
+    return image
+
+
+def answer_token_id(tokenizer: Any, answer: str) -> int:
+    """The first token of ``answer`` as it would follow a space (the paper's class token)."""
+    for text in (" " + answer, answer):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids:
+            return int(ids[0])
+    raise ValueError(f"the tokenizer turns answer {answer!r} into no tokens")
+
+
+@dataclass
+class Task:
+    """A named list of examples with a scoring rule (see the subclasses)."""
+
+    name: str
+    examples: list[Example]
+    padding_side: str = "left"
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, list[Example]]]:
+        """``(index of the first example, examples)`` chunks, from ``start`` on."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for i in range(start, len(self.examples), batch_size):
+            yield i, self.examples[i:i + batch_size]
+
+    def prepare(self, model: Any, examples: Sequence[Example]) -> VLMBatch:
+        images = [[_load_image(im) for im in ex.images] or None for ex in examples]
+        if all(im is None for im in images):
+            images = None
+        return model.prepare([ex.prompt for ex in examples], images=images,
+                             padding_side=self.padding_side)
+
+    def score(self, model: Any, batch: VLMBatch, examples: Sequence[Example],
+              fwd_hooks: Hooks = ()) -> Float[Tensor, "batch"]:
+        raise NotImplementedError
+
+    def chance(self) -> Optional[float]:
+        """Expected score of a guess that ignores the image (None when unknown)."""
+        return None
+
+
+@dataclass
+class NextTokenTask(Task):
+    """One-token answers: right when the greedy next token is the answer's first token.
+
+    ``chance`` is the mean over examples of 1 / (number of distinct answers among the
+    examples of the same ``kind``): a uniform guess among the answers its question
+    admits, which is all a model that cannot see the image can do on a balanced task.
+    """
+
+    def answer_ids(self, model: Any, examples: Sequence[Example]) -> Int[Tensor, "batch"]:
+        tok = model.layout.tokenizer
+        return torch.tensor([answer_token_id(tok, ex.answers[0]) for ex in examples])
+
+    @torch.no_grad()
+    def score(self, model: Any, batch: VLMBatch, examples: Sequence[Example],
+              fwd_hooks: Hooks = ()) -> Float[Tensor, "batch"]:
+        logits = model.run_with_hooks(batch, fwd_hooks=list(fwd_hooks))
+        last = batch.positions.last.mask
+        predicted = logits[last].argmax(-1).cpu()
+        return (predicted == self.answer_ids(model, examples)).float()
+
+    def chance(self) -> Optional[float]:
+        if any(ex.kind is None for ex in self.examples):
+            return None
+        answers_of_kind: dict[str, set] = {}
+        for ex in self.examples:
+            answers_of_kind.setdefault(ex.kind, set()).add(ex.answers[0])
+        return sum(1 / len(answers_of_kind[ex.kind]) for ex in self.examples) / len(self.examples)
+
+
+@dataclass
+class GenerationTask(Task):
+    """Free-form short answers, scored by VQA accuracy ``min(1, matches / 3)``.
+
+    JSONL lines: ``{"image": path, "question": str, "answers": [str, ...], "label": str}``
+    (``label`` optional). The paper's VQAv2 instruction is appended to every question.
+    """
+
+    max_new_tokens: int = 20
+    instruction: str = "Answer the question using a single word or phrase."
+
+    @classmethod
+    def from_jsonl(cls, path: Union[str, Path], limit: Optional[int] = None,
+                   name: Optional[str] = None, **kwargs: Any) -> "GenerationTask":
+        path = Path(path)
+        examples = []
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    image = Path(row["image"])
+                    question, answers = row["question"], row["answers"]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(
+                        f"{path}:{n}: expected a JSON object with 'image', 'question' and "
+                        f"'answers' ({err})"
+                    ) from err
+                if not image.is_absolute():
+                    image = path.parent / image
+                if not image.exists():
+                    raise FileNotFoundError(f"{path}:{n}: image {image} does not exist")
+                answers = [answers] if isinstance(answers, str) else list(answers)
+                examples.append(Example(question, (image,), tuple(answers), row.get("label"),
+                                        row.get("kind")))
+                if limit is not None and len(examples) >= limit:
+                    break
+        if not examples:
+            raise ValueError(f"{path} holds no examples")
+        return cls(name or path.stem, examples, **kwargs)
+
+    def prepare(self, model: Any, examples: Sequence[Example]) -> VLMBatch:
+        asked = [replace(ex, prompt=f"{ex.prompt} {self.instruction}") for ex in examples]
+        return super().prepare(model, asked)
+
+    @torch.no_grad()
+    def score(self, model: Any, batch: VLMBatch, examples: Sequence[Example],
+              fwd_hooks: Hooks = ()) -> Float[Tensor, "batch"]:
+        out = model.generate(batch, max_new_tokens=self.max_new_tokens, fwd_hooks=fwd_hooks)
+        return torch.tensor([vqa_accuracy(text, ex.answers)
+                             for text, ex in zip(out.text, examples)])
+
+
+# VQA answer normalisation (the official evaluation's rules, abridged: lower case,
+# punctuation, articles, number words).
+_NUMBERS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalise_answer(text: str) -> str:
+    """VQA-style normalisation: ``"Two dogs."`` -> ``"2 dogs"``."""
+    text = text.strip().lower().split("\n")[0]
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)
+    text = re.sub(r"[^\w\s']", " ", text)
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """``min(1, #annotators who gave the prediction / 3)``; one reference: exact match."""
+    pred = normalise_answer(prediction)
+    matches = sum(normalise_answer(a) == pred for a in answers)
+    return min(1.0, matches / 3) if len(answers) >= 3 else float(matches > 0)
