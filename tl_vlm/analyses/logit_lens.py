@@ -1,0 +1,351 @@
+"""Logit lens at any position set, and per-head direct logit attribution.
+
+:func:`logit_lens` reads the residual stream at any positions (image tokens included)
+and maps it to the vocabulary exactly as the model maps its last residual: the final
+norm (the HF module itself), the unembedding, then the family's own final transform
+(:func:`final_logit_transform`; Chameleon, for example, sets the logits of its image
+vocabulary to the dtype's minimum). Applied to the last layer's ``hook_resid_post`` it
+reproduces the model's logits.
+
+:func:`head_logit_attribution` splits the attention output of every head into its
+direct effect on an answer logit (minus a baseline logit), TransformerLens's "direct
+logit attribution": the head's output ``z_h @ W_O[:, h]^T`` goes through the final norm
+with the norm's scale frozen at the final residual (``cache.apply_ln_to_stack``'s
+convention). Where a block renormalises the attention output before the residual add
+(Gemma 3, Chameleon-30B's ``swin_norm``: a post-attention norm mapped to ``ln1_post``),
+that norm's scale is frozen at the layer's whole attention output too, so the heads
+(plus the o-projection bias) still add up exactly to what the layer adds to the residual.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_vlm.analyses.knockout import Layers, resolve_layers
+from tl_vlm.batch import VLMBatch
+from tl_vlm.positions import PositionSet
+
+TokenIds = Union[int, Sequence[int], Int[Tensor, "batch"]]
+
+
+# -- the model's own final transform ---------------------------------------------------
+def _mask_chameleon_image_vocabulary(model) -> Callable[[Tensor], Tensor]:
+    """ChameleonForConditionalGeneration sets its image-token logits to finfo.min."""
+    image_tokens = model.hf_model.model.vocabulary_mapping.image_tokens
+
+    def transform(logits: Tensor) -> Tensor:
+        logits = logits.clone()
+        logits[..., image_tokens] = torch.finfo(logits.dtype).min
+        return logits
+
+    return transform
+
+
+# HF top-level class -> what its forward does to ``lm_head``'s output. transformers 5.23:
+# Gemma3ForConditionalGeneration does *not* soft-cap (only Gemma3ForCausalLM reads
+# ``final_logit_softcapping``), so no VLM family here soft-caps; the self-check in
+# :func:`logit_lens` raises if a future version adds a transform missing from this table.
+FINAL_LOGIT_TRANSFORMS: dict[str, Callable] = {
+    "ChameleonForConditionalGeneration": _mask_chameleon_image_vocabulary,
+}
+
+
+def final_logit_transform(model) -> Callable[[Tensor], Tensor]:
+    """What the model does to ``lm_head``'s output before returning logits (often nothing).
+
+    Example:
+        >>> final_logit_transform(model)(raw_logits)   # doctest: +SKIP
+    """
+    make = FINAL_LOGIT_TRANSFORMS.get(type(model.hf_model).__name__)
+    return make(model) if make is not None else (lambda logits: logits)
+
+
+def _unembed(model, normed: Tensor) -> Tensor:
+    return model.unembed.original_component(normed)
+
+
+# -- collecting the selected rows of hooked activations --------------------------------
+def _gather(model, batch: VLMBatch, rows: dict[str, PositionSet], fwd_hooks=()) -> tuple:
+    """Run ``batch`` once; keep ``act[mask]`` (``[n, ...]``, example-major) per hook name."""
+    kept: dict[str, Tensor] = {}
+
+    def make(name: str, mask: Tensor):
+        def keep(act: Tensor, hook) -> None:  # keyed by the asked name, not the alias's
+            kept[name] = act[mask.to(act.device)].detach()
+        return keep
+
+    hooks = list(fwd_hooks) + [(name, make(name, s.mask)) for name, s in rows.items()]
+    with torch.no_grad():
+        logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+    missing = [n for n in rows if n not in kept]
+    if missing:
+        raise RuntimeError(f"hook points {missing} did not fire on this model")
+    return logits, kept
+
+
+def _check_positions(batch: VLMBatch, positions: PositionSet, what: str = "positions") -> None:
+    if not isinstance(batch, VLMBatch):
+        raise TypeError("pass the VLMBatch from model.prepare(...)")
+    if not isinstance(positions, PositionSet):
+        raise TypeError(f"{what} must be a PositionSet (e.g. batch.positions.image)")
+    if positions.mask.shape != batch.input_ids.shape:
+        raise ValueError(
+            f"{what} cover {tuple(positions.mask.shape)} [batch, pos] but the batch is "
+            f"{tuple(batch.input_ids.shape)}"
+        )
+    if positions.is_empty():
+        raise ValueError(
+            f"{what} is empty in every example (does this family have the tokens you asked "
+            f"for? e.g. LLaVA has no end-of-image token: use positions.last_image)"
+        )
+    if bool((positions.mask & batch.positions.padding.mask.to(positions.mask.device)).any()):
+        raise ValueError(f"{what} include padding positions; subtract batch.positions.padding")
+
+
+# -- logit lens ------------------------------------------------------------------------
+@dataclass
+class LogitLensResult:
+    """Lens logits of selected positions, one row per (example, position) pair.
+
+    Attributes:
+        logits: ``[layer, n, vocab]`` (or ``[layer, n, len(token_ids)]``); row ``i`` is
+            position ``position[i]`` of example ``example[i]``, example-major.
+        layers: the layer of each first-axis entry.
+        example, position: ``[n]`` where each row comes from.
+        point: ``"resid_post"`` (row ``l`` = output of block ``l``) or ``"resid_pre"``.
+        token_ids: the vocabulary columns kept (None: all).
+    """
+
+    logits: Float[Tensor, "layer n vocab"]
+    layers: list[int]
+    example: Int[Tensor, "n"]
+    position: Int[Tensor, "n"]
+    point: str
+    token_ids: Optional[list[int]] = None
+
+    def for_example(self, example: int) -> Float[Tensor, "layer n_b vocab"]:
+        """The rows of one example (its positions in ascending order)."""
+        return self.logits[:, (self.example == example).to(self.logits.device)]
+
+    def top_k(self, k: int = 5) -> tuple[Float[Tensor, "layer n k"], Int[Tensor, "layer n k"]]:
+        """Top-``k`` logits and their token ids (vocabulary ids even with ``token_ids``)."""
+        values, idx = self.logits.topk(k, dim=-1)
+        if self.token_ids is not None:
+            idx = torch.as_tensor(self.token_ids, device=idx.device)[idx]
+        return values, idx
+
+
+def logit_lens(
+    model,
+    batch: VLMBatch,
+    positions: PositionSet,
+    layers: Layers = "all",
+    point: Literal["resid_post", "resid_pre"] = "resid_post",
+    token_ids: Optional[Sequence[int]] = None,
+    apply_final_transform: bool = True,
+    fwd_hooks: Sequence[tuple] = (),
+    check: bool = True,
+) -> LogitLensResult:
+    """The logit lens at ``positions``: final norm + unembedding + the model's final transform.
+
+    The residual of every chosen layer (``blocks.{l}.hook_{point}``) at every selected
+    position goes through the model's own final norm module and ``lm_head``, then the
+    family's final transform (:func:`final_logit_transform`). Position sets are ragged,
+    so the result has one row per selected (example, position) pair, example-major:
+    ``result.logits[l, i]`` is position ``result.position[i]`` of example
+    ``result.example[i]``.
+
+    Args:
+        positions: any position set of ``batch`` (image tokens included).
+        layers: ``"all"``, an int or a sequence of layer indices.
+        point: ``"resid_post"`` (block output; the last one gives the model's logits) or
+            ``"resid_pre"`` (block input; layer 0 is the embedding).
+        token_ids: keep only these vocabulary columns (memory: the full result is
+            ``layers x n x vocab`` floats).
+        apply_final_transform: False to skip the family transform (e.g. to see which
+            Chameleon image token the lens predicts; the model itself masks them).
+        fwd_hooks: interventions active during the run (e.g. knockout hooks).
+        check: compare the lens of the last residual with the model's own logits at
+            these positions and raise if they differ (a final transform tl_vlm lacks).
+
+    Example:
+        >>> lens = logit_lens(model, batch, batch.positions.gate)             # doctest: +SKIP
+        >>> values, ids = lens.top_k(5)  # [layer, n, 5]  # doctest: +SKIP
+        >>> model.layout.tokenizer.convert_ids_to_tokens(ids[-1, 0])  # doctest: +SKIP
+    """
+    _check_positions(batch, positions)
+    if point not in ("resid_post", "resid_pre"):
+        raise ValueError(f"point must be 'resid_post' or 'resid_pre', got {point!r}")
+    chosen = resolve_layers(model, layers)
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    rows = {f"blocks.{l}.hook_{point}": positions for l in chosen}
+    if check:
+        rows[last] = positions
+    model_logits, kept = _gather(model, batch, rows, fwd_hooks)
+    model_transform = final_logit_transform(model)
+    transform = model_transform if apply_final_transform else (lambda x: x)
+    norm = model.ln_final.original_component
+    cols = None if token_ids is None else torch.as_tensor(list(token_ids), dtype=torch.long)
+
+    def lens(resid: Tensor) -> Tensor:
+        with torch.no_grad():
+            out = transform(_unembed(model, norm(resid)))
+        return out if cols is None else out[..., cols.to(out.device)]
+
+    if check:
+        with torch.no_grad():
+            mine = model_transform(_unembed(model, norm(kept[last])))
+        theirs = model_logits[positions.mask.to(model_logits.device)]
+        rtol, atol = _tolerance(mine.dtype, logits=True)
+        if theirs.shape != mine.shape or not torch.allclose(mine, theirs, rtol=rtol, atol=atol):
+            raise RuntimeError(
+                f"the lens of the last residual does not reproduce {type(model.hf_model).__name__}'s "
+                f"logits (max |diff| {(mine - theirs).abs().max().item():.3g}): its forward "
+                f"transforms lm_head's output in a way tl_vlm does not know; add it to "
+                f"tl_vlm.analyses.logit_lens.FINAL_LOGIT_TRANSFORMS (or pass check=False if "
+                f"your fwd_hooks edit the final norm or unembedding)"
+            )
+    logits = torch.stack([lens(kept[f"blocks.{l}.hook_{point}"]) for l in chosen])
+    nz = positions.mask.nonzero()
+    return LogitLensResult(logits, chosen, nz[:, 0].cpu(), nz[:, 1].cpu(), point,
+                           None if cols is None else cols.tolist())
+
+
+def _tolerance(dtype: torch.dtype, logits: bool = False) -> tuple[float, float]:
+    """(rtol, atol) for "the same computation": half precision rounds per op (bf16 ulp at a
+    logit of 30 is 0.125), so a transform is only flagged when it changes much more."""
+    if dtype in (torch.float32, torch.float64):
+        return 1e-3, 1e-4
+    return (1e-2, 0.5) if logits else (2e-2, 2e-2)
+
+
+# -- direct logit attribution ----------------------------------------------------------
+def _frozen_rms(module: torch.nn.Module, x_ref: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+    """Per-row multiplier ``m`` with ``module(y) == y * m`` when the scale is frozen at ``x_ref``.
+
+    Works for every RMSNorm form ``x * rsqrt(mean(x^2) + eps) * g`` (Llama's ``w``, Gemma's
+    ``1 + w``): ``g`` is read by normalising a vector of ones, and the result is checked
+    against ``module(x_ref)``.
+    """
+    name = type(module).__name__
+    eps = getattr(module, "variance_epsilon", None)
+    eps = getattr(module, "eps", None) if eps is None else eps
+    if isinstance(module, torch.nn.LayerNorm) or eps is None:
+        raise NotImplementedError(
+            f"direct logit attribution needs an RMSNorm-style norm (x * rsqrt(mean x^2 + eps) "
+            f"* g); {name} is not one"
+        )
+    d = x_ref.shape[-1]
+    param = next(module.parameters(), None)
+    dtype = param.dtype if param is not None else x_ref.dtype
+    with torch.no_grad():
+        ones = torch.ones(1, d, dtype=dtype, device=x_ref.device)
+        gain = module(ones).float()[0] * math.sqrt(1.0 + float(eps))
+        x = x_ref.float()
+        mult = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps)) * gain
+        actual = module(x_ref).float()
+    rtol, atol = _tolerance(x_ref.dtype)
+    if not torch.allclose(x * mult, actual, rtol=rtol, atol=atol):
+        raise NotImplementedError(
+            f"{name} is not of the form x * rsqrt(mean x^2 + eps) * g; direct logit "
+            f"attribution through it is not supported"
+        )
+    return mult
+
+
+def _token_tensor(tokens: TokenIds, n: int, what: str) -> Tensor:
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise ValueError(f"{what} must be one token id or one per example ({n}), got shape "
+                         f"{tuple(t.shape)}")
+    return t
+
+
+def head_logit_attribution(
+    model,
+    batch: VLMBatch,
+    answer_tokens: TokenIds,
+    positions: Optional[PositionSet] = None,
+    layers: Layers = "all",
+    baseline_tokens: Optional[TokenIds] = None,
+    fwd_hooks: Sequence[tuple] = (),
+) -> Float[Tensor, "batch layer head"]:
+    """Direct logit attribution of every attention head toward ``answer_tokens``.
+
+    ``out[b, i, h]`` is head ``h`` of layer ``layers[i]``: its output at example ``b``'s
+    position, ``z_h @ W_O[:, h * d_head:(h + 1) * d_head]^T`` (``z`` = ``attn.hook_z``,
+    ``W_O`` = the o-projection weight), mapped through the final norm with its scale
+    frozen at the final residual, dotted with ``W_U[answer] - W_U[baseline]`` (TL's
+    ``apply_ln_to_stack`` convention). Blocks with a post-attention norm (``ln1_post``,
+    Gemma 3) get that norm's scale frozen at the layer's whole attention output, so for
+    every family ``out[b, i].sum() + bias term`` equals the direct attribution of what the
+    layer's attention adds to the residual. The o-projection bias (if any) belongs to no
+    head and is left out; the unembedding bias and the family's final transform (e.g.
+    Chameleon's image-vocabulary mask) are not linear attributions and are left out too.
+
+    Args:
+        answer_tokens: one token id, or one per example.
+        positions: exactly one position per example (default: the last token).
+        layers: ``"all"``, an int or a sequence of layer indices.
+        baseline_tokens: subtract this token's direction (logit difference), or None.
+        fwd_hooks: interventions active during the run.
+
+    Example:
+        >>> tok = model.layout.tokenizer                                       # doctest: +SKIP
+        >>> dla = head_logit_attribution(model, batch, tok.convert_tokens_to_ids("cat"),  # doctest: +SKIP
+        ...                              baseline_tokens=tok.convert_tokens_to_ids("dog"))
+        >>> dla.mean(0)  # [layer, head]  # doctest: +SKIP
+    """
+    if not isinstance(batch, VLMBatch):
+        raise TypeError("pass the VLMBatch from model.prepare(...)")
+    positions = batch.positions.last if positions is None else positions
+    _check_positions(batch, positions)
+    counts = positions.counts
+    if not bool((counts == 1).all()):
+        raise ValueError(
+            f"head_logit_attribution needs exactly one position per example, got counts "
+            f"{counts.tolist()}; pick one (e.g. batch.positions.last) or loop over positions"
+        )
+    n_batch = len(batch)
+    answer = _token_tensor(answer_tokens, n_batch, "answer_tokens")
+    vocab = model.unembed.original_component.weight.shape[0]
+    if bool((answer < 0).any() or (answer >= vocab).any()):
+        raise IndexError(f"answer_tokens {answer.tolist()} outside the vocabulary (0..{vocab - 1})")
+    chosen = resolve_layers(model, layers)
+    post = {l: hasattr(model.blocks[l], "ln1_post") for l in chosen}
+    rows = {"ln_final.hook_in": positions}
+    for l in chosen:
+        rows[f"blocks.{l}.attn.hook_z"] = positions
+        if post[l]:
+            rows[f"blocks.{l}.ln1_post.hook_in"] = positions
+    _, kept = _gather(model, batch, rows, fwd_hooks)
+
+    w_u = model.unembed.original_component.weight
+    direction = w_u[answer.to(w_u.device)].float()                                # [b, d]
+    if baseline_tokens is not None:
+        base = _token_tensor(baseline_tokens, n_batch, "baseline_tokens")
+        if bool((base < 0).any() or (base >= vocab).any()):
+            raise IndexError(f"baseline_tokens {base.tolist()} outside the vocabulary")
+        direction = direction - w_u[base.to(w_u.device)].float()
+    final = _frozen_rms(model.ln_final.original_component, kept["ln_final.hook_in"])
+    direction = direction * final                                                  # [b, d]
+
+    out = []
+    for l in chosen:
+        z = kept[f"blocks.{l}.attn.hook_z"].float()                                # [b, h, k]
+        w_o = model.blocks[l].attn.o.original_component.weight.float()             # [d, h*k]
+        w_o = w_o.view(w_o.shape[0], z.shape[1], z.shape[2])                       # [d, h, k]
+        d_l = direction
+        if post[l]:
+            d_l = d_l * _frozen_rms(model.blocks[l].ln1_post.original_component,
+                                    kept[f"blocks.{l}.ln1_post.hook_in"])
+        out.append(torch.einsum("bhk,dhk,bd->bh", z, w_o.to(z.device), d_l.to(z.device)))
+    return torch.stack(out, dim=1)
