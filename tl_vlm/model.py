@@ -200,6 +200,27 @@ class HookedVLM(TransformerBridge):
             return super().forward(input["input_ids"], *args, **merged)
         return super().forward(input, *args, **kwargs)
 
+    def run_from_layer(
+        self,
+        batch: VLMBatch,
+        layer: int,
+        resid: Float[Tensor, "batch pos d_model"],
+        fwd_hooks: Sequence[tuple[Any, Any]] = (),
+        **forward_kwargs: Any,
+    ) -> Any:
+        """Forward from block ``layer`` on the residual ``resid``; blocks before it never run.
+
+        Masks, position ids (M-RoPE included) and image metadata come from the batch as
+        in a full forward. See :func:`tl_vlm.prefix.run_from_layer`.
+
+        Example:
+            >>> _, cache = model.run_with_cache(batch)                        # doctest: +SKIP
+            >>> logits = model.run_from_layer(batch, 4, cache["blocks.4.hook_resid_pre"])
+        """
+        from tl_vlm.prefix import run_from_layer
+
+        return run_from_layer(self, batch, layer, resid, fwd_hooks=fwd_hooks, **forward_kwargs)
+
     @torch.no_grad()
     def generate(  # type: ignore[override]
         self,

@@ -1,0 +1,157 @@
+"""Time a full-layer patching sweep: naive (full forward per layer) vs prefix reuse.
+
+Model: a random Chameleon with 10 decoder layers (hidden 64, 8 heads, 2 kv heads) whose
+VQ tokenizer turns a 64 px image into a 16 x 16 = 256-token grid; with BOI, EOI and ~30
+words of text after the image one example is ~300 tokens. Batch: 4 source and 4 target
+examples (different images, same prompts).
+
+Both sweeps patch the gate (EOI) over every layer, for the residual stream (input of
+layer l only) and the attention stream (attention input of every layer from l on):
+
+- ``naive``: ``patch_positions(..., reuse_prefix=False)``: one source run, one clean
+  target run, then per layer a full forward with the patching hooks;
+- ``prefix``: ``patch_positions(...)``: the same, but the clean target run caches every
+  ``hook_resid_pre`` and each patched run starts at its layer (blocks before it skipped).
+
+Counting decoder blocks only, a sweep over L layers costs L*L + 2L blocks naively and
+L(L+1)/2 + 2L with prefix reuse (1.6x fewer for L = 10); embedding, the VQ image encoder
+and the LM head run in every forward of both. Repetitions alternate the two variants;
+the script prints medians of wall-clock and process CPU time (the latter is steadier on a
+shared machine), the speed ratios and the largest difference between the two sweeps.
+
+Run: ``.venv/bin/python benchmarks/patching_sweep.py [--layers 10] [--reps 5] [--device cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEXT = " ".join(["describe the image a cat"] * 6)   # 30 words after the image
+
+
+def build(path: Path, layers: int, hidden: int, image_size: int) -> None:
+    """Write a random Chameleon with ``layers`` decoder layers and (image_size/4)^2-token images."""
+    import torch
+    from transformers import (ChameleonConfig, ChameleonForConditionalGeneration,
+                              ChameleonImageProcessorPil, ChameleonProcessor)
+
+    from tests.tiny.chameleon import N_CODES, make_chameleon_tokenizer
+
+    torch.manual_seed(0)
+    tok = make_chameleon_tokenizer()
+    cfg = ChameleonConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
+        max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocabulary_map=tok.get_vocab(),
+        vq_config=dict(embed_dim=8, num_embeddings=N_CODES, latent_channels=8,
+                       resolution=image_size, base_channels=32, channel_multiplier=[1, 1, 1],
+                       num_res_blocks=1, attn_resolutions=None),
+    )
+    model = ChameleonForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        model.model.vqmodel.quantize.embedding.weight.normal_(std=0.01)
+    model.save_pretrained(path)
+    ChameleonProcessor(
+        image_processor=ChameleonImageProcessorPil(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tok, image_seq_length=(image_size // 4) ** 2,
+    ).save_pretrained(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    from tests.tiny import image
+    from tl_vlm import HookedVLM
+    from tl_vlm.analyses.patching import patch_positions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build(Path(tmp), args.layers, args.hidden, args.image_size)
+        model = HookedVLM.from_pretrained(tmp, device=args.device)
+    prompts = [TEXT] * args.batch
+    target = model.prepare(prompts, images=[image(i, (args.image_size,) * 2) for i in range(args.batch)])
+    source = model.prepare(prompts, images=[image(100 + i, (args.image_size,) * 2)
+                                            for i in range(args.batch)])
+    seq = target.input_ids.shape[1]
+    L = model.cfg.n_layers
+    print(f"Chameleon, {L} layers, d_model {model.cfg.d_model}, batch {args.batch} x {seq} "
+          f"tokens ({(args.image_size // 4) ** 2} image tokens), device {args.device}, "
+          f"{torch.get_num_threads()} thread(s), {args.reps} repetitions")
+
+    def sync() -> None:
+        if str(args.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        for _ in range(2):  # warm-up
+            model(target)
+        sync()
+        t = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            model(target)
+            sync()
+            t.append(time.perf_counter() - t0)
+        print(f"one full forward: {statistics.median(t) * 1e3:.1f} ms (median)")
+        blocks_naive, blocks_prefix = L * L + 2 * L, L * (L + 1) // 2 + 2 * L
+        print(f"decoder blocks per sweep: naive {blocks_naive}, prefix {blocks_prefix} "
+              f"(ratio {blocks_naive / blocks_prefix:.2f})")
+        for stream in ("resid_pre", "attn_in"):
+            wall = {"naive": [], "prefix": []}
+            cpu = {"naive": [], "prefix": []}
+            results = {}
+            for rep in range(args.reps + 1):  # the first round is a warm-up
+                order = ("naive", "prefix") if rep % 2 == 0 else ("prefix", "naive")
+                for variant in order:
+                    sync()
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    res = patch_positions(model, source, target, positions="gate", layers="all",
+                                          stream=stream, reuse_prefix=(variant == "prefix"))
+                    sync()
+                    if rep:
+                        wall[variant].append(time.perf_counter() - t0)
+                        cpu[variant].append(time.process_time() - c0)
+                    results[variant] = res
+            diff = (results["naive"].logits - results["prefix"].logits).abs().max().item()
+            moved = (results["prefix"].logits - results["prefix"].clean_logits).abs().max().item()
+            for label, times in (("wall", wall), ("cpu", cpu)):
+                naive, prefix = (statistics.median(times[v]) for v in ("naive", "prefix"))
+                print(f"{stream:>9} {label:>4}: naive {naive * 1e3:8.1f} ms   prefix "
+                      f"{prefix * 1e3:8.1f} ms   speed-up x{naive / prefix:.2f}")
+            print(f"{stream:>9}: max |naive - prefix| {diff:.1e} (the patch moved the logits by "
+                  f"up to {moved:.1e})")
+            if diff > 1e-4:
+                raise SystemExit(f"the two sweeps disagree by {diff}")
+
+
+if __name__ == "__main__":
+    main()
