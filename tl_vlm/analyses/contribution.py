@@ -1,0 +1,548 @@
+"""Cross-modal attention contribution: how much text attends to each part of the image side.
+
+The Narrow Gate paper's analysis 2. For layer ``l`` and head ``h``, each image-side key
+``j`` (BOI, image content, EOI, row breaks, specials) gets
+
+    S[l, h, j] = sum over text queries i (after the image) of A[h, i, j]           (weight)
+    S[l, h, j] = sum over text queries i of A[h, i, j] * ||W_O^h v_j^h||           (value)
+
+where ``A`` is the post-softmax pattern and the value-weighted form is Kobayashi et al.
+(2020): the norm of what key ``j`` actually writes into the residual through head ``h``
+(``W_O^h`` is the head's ``d_model x d_head`` slice of the output projection, ``v_j^h``
+the value of the kv head that ``h`` reads under GQA).
+
+Averaging over a dataset, exactly:
+
+1. per example, ``S`` is summed over the example's queries (the paper sums rows, so an
+   example with more text weighs more) and over the keys of each group; keys of *every*
+   image of the example count, each in its group;
+2. these per-example group totals are summed over examples (``weight_total``); dividing
+   by ``n_examples`` gives the dataset mean (``mean_weight``);
+3. shares normalise the mean over groups: per (layer, head) in ``weight``/``value``, and
+   per layer after the mean over heads in :meth:`CrossModalContribution.per_layer` (the
+   paper's ``f``). Shares are ratios of means, so the example count cancels in them.
+
+Accumulation is streamed: hooks on ``hook_pattern`` (and ``hook_v``) reduce each layer's
+``[batch, head, q, k]`` pattern to ``[head, image-side keys]`` sums at once, add them to
+running totals and return nothing, so no pattern outlives its layer and the forward pass
+is unchanged. They combine with other hooks (e.g. knockout) in one ``run_with_hooks``.
+(TransformerLens boots HF configs with ``output_attentions=True``, which by itself keeps
+every layer's pattern to the end of a pass; :func:`cross_modal_contribution` passes
+``output_attentions=False``, and so should hand-written ``run_with_hooks`` calls.)
+
+Keys are grouped by :data:`DEFAULT_GROUPS`: ``boi``, ``image`` (content tokens but the
+last of each image), ``last_image``, ``eoi``, ``row_breaks``, ``specials``; a disjoint
+cover of ``positions.image_side``, with groups a family lacks left at zero.
+
+Example:
+    >>> from tl_vlm import analyses as A                                       # doctest: +SKIP
+    >>> contrib = A.cross_modal_contribution(model, batches)
+    >>> contrib.share("eoi")          # per layer, value-weighted: the gate's share of f
+    >>> contrib.token_map()           # [rows, cols] share of each image token
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_vlm.analyses.knockout import Hook, Layers, resolve_layers
+from tl_vlm.batch import VLMBatch
+from tl_vlm.positions import ImagePositions, PositionSet
+
+GroupFn = Callable[[ImagePositions], PositionSet]
+Queries = Union[None, PositionSet, Callable[[ImagePositions], PositionSet]]
+Grid = tuple[int, int]
+_QUERY_CHUNK = 16  # query rows copied at once when summing a pattern block
+
+
+def _content_but_last(pos: ImagePositions) -> PositionSet:
+    return pos.image - pos.last_image
+
+
+#: The default partition of the image side. Emu3's EOF and size prefix are "specials"
+#: (its gate is EOI + EOF: pass ``groups`` with ``"gate": attrgetter("gate")`` and
+#: ``"specials": lambda p: p.specials - p.gate`` to measure the gate as one group).
+DEFAULT_GROUPS: dict[str, GroupFn] = {
+    "boi": attrgetter("boi"),
+    "image": _content_but_last,
+    "last_image": attrgetter("last_image"),
+    "eoi": attrgetter("eoi"),
+    "row_breaks": attrgetter("row_breaks"),
+    "specials": attrgetter("specials"),
+}
+
+
+# -- the result ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CrossModalContribution:
+    """Cross-modal attention contribution accumulated over a dataset.
+
+    Attributes:
+        layers: model layer of each entry of the ``layer`` axis.
+        groups: names of the ``group`` axis (a partition of the image side).
+        weight_total: per (layer, head, group), the sum over examples of the per-example
+            sum over queries and group keys of ``A`` (float64).
+        value_total: the same for ``A * ||W_O^h v_j||``; None if not value-weighted.
+        n_examples: examples accumulated.
+        n_queries: text queries accumulated (all examples).
+        n_keys: image-side keys per group, summed over examples.
+        map_layers: layers averaged in the token maps.
+        map_totals, value_map_totals: per image grid ``(rows, cols)``, the sum over images
+            of each content token's contribution (mean over heads, summed over
+            ``map_layers``).
+        map_counts: per grid, how many images had a token at each cell.
+
+    Example:
+        >>> contrib = cross_modal_contribution(model, batches)               # doctest: +SKIP
+        >>> contrib.per_layer()[:, contrib.groups.index("eoi")]   # == contrib.share("eoi")
+    """
+
+    layers: tuple[int, ...]
+    groups: tuple[str, ...]
+    weight_total: Float[Tensor, "layer head group"]
+    value_total: Optional[Float[Tensor, "layer head group"]]
+    n_examples: int
+    n_queries: int
+    n_keys: Int[Tensor, "group"]
+    map_layers: tuple[int, ...]
+    map_totals: dict[Grid, Float[Tensor, "row col"]] = field(repr=False)
+    value_map_totals: Optional[dict[Grid, Float[Tensor, "row col"]]] = field(repr=False)
+    map_counts: dict[Grid, Int[Tensor, "row col"]] = field(repr=False)
+
+    def _total(self, value_weighted: bool) -> Float[Tensor, "layer head group"]:
+        if not value_weighted:
+            return self.weight_total
+        if self.value_total is None:
+            raise ValueError("accumulated with value_weighted=False: only the attention-weight "
+                             "variant exists (pass value_weighted=False)")
+        return self.value_total
+
+    @property
+    def weight(self) -> Float[Tensor, "layer head group"]:
+        """Attention-weight shares, normalised over groups per (layer, head)."""
+        return _normalise(self.weight_total)
+
+    @property
+    def value(self) -> Float[Tensor, "layer head group"]:
+        """Value-weighted shares, normalised over groups per (layer, head)."""
+        return _normalise(self._total(True))
+
+    @property
+    def mean_weight(self) -> Float[Tensor, "layer head group"]:
+        """Un-normalised dataset mean (per example) of the summed attention weights."""
+        return self.weight_total / self.n_examples
+
+    @property
+    def mean_value(self) -> Float[Tensor, "layer head group"]:
+        """Un-normalised dataset mean (per example) of the value-weighted sums."""
+        return self._total(True) / self.n_examples
+
+    def per_layer(self, value_weighted: bool = True) -> Float[Tensor, "layer group"]:
+        """The paper's ``f``: mean over heads, then normalised over groups.
+
+        Example:
+            >>> contrib.per_layer(value_weighted=False).sum(-1)       # doctest: +SKIP
+            tensor([1., 1., ...], dtype=torch.float64)
+        """
+        return _normalise(self._total(value_weighted).sum(1))
+
+    def share(self, group: str, value_weighted: bool = True) -> Float[Tensor, "layer"]:
+        """One group's column of :meth:`per_layer`.
+
+        Example:
+            >>> plt.plot(contrib.layers, contrib.share("eoi"))              # doctest: +SKIP
+        """
+        if group not in self.groups:
+            raise KeyError(f"no group {group!r}; groups are {list(self.groups)}")
+        return self.per_layer(value_weighted)[:, self.groups.index(group)]
+
+    @property
+    def grids(self) -> list[Grid]:
+        """``(rows, cols)`` of the image grids seen, sorted.
+
+        Example:
+            >>> contrib.grids                                             # doctest: +SKIP
+            [(32, 32)]
+        """
+        return sorted(self.map_counts)
+
+    def token_map(self, value_weighted: bool = True, grid: Optional[Grid] = None
+                  ) -> Float[Tensor, "row col"]:
+        """Each content token's share of the image side, on the image grid.
+
+        Cell ``(r, c)``: the token's contribution (summed over queries, mean over heads
+        and ``map_layers``) averaged over the images that have that cell, divided by the
+        mean per-example image-side total over the same layers and heads. So with one
+        image per example, the map sums to the content tokens' share of the image side
+        (pooled over ``map_layers`` and heads); NaN marks cells no image had.
+        Images of different grids are kept apart: pass ``grid`` when there are several.
+
+        Example:
+            >>> contrib.token_map(grid=(32, 32)).argmax()          # doctest: +SKIP
+        """
+        if grid is None:
+            if len(self.map_counts) != 1:
+                raise ValueError(f"the images have {len(self.map_counts)} grids "
+                                 f"{self.grids}: pick one with token_map(grid=(rows, cols))")
+            grid = self.grids[0]
+        if grid not in self.map_counts:
+            raise KeyError(f"no image with grid {grid}; grids seen: {self.grids}")
+        totals = self.value_map_totals if value_weighted else self.map_totals
+        if totals is None:
+            self._total(True)  # raises the value_weighted=False message
+        rows = [self.layers.index(l) for l in self.map_layers]
+        side = self._total(value_weighted)[rows].sum(-1).mean() / self.n_examples
+        per_image = totals[grid] / (self.map_counts[grid] * len(self.map_layers))
+        return per_image / side
+
+
+def _normalise(total: Tensor) -> Tensor:
+    return total / total.sum(-1, keepdim=True)
+
+
+# -- accumulation ----------------------------------------------------------------------------
+@dataclass
+class _Image:
+    """One image of one example: where its content keys sit among the example's side keys."""
+
+    grid: Grid
+    keys: Int[Tensor, "n"]    # indices into the example's side keys
+    cells: Int[Tensor, "n"]   # row * cols + col
+
+
+@dataclass
+class _Example:
+    """What the hooks need of one example, in index form."""
+
+    queries: Int[Tensor, "q"]
+    side: Int[Tensor, "k"]
+    group: Int[Tensor, "k"]
+    images: list[_Image]
+
+
+class ContributionAccumulator:
+    """Running sums for :func:`cross_modal_contribution`; feed it with :meth:`hooks`.
+
+    Args:
+        model: the HookedVLM.
+        layers: layers to measure (``"all"``, an int or a sequence).
+        value_weighted: also accumulate the value-weighted variant (needs ``hook_v``).
+        map_layers: layers averaged in the token maps (default: ``layers``; must be among them).
+        groups: name -> function of :class:`ImagePositions` giving that group's keys; the
+            groups must partition ``image_side`` in every example (default
+            :data:`DEFAULT_GROUPS`).
+
+    Example:
+        >>> acc = ContributionAccumulator(model)                               # doctest: +SKIP
+        >>> for batch in batches:
+        ...     model.run_with_hooks(batch, fwd_hooks=knockout + acc.hooks(batch))
+        >>> contrib = acc.result()
+    """
+
+    def __init__(self, model, layers: Layers = "all", value_weighted: bool = True,
+                 map_layers: Optional[Layers] = None,
+                 groups: Optional[Mapping[str, GroupFn]] = None) -> None:
+        self.model = model
+        self.layers = resolve_layers(model, layers)
+        self.map_layers = self.layers if map_layers is None else resolve_layers(model, map_layers)
+        outside = sorted(set(self.map_layers) - set(self.layers))
+        if outside:
+            raise ValueError(f"map_layers {outside} are not among the measured layers "
+                             f"{self.layers}; add them to layers")
+        self.groups = dict(DEFAULT_GROUPS if groups is None else groups)
+        if not self.groups:
+            raise ValueError("groups is empty: give at least one image-side group")
+        self.value_weighted = value_weighted
+        n_layers, n_heads, n_groups = len(self.layers), model.cfg.n_heads, len(self.groups)
+        self.weight_total = torch.zeros(n_layers, n_heads, n_groups, dtype=torch.float64)
+        self.value_total = torch.zeros_like(self.weight_total) if value_weighted else None
+        self.n_examples = 0
+        self.n_queries = 0
+        self.n_keys = torch.zeros(n_groups, dtype=torch.long)
+        self.map_totals: dict[Grid, Tensor] = {}
+        self.value_map_totals: dict[Grid, Tensor] = {}
+        self.map_counts: dict[Grid, Tensor] = {}
+        self._grams: dict[int, Tensor] = {}
+        self._norms: dict[int, list[Tensor]] = {}   # layer -> per-example [head, key] norms
+
+    # -- hooks -------------------------------------------------------------------------
+    def hooks(self, batch: VLMBatch, queries: Queries = None) -> list[Hook]:
+        """Hooks that add ``batch``'s contribution to the running sums (same as
+        :func:`contribution_hooks`). Put them after any hook that edits the pattern, to
+        measure the edited pattern.
+
+        Example:
+            >>> model.run_with_hooks(batch, fwd_hooks=acc.hooks(batch))      # doctest: +SKIP
+        """
+        if not isinstance(batch, VLMBatch):
+            raise TypeError(f"expected a VLMBatch from model.prepare(...), "
+                            f"got {type(batch).__name__}")
+        plan = self._plan(batch.positions, queries)
+        seq = batch.positions.seq_len
+        out: list[Hook] = []
+        for index, layer in enumerate(self.layers):
+            if self.value_weighted:
+                out.append((f"blocks.{layer}.attn.hook_v", self._value_hook(layer, plan, seq)))
+            out.append((f"blocks.{layer}.attn.hook_pattern",
+                        self._pattern_hook(index, layer, plan, seq)))
+        return out
+
+    def _value_hook(self, layer: int, plan: list[_Example], seq: int) -> Callable:
+        def store_norms(v: Float[Tensor, "batch pos kv_head d_head"], hook) -> None:
+            _check_full_pass(v.shape[1], seq, "hook_v")
+            gram = self._gram(layer).to(v.device)
+            heads = gram.shape[0]
+            kv_of_head = torch.arange(heads, device=v.device) // (heads // v.shape[2])
+            norms = []
+            for b, ex in enumerate(plan):
+                vb = v[b, ex.side.to(v.device)][:, kv_of_head].double()   # [key, head, d]
+                sq = torch.einsum("khd,hde,khe->hk", vb, gram, vb)
+                norms.append(sq.clamp_min(0).sqrt().cpu())
+            self._norms[layer] = norms
+
+        return store_norms
+
+    def _pattern_hook(self, index: int, layer: int, plan: list[_Example], seq: int) -> Callable:
+        in_map = layer in self.map_layers
+
+        def accumulate(pattern: Float[Tensor, "batch head q k"], hook) -> None:
+            _check_full_pass(pattern.shape[-2], seq, "hook_pattern")
+            norms = self._norms.pop(layer, None) if self.value_weighted else None
+            if self.value_weighted and norms is None:
+                raise RuntimeError(f"blocks.{layer}.attn.hook_v did not fire before "
+                                   f"hook_pattern; the value-weighted sums need it")
+            for b, ex in enumerate(plan):
+                per_key = _sum_over_queries(pattern[b], ex.queries, ex.side).cpu()
+                self.weight_total[index].index_add_(1, ex.group, per_key)
+                if norms is not None:
+                    self.value_total[index].index_add_(1, ex.group, per_key * norms[b])
+                if in_map:
+                    self._add_map(self.map_totals, ex, per_key)
+                    if norms is not None:
+                        self._add_map(self.value_map_totals, ex, per_key * norms[b])
+            if index == 0:  # count each example once per forward pass
+                self._count(plan)
+
+        return accumulate
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def _plan(self, pos: ImagePositions, queries: Queries) -> list[_Example]:
+        """Index form of the batch: queries, image-side keys and their groups."""
+        pos = pos.to("cpu")
+        query_set = _resolve_queries(pos, queries)
+        side = pos.image_side.mask
+        if not side.any():
+            raise ValueError("the batch has no image-side tokens: contribution needs images "
+                             "(model.prepare(prompts, images=...))")
+        if query_set.is_empty():
+            raise ValueError("the query set is empty in every example (no text after the "
+                             "image? the paper's queries are positions.after_image)")
+        group_of = self._group_index(pos)
+        plan = []
+        for b in range(pos.batch_size):
+            keys, rows = side[b].nonzero().flatten(), query_set[b]
+            if keys.numel() == 0:
+                raise ValueError(f"example {b} has no image-side tokens; every example "
+                                 f"needs an image")
+            if rows.numel() == 0:
+                raise ValueError(f"example {b} has no query positions (no text after its "
+                                 f"image?); drop it or pass queries=")
+            plan.append(_Example(rows, keys, group_of[b, keys], _images(pos, b, keys)))
+        return plan
+
+    def _group_index(self, pos: ImagePositions) -> Int[Tensor, "batch pos"]:
+        """Group number of every position (-1 outside the image side); checks the partition."""
+        index = torch.full(pos.image.mask.shape, -1, dtype=torch.long)
+        names = list(self.groups)
+        for g, name in enumerate(names):
+            keys = self.groups[name](pos)
+            if not isinstance(keys, PositionSet) or keys.mask.shape != index.shape:
+                raise ValueError(f"group {name!r} must give a PositionSet of the batch's shape")
+            taken = keys.mask & (index >= 0)
+            if taken.any():
+                other = names[int(index[taken][0])]
+                raise ValueError(f"groups {other!r} and {name!r} overlap; groups must be disjoint")
+            index[keys.mask] = g
+        outside = (index >= 0) & ~pos.image_side.mask
+        missing = pos.image_side.mask & (index < 0)
+        if outside.any() or missing.any():
+            raise ValueError("the groups must cover exactly the image side: "
+                             f"{int(missing.sum())} image-side keys in no group, "
+                             f"{int(outside.sum())} group keys outside the image side")
+        return index
+
+    def _gram(self, layer: int) -> Float[Tensor, "head d_head d_head"]:
+        """``W_O^h^T W_O^h`` per head, so ``||W_O^h v|| = sqrt(v^T G_h v)`` without ever
+        materialising ``[key, head, d_model]``."""
+        if layer not in self._grams:
+            weight = output_projection(self.model, layer)
+            heads, d_head = self.model.cfg.n_heads, weight.shape[1] // self.model.cfg.n_heads
+            grams = [weight[:, h * d_head:(h + 1) * d_head].double() for h in range(heads)]
+            self._grams[layer] = torch.stack([w.T @ w for w in grams])
+        return self._grams[layer]
+
+    def _add_map(self, maps: dict[Grid, Tensor], ex: _Example, per_key: Tensor) -> None:
+        per_token = per_key.mean(0)  # mean over heads
+        for img in ex.images:
+            rows, cols = img.grid
+            total = maps.setdefault(img.grid, torch.zeros(rows, cols, dtype=torch.float64))
+            total.view(-1).index_add_(0, img.cells, per_token[img.keys])
+
+    def _count(self, plan: list[_Example]) -> None:
+        self.n_examples += len(plan)
+        for ex in plan:
+            self.n_queries += ex.queries.numel()
+            self.n_keys += torch.bincount(ex.group, minlength=len(self.groups))
+            for img in ex.images:
+                rows, cols = img.grid
+                count = self.map_counts.setdefault(img.grid,
+                                                   torch.zeros(rows, cols, dtype=torch.long))
+                count.view(-1).index_add_(0, img.cells, torch.ones_like(img.cells))
+
+    def result(self) -> CrossModalContribution:
+        """A snapshot of the sums so far (accumulation can go on afterwards).
+
+        Example:
+            >>> acc.result().per_layer()                                     # doctest: +SKIP
+        """
+        if self.n_examples == 0:
+            raise ValueError("nothing accumulated yet: run the model with these hooks first")
+        clone = lambda maps: {g: t.clone() for g, t in maps.items()}  # noqa: E731
+        return CrossModalContribution(
+            layers=tuple(self.layers), groups=tuple(self.groups),
+            weight_total=self.weight_total.clone(),
+            value_total=None if self.value_total is None else self.value_total.clone(),
+            n_examples=self.n_examples, n_queries=self.n_queries, n_keys=self.n_keys.clone(),
+            map_layers=tuple(self.map_layers), map_totals=clone(self.map_totals),
+            value_map_totals=clone(self.value_map_totals) if self.value_weighted else None,
+            map_counts=clone(self.map_counts),
+        )
+
+
+def _resolve_queries(pos: ImagePositions, queries: Queries) -> PositionSet:
+    out = pos.after_image if queries is None else queries if isinstance(queries, PositionSet) \
+        else queries(pos)
+    if not isinstance(out, PositionSet):
+        raise TypeError("queries must be a PositionSet or a function of ImagePositions "
+                        "giving one (e.g. lambda p: p.after_image)")
+    if out.mask.shape != pos.padding.mask.shape:
+        raise ValueError(f"queries cover {tuple(out.mask.shape)} [batch, pos] but the batch is "
+                         f"{tuple(pos.padding.mask.shape)}")
+    return out.to("cpu")
+
+
+def _images(pos: ImagePositions, b: int, side_keys: Tensor) -> list[_Image]:
+    """Each image's content keys (as indices among ``side_keys``) and grid cells."""
+    grid, content = pos.grid[b].cpu(), pos.image[b]
+    where = torch.searchsorted(side_keys, content)  # content is a subset of side keys
+    out = []
+    for i in grid[:, 0].unique().tolist():
+        mine = grid[:, 0] == i
+        rows, cols = (int(grid[mine, 1].max()) + 1, int(grid[mine, 2].max()) + 1)
+        out.append(_Image((rows, cols), where[mine], grid[mine, 1] * cols + grid[mine, 2]))
+    return out
+
+
+def _sum_over_queries(pattern: Float[Tensor, "head q k"], queries: Int[Tensor, "nq"],
+                      keys: Int[Tensor, "nk"]) -> Float[Tensor, "head nk"]:
+    """Sum of ``pattern[:, queries, keys]`` over queries, in float64. Query rows are taken
+    a few at a time so the copy stays a small [head, chunk, keys] block."""
+    keys = keys.to(pattern.device)
+    total = pattern.new_zeros(pattern.shape[0], len(keys), dtype=torch.float64)
+    for rows in queries.to(pattern.device).split(_QUERY_CHUNK):
+        total += pattern[:, rows[:, None], keys[None, :]].sum(1, dtype=torch.float64)
+    return total
+
+
+def _check_full_pass(q_len: int, seq: int, point: str) -> None:
+    if q_len != seq:
+        raise ValueError(f"{point} has {q_len} positions but the batch has {seq}: contribution "
+                         f"hooks measure one full forward pass (run_with_hooks), not cached "
+                         f"generation steps")
+
+
+# -- public functions ----------------------------------------------------------------------
+def output_projection(model, layer: int) -> Float[Tensor, "d_model head_x_d_head"]:
+    """The weight of layer ``layer``'s attention output projection (HF ``o_proj``).
+
+    Example:
+        >>> output_projection(model, 0).shape                               # doctest: +SKIP
+        torch.Size([4096, 4096])
+    """
+    o = model.blocks[layer].attn.o
+    linear = getattr(o, "original_component", o)
+    weight = getattr(linear, "weight", None)
+    n_heads = model.cfg.n_heads
+    if weight is None or weight.ndim != 2 or weight.shape[1] % n_heads:
+        raise ValueError(f"blocks.{layer}.attn.o is not a linear map from {n_heads} heads "
+                         f"(got {type(linear).__name__}); cannot weight by values")
+    return weight.detach()
+
+
+def contribution_hooks(model, batch: VLMBatch, accumulator: ContributionAccumulator,
+                       queries: Queries = None) -> list[Hook]:
+    """Read-only hooks adding ``batch``'s cross-modal contribution to ``accumulator``.
+
+    Combine with editing hooks in one pass by listing those first (hooks run in order),
+    so the contribution is measured on the edited pattern.
+
+    Args:
+        queries: the query positions (default: ``positions.after_image``), as a
+            PositionSet of this batch or a function of its ImagePositions.
+
+    Example:
+        >>> acc = ContributionAccumulator(model, layers="all")                # doctest: +SKIP
+        >>> knock = gate_knockout(model, batch)
+        >>> model.run_with_hooks(batch, fwd_hooks=knock + contribution_hooks(model, batch, acc),
+        ...                      output_attentions=False)   # HF keeps no pattern either
+        >>> acc.result().share("eoi")      # zero: the gate is cut
+    """
+    if accumulator.model is not model:
+        raise ValueError("this accumulator was built for another model")
+    return accumulator.hooks(batch, queries)
+
+
+@torch.no_grad()
+def cross_modal_contribution(
+    model,
+    batches: Union[VLMBatch, Iterable[VLMBatch]],
+    layers: Layers = "all",
+    queries: Queries = None,
+    value_weighted: bool = True,
+    map_layers: Optional[Layers] = None,
+    groups: Optional[Mapping[str, GroupFn]] = None,
+    fwd_hooks: Sequence[Hook] = (),
+) -> CrossModalContribution:
+    """Cross-modal attention contribution (the paper's ``f``) over one or many batches.
+
+    Args:
+        batches: a VLMBatch or an iterable of them (streamed: one forward pass each).
+        layers: layers to measure.
+        queries: query positions (default ``after_image``); a function of ImagePositions
+            when there are several batches.
+        value_weighted: also compute the value-weighted variant.
+        map_layers: layers averaged in the token map (default: ``layers``).
+        groups: partition of the image side (default :data:`DEFAULT_GROUPS`).
+        fwd_hooks: hooks to run first in every pass (e.g. a knockout to measure under).
+
+    Example:
+        >>> contrib = cross_modal_contribution(model, batches)              # doctest: +SKIP
+        >>> contrib.per_layer()            # [layer, group], rows sum to 1
+        >>> contrib.value[10, 3]           # layer 10, head 3, share per group
+    """
+    batches = [batches] if isinstance(batches, VLMBatch) else list(batches)
+    if not batches:
+        raise ValueError("no batches given")
+    acc = ContributionAccumulator(model, layers, value_weighted, map_layers, groups)
+    for batch in batches:
+        # TransformerLens boots HF configs with output_attentions=True, which would keep
+        # every layer's pattern alive to the end of the pass; the hooks need none of them.
+        model.run_with_hooks(batch, fwd_hooks=list(fwd_hooks) + acc.hooks(batch, queries),
+                             output_attentions=False)
+    return acc.result()
