@@ -150,7 +150,9 @@ def test_bad_arguments_raise_clearly(tiny_zoo):
 
 
 def test_an_unknown_final_transform_is_caught(tiny_zoo, monkeypatch):
-    from tl_vlm.analyses import logit_lens as L
+    import importlib
+
+    L = importlib.import_module("tl_vlm.analyses.logit_lens")
 
     model, batch = tiny_zoo.batch("chameleon")
     monkeypatch.setattr(L, "FINAL_LOGIT_TRANSFORMS", {})      # forget Chameleon's mask

@@ -94,6 +94,12 @@ def narrow_gate(args: argparse.Namespace) -> Path:
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise SystemExit(f"tl-vlm: unknown steps {bad}; choose from {', '.join(STEPS)}")
+    if {"separation", "overlap"} & set(steps):
+        try:
+            import dadapy  # noqa: F401
+        except ImportError:
+            raise SystemExit('tl-vlm: the separation and overlap steps need DADApy: pip install '
+                             '"tl-vlm[geometry]", or leave them out with --steps') from None
     dataset, task = _task(args)
     settings = StudySettings(model=args.model, dataset=dataset, n_examples=len(task),
                              batch_size=args.batch_size, seed=args.seed, steps=steps,

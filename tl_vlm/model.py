@@ -116,6 +116,12 @@ class HookedVLM(TransformerBridge):
                     trust_remote_code=trust_remote_code, **boot_kwargs,
                 )
         bridge.__class__ = cls
+        # TL boots HF configs with output_attentions=True, which keeps every layer's
+        # pattern alive to the end of each pass; tl_vlm's hooks fire without it.
+        bridge.original_model.config.output_attentions = False
+        for sub in ("text_config",):
+            if hasattr(bridge.original_model.config, sub):
+                getattr(bridge.original_model.config, sub).output_attentions = False
         bridge.processor = processor
         bridge.family = family
         bridge.layout = family.layout(processor, bridge.original_model.config)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -127,9 +127,118 @@ def step_progressive(model, task: Task, store: RunStore, settings: StudySettings
     return {"widths": widths, "accuracy": accuracy, "clean": clean, "chance": task.chance()}
 
 
+def _batches(model, task: Task, settings: StudySettings) -> Iterator:
+    chunks = _chunks(task, settings)
+    for _, examples in _progress(chunks, len(chunks), "activations"):
+        yield task.prepare(model, examples)
+
+
+def step_contribution(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
+    """Share of text->image attention per key group and layer; token map of the last half."""
+    n = model.cfg.n_layers
+    res = A.cross_modal_contribution(model, _batches(model, task, settings),
+                                     map_layers=list(range(n // 2, n)))
+    grids = res.grids
+    grid_map = res.token_map(grid=grids[0]).tolist() if len(grids) == 1 else None
+    return {"groups": list(res.groups), "layers": list(range(n)),
+            "weight": res.per_layer(value_weighted=False).tolist(),
+            "value": res.per_layer(value_weighted=True).tolist(),
+            "per_head_weight": res.weight.tolist(), "per_head_value": res.value.tolist(),
+            "grid_map": grid_map, "map_layers": f"{n // 2}-{n - 1}",
+            "n_examples": res.n_examples}
+
+
+def step_separation(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
+    """Median |cos| between text and image residuals, cluster homogeneity, intrinsic dim."""
+    res = A.modality_separation(model, _batches(model, task, settings), seed=settings.seed)
+    d = res.to_dict()
+    return {"layers": d["layers"], "median_abs_cos": d["cos_median"], "q25": d["cos_q25"],
+            "q75": d["cos_q75"], "homogeneity": d["homogeneity"],
+            "intrinsic_dim": d["intrinsic_dim"], "n_clusters": d["n_clusters"],
+            "params": d["params"]}
+
+
+def step_overlap(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
+    """Neighbourhood overlap with the class labels of the gate, last image token and mean."""
+    labels = [ex.klass for ex in task.examples]
+    k = min(30, max(1, len(labels) // 8))
+    reps: dict[str, list] = {}
+    layers = None
+    for rep in ("gate", "last_image", "image_mean"):
+        first = task.prepare(model, task.examples[:1])
+        if rep == "gate" and first.positions.gate.is_empty():
+            continue
+        res = A.neighbourhood_overlap(model, _batches(model, task, settings), labels,
+                                      representation=rep, k=k).to_dict()
+        reps[rep] = res["overlap"]
+        layers = res["layers"]
+    return {"layers": layers, "representations": reps, "k": k}
+
+
+def patching_pairs(task: Task, n_pairs: int, seed: int) -> list[tuple[Example, Example]]:
+    """``(source, target)`` pairs of the same question kind and different answers."""
+    rng = random.Random(seed)
+    by_kind: dict[Any, list[Example]] = {}
+    for ex in task.examples:
+        by_kind.setdefault(ex.kind, []).append(ex)
+    pairs = []
+    targets = list(task.examples)
+    rng.shuffle(targets)
+    for target in targets:
+        others = [ex for ex in by_kind[target.kind] if ex.klass != target.klass]
+        if others:
+            pairs.append((rng.choice(others), target))
+        if len(pairs) == n_pairs:
+            break
+    if not pairs:
+        raise ValueError("no two examples of the same kind have different answers: "
+                         "nothing to patch between")
+    return pairs
+
+
+def step_patching(model, task: Task, store: RunStore, settings: StudySettings) -> Optional[dict]:
+    """Patch the gate of a source image into a target image of another class, per layer."""
+    from tl_vlm.tasks import answer_token_id
+
+    pairs = patching_pairs(task, settings.n_pairs, settings.seed)
+    layers = list(settings.patch_layers) if settings.patch_layers else "all"
+    tok = model.layout.tokenizer
+    done = {(r["stream"], r["start"]): r for r in store.records("patching")}
+    chunks = [(i, pairs[i:i + settings.batch_size]) for i in range(0, len(pairs), settings.batch_size)]
+    for start, chunk in _progress(chunks, len(chunks), "patching"):
+        source = task.prepare(model, [s for s, _ in chunk])
+        target = task.prepare(model, [t for _, t in chunk])
+        if target.positions.gate.is_empty():
+            return None
+        answers = (torch.tensor([answer_token_id(tok, s.answers[0]) for s, _ in chunk]),
+                   torch.tensor([answer_token_id(tok, t.answers[0]) for _, t in chunk]))
+        for stream in settings.patch_streams:
+            if (stream, start) in done:
+                continue
+            res = A.patch_gate(model, source, target, layers=layers, stream=stream, answers=answers)
+            record = {"stream": stream, "start": start, "layers": res.layers,
+                      "flipped": res.flipped.int().tolist(), "overlap": res.overlap.tolist(),
+                      "clean_overlap": res.clean_overlap.tolist()}
+            store.record("patching", record)
+            done[(stream, start)] = record
+    streams = {}
+    for stream in settings.patch_streams:
+        recs = [r for (s, _), r in sorted(done.items()) if s == stream]
+        flipped = torch.cat([torch.tensor(r["flipped"], dtype=torch.float) for r in recs], dim=1)
+        ov = torch.cat([torch.tensor(r["overlap"]) for r in recs], dim=1)
+        clean = torch.cat([torch.tensor(r["clean_overlap"]) for r in recs])
+        streams[stream] = {"layers": recs[0]["layers"], "flip_rate": flipped.mean(1).tolist(),
+                           "overlap": ov.mean(1).tolist(), "clean_overlap": clean.mean().item()}
+    return {"streams": streams, "n_pairs": len(pairs)}
+
+
 STEP_FUNCTIONS: dict[str, Callable[..., Optional[dict]]] = {
     "accuracy": step_accuracy,
     "progressive": step_progressive,
+    "contribution": step_contribution,
+    "separation": step_separation,
+    "overlap": step_overlap,
+    "patching": step_patching,
 }
 
 
