@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--fresh", action="store_true", help="discard a previous run in --out")
-    return p
+    return parser
 
 
 def _task(args: argparse.Namespace):
@@ -104,7 +104,9 @@ def narrow_gate(args: argparse.Namespace) -> Path:
     settings = StudySettings(model=args.model, dataset=dataset, n_examples=len(task),
                              batch_size=args.batch_size, seed=args.seed, steps=steps,
                              patch_layers=args.patch_layers, n_pairs=args.n_pairs)
-    store = RunStore(args.out, settings.to_dict(), fresh=args.fresh)
+    # Which steps run is not a setting of the results: a rerun may add steps.
+    store = RunStore(args.out, {k: v for k, v in settings.to_dict().items() if k != "steps"},
+                     fresh=args.fresh)
     t0 = time.time()
     print(f"loading {args.model} ...", file=sys.stderr)
     model = HookedVLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
