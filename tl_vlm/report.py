@@ -31,9 +31,14 @@ def _figure_html(fig: Any) -> str:
                        config={"displaylogo": False, "responsive": True})
 
 
+def _ticks(n: int) -> dict:
+    """Whole-number ticks for an axis of ``n`` layers or grid cells (at most ~16 labels)."""
+    return dict(tickmode="linear", tick0=0, dtick=max(1, -(-n // 16)))
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+        return f"{v:.3g}" if isinstance(v, float) else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
@@ -66,7 +71,8 @@ def _progressive(res: dict) -> tuple[str, str]:
     if res.get("chance") is not None:
         fig.add_hline(y=res["chance"], line_dash="dash", annotation_text="chance")
     fig.update_layout(title="Gate knockout in the last w layers only",
-                      xaxis_title="w (layers knocked out, counted from the end)",
+                      xaxis=dict(title="w (layers knocked out, counted from the end)",
+                                 tickvals=res["widths"]),
                       yaxis=dict(title="accuracy", range=[0, 1.1]))
     return _figure_html(fig), _table(["w", "accuracy"], list(zip(res["widths"], res["accuracy"])))
 
@@ -83,6 +89,7 @@ def _contribution(res: dict) -> tuple[str, str]:
                       row=1, col=col)
     fig.update_layout(title="Share of text→image attention per image-side key group",
                       coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1))
+    fig.update_yaxes(**_ticks(len(layers)))
     fig.update_yaxes(title_text="layer", row=1, col=1)
     figs = _figure_html(fig)
     if res.get("grid_map"):
@@ -90,8 +97,9 @@ def _contribution(res: dict) -> tuple[str, str]:
                                     hovertemplate="row %{y}, col %{x}: %{z:.4f}<extra></extra>"))
         heat.update_layout(title=f"Text→image-token attention over the image grid "
                                  f"(layers {res.get('map_layers')})",
-                           yaxis=dict(autorange="reversed", title="row", scaleanchor="x"),
-                           xaxis_title="column")
+                           yaxis=dict(autorange="reversed", title="row", scaleanchor="x",
+                                      **_ticks(len(res["grid_map"]))),
+                           xaxis=dict(title="column", **_ticks(len(res["grid_map"][0]))))
         figs += _figure_html(heat)
     rows = [[layer] + list(w) for layer, w in zip(layers, res["weight"])]
     return figs, _table(["layer"] + groups, rows)
@@ -109,8 +117,9 @@ def _separation(res: dict) -> tuple[str, str]:
     if res.get("homogeneity") is not None:
         fig.add_trace(go.Scatter(x=x, y=res["homogeneity"], mode="lines+markers",
                                  name="cluster homogeneity (modality)"))
-    fig.update_layout(title="Modality separation in the residual stream",
-                      xaxis_title="layer", yaxis=dict(range=[0, 1.05]))
+    fig.update_layout(title="Modality separation in the residual stream (layer L: the "
+                            "last block's output)",
+                      xaxis=dict(title="layer", **_ticks(len(x))), yaxis=dict(range=[0, 1.05]))
     header = ["layer", "median |cos|", "q25", "q75"]
     cols = [x, res["median_abs_cos"], res["q25"], res["q75"]]
     if res.get("homogeneity") is not None:
@@ -129,7 +138,8 @@ def _overlap(res: dict) -> tuple[str, str]:
     fig = go.Figure([go.Scatter(x=x, y=v, mode="lines+markers", name=k)
                      for k, v in res["representations"].items()])
     fig.update_layout(title=f"Neighbourhood overlap with the class label (k={res.get('k')})",
-                      xaxis_title="layer", yaxis=dict(title="χ", range=[0, 1.05]))
+                      xaxis=dict(title="layer", **_ticks(len(x))),
+                      yaxis=dict(title="χ", range=[0, 1.05]))
     reps = list(res["representations"])
     rows = [[layer] + [res["representations"][r][i] for r in reps] for i, layer in enumerate(x)]
     return _figure_html(fig), _table(["layer"] + reps, rows)
@@ -149,7 +159,8 @@ def _patching(res: dict) -> tuple[str, str]:
         rows += [[stream, l, f, o] for l, f, o in zip(r["layers"], r["flip_rate"], r["overlap"])]
     fig.update_layout(title=f"Steering by patching the gate from another image "
                             f"({res.get('n_pairs')} pairs)")
-    fig.update_xaxes(title_text="layer")
+    n = max(len(r["layers"]) for r in res["streams"].values())
+    fig.update_xaxes(title_text="layer", **_ticks(n))
     fig.update_yaxes(range=[0, 1.05])
     return _figure_html(fig), _table(["stream", "layer", "flip rate", "overlap"], rows)
 
