@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                         "{image, question, answers[, label, kind]} lines (required otherwise)")
     p.add_argument("--out", default="narrow-gate-report", help="output directory (resumable)")
     p.add_argument("--n-examples", type=int, default=None,
-                   help="examples to evaluate (toy default 256; JSONL default: all)")
+                   help="examples to evaluate (toy default 240; JSONL default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of steps")
     p.add_argument("--patch-layers", type=_layers, default=None,
@@ -74,9 +74,9 @@ def _task(args: argparse.Namespace):
         raise SystemExit("tl-vlm: --dataset is required for a model other than the toy models "
                          "(a JSONL file of {image, question, answers} lines)")
     if dataset == "toy":
-        from tl_vlm.toy import toy_task
+        from tl_vlm.tasks import toy_task
 
-        return dataset, toy_task(n=args.n_examples or 256, seed=args.seed + 1)
+        return dataset, toy_task(n=args.n_examples or 240, seed=args.seed)
     if not Path(dataset).exists():
         raise SystemExit(f"tl-vlm: dataset {dataset!r} is neither 'toy' nor an existing file")
     return dataset, GenerationTask.from_jsonl(dataset, limit=args.n_examples)

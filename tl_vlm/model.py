@@ -88,7 +88,8 @@ class HookedVLM(TransformerBridge):
         trust_remote_code: bool = False,
         **boot_kwargs: Any,
     ) -> "HookedVLM":
-        """Load a hub id or a local directory (safetensors) with hooks on every layer.
+        """Load a hub id, a local directory (safetensors) or a shipped toy model
+        (``"toy-gated"``, ``"toy-distributed"``) with hooks on every layer.
 
         Example:
             >>> model = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf",  # doctest: +SKIP
@@ -96,6 +97,10 @@ class HookedVLM(TransformerBridge):
         """
         from transformers import AutoConfig, AutoProcessor
 
+        from tl_vlm.toy import is_toy_model, toy_model_path
+
+        if is_toy_model(name_or_path):  # the shipped toy checkpoints, by name
+            name_or_path = str(toy_model_path(name_or_path))
         with _offline_if_local(name_or_path):
             hf_config = AutoConfig.from_pretrained(name_or_path,
                                                    trust_remote_code=trust_remote_code)

@@ -217,3 +217,23 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     pred = normalise_answer(prediction)
     matches = sum(normalise_answer(a) == pred for a in answers)
     return min(1.0, matches / 3) if len(answers) >= 3 else float(matches > 0)
+
+
+def toy_task(n: int = 240, seed: int = 0) -> NextTokenTask:
+    """The shipped toy models' task (:mod:`tl_vlm.toy.task`) as a :class:`NextTokenTask`.
+
+    Held-out examples (the evaluation stream, never seen in training); ``seed`` picks
+    another held-out set. Question types take turns and each type's answers are balanced,
+    so chance is 1/4.
+
+    Example:
+        >>> task = toy_task(240)
+        >>> len(task), task.chance(), task.examples[0].kind
+        (240, 0.25, 'colour')
+    """
+    from tl_vlm.toy.task import DEFAULT_EVAL_SEED, make_examples
+
+    data = make_examples(n, seed=DEFAULT_EVAL_SEED + seed)
+    examples = [Example(ex.prompt, answers=(ex.answer,), label=ex.answer, kind=ex.question)
+                for ex in data]
+    return NextTokenTask("toy", examples)
