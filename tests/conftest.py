@@ -63,3 +63,12 @@ def tiny_zoo(tmp_path_factory) -> TinyZoo:
 def pytest_generate_tests(metafunc):
     if "family" in metafunc.fixturenames:
         metafunc.parametrize("family", sorted(specs()))
+
+
+@pytest.fixture(scope="session")
+def toy_models() -> dict:
+    """The shipped toy models (tl_vlm.toy), loaded by name once per session."""
+    from tl_vlm import HookedVLM
+    from tl_vlm.toy import TOY_MODELS
+
+    return {name: HookedVLM.from_pretrained(name) for name in TOY_MODELS}

@@ -28,10 +28,8 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def models():
-    from tl_vlm import HookedVLM
-
-    return {name: HookedVLM.from_pretrained(str(toy_model_path(name))) for name in TOY_MODELS}
+def models(toy_models):
+    return toy_models
 
 
 @pytest.fixture(scope="module")

@@ -114,23 +114,46 @@ class Task:
 
 @dataclass
 class NextTokenTask(Task):
-    """One-token answers: right when the greedy next token is the answer's first token.
+    """One-token answers, read off the greedy next token at the last position.
+
+    With ``closed_set`` (the default) and every example's ``kind`` known, the prediction
+    is the best of the answers its kind admits (the paper's classification by prompt
+    completion over the class names), so a blind guess scores exactly ``chance()``;
+    otherwise it is the argmax over the whole vocabulary.
 
     ``chance`` is the mean over examples of 1 / (number of distinct answers among the
     examples of the same ``kind``): a uniform guess among the answers its question
     admits, which is all a model that cannot see the image can do on a balanced task.
     """
 
+    closed_set: bool = True
+
     def answer_ids(self, model: Any, examples: Sequence[Example]) -> Int[Tensor, "batch"]:
         tok = model.layout.tokenizer
         return torch.tensor([answer_token_id(tok, ex.answers[0]) for ex in examples])
+
+    def _candidates(self, model: Any) -> Optional[dict[str, Tensor]]:
+        """Answer token ids admitted by each question kind (None: open vocabulary)."""
+        if not self.closed_set or any(ex.kind is None for ex in self.examples):
+            return None
+        tok = model.layout.tokenizer
+        ids: dict[str, set] = {}
+        for ex in self.examples:
+            ids.setdefault(ex.kind, set()).add(answer_token_id(tok, ex.answers[0]))
+        return {kind: torch.tensor(sorted(v)) for kind, v in ids.items()}
 
     @torch.no_grad()
     def score(self, model: Any, batch: VLMBatch, examples: Sequence[Example],
               fwd_hooks: Hooks = ()) -> Float[Tensor, "batch"]:
         logits = model.run_with_hooks(batch, fwd_hooks=list(fwd_hooks))
-        last = batch.positions.last.mask
-        predicted = logits[last].argmax(-1).cpu()
+        last = logits[batch.positions.last.mask].float().cpu()          # [batch, vocab]
+        candidates = self._candidates(model)
+        if candidates is None:
+            predicted = last.argmax(-1)
+        else:
+            predicted = torch.stack([
+                candidates[ex.kind][row[candidates[ex.kind]].argmax()]
+                for row, ex in zip(last, examples)])
         return (predicted == self.answer_ids(model, examples)).float()
 
     def chance(self) -> Optional[float]:
