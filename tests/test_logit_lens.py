@@ -150,12 +150,10 @@ def test_bad_arguments_raise_clearly(tiny_zoo):
 
 
 def test_an_unknown_final_transform_is_caught(tiny_zoo, monkeypatch):
-    import importlib
-
-    L = importlib.import_module("tl_vlm.analyses.logit_lens")
+    import dataclasses
 
     model, batch = tiny_zoo.batch("chameleon")
-    monkeypatch.setattr(L, "FINAL_LOGIT_TRANSFORMS", {})      # forget Chameleon's mask
-    with pytest.raises(RuntimeError, match="FINAL_LOGIT_TRANSFORMS"):
+    monkeypatch.setattr(model, "family", dataclasses.replace(model.family, final_logits=None))
+    with pytest.raises(RuntimeError, match="final_logits"):               # forgot the mask
         logit_lens(model, batch, batch.positions.last)
     logit_lens(model, batch, batch.positions.last, check=False)

@@ -33,6 +33,9 @@ class Family:
             (then tl_vlm's adapter is used by HookedVLM only, not injected into TL).
         matches: optional predicate on the HF config, for architectures shared by two
             families (a Llava checkpoint with a Pixtral tower is the pixtral family).
+        final_logits: what the HF forward does to ``lm_head``'s output, as
+            ``model -> (logits -> logits)``; None when it returns it unchanged. The logit
+            lens applies it so that lensing the last residual gives the model's logits.
     """
 
     name: str
@@ -42,6 +45,7 @@ class Family:
     example_ids: tuple[str, ...] = ()
     tl_has_adapter: bool = True
     matches: Optional[Any] = field(default=None, compare=False)
+    final_logits: Optional[Any] = field(default=None, compare=False)
 
 
 _FAMILIES: Optional[list[Family]] = None

@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import Tensor
 
 from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
 from transformer_lens.model_bridge.generalized_components import (
@@ -201,6 +204,19 @@ class ChameleonLayout(ImageLayout):
         return side, side
 
 
+def mask_image_vocabulary(model) -> Callable[[Tensor], Tensor]:
+    """``ChameleonForConditionalGeneration`` sets its image-token logits to ``finfo.min``
+    (text generation never emits VQ codes); the logit lens does the same."""
+    image_tokens = model.hf_model.model.vocabulary_mapping.image_tokens
+
+    def transform(logits: Tensor) -> Tensor:
+        logits = logits.clone()
+        logits[..., image_tokens] = torch.finfo(logits.dtype).min
+        return logits
+
+    return transform
+
+
 FAMILY = Family(
     name="chameleon",
     architectures=("ChameleonForConditionalGeneration",),
@@ -208,4 +224,5 @@ FAMILY = Family(
     layout=ChameleonLayout,
     example_ids=("facebook/chameleon-7b", "facebook/chameleon-30b"),
     tl_has_adapter=False,
+    final_logits=mask_image_vocabulary,
 )

@@ -35,34 +35,17 @@ TokenIds = Union[int, Sequence[int], Int[Tensor, "batch"]]
 
 
 # -- the model's own final transform ---------------------------------------------------
-def _mask_chameleon_image_vocabulary(model) -> Callable[[Tensor], Tensor]:
-    """ChameleonForConditionalGeneration sets its image-token logits to finfo.min."""
-    image_tokens = model.hf_model.model.vocabulary_mapping.image_tokens
-
-    def transform(logits: Tensor) -> Tensor:
-        logits = logits.clone()
-        logits[..., image_tokens] = torch.finfo(logits.dtype).min
-        return logits
-
-    return transform
-
-
-# HF top-level class -> what its forward does to ``lm_head``'s output. transformers 5.23:
-# Gemma3ForConditionalGeneration does *not* soft-cap (only Gemma3ForCausalLM reads
-# ``final_logit_softcapping``), so no VLM family here soft-caps; the self-check in
-# :func:`logit_lens` raises if a future version adds a transform missing from this table.
-FINAL_LOGIT_TRANSFORMS: dict[str, Callable] = {
-    "ChameleonForConditionalGeneration": _mask_chameleon_image_vocabulary,
-}
-
-
 def final_logit_transform(model) -> Callable[[Tensor], Tensor]:
     """What the model does to ``lm_head``'s output before returning logits (often nothing).
 
     Example:
         >>> final_logit_transform(model)(raw_logits)   # doctest: +SKIP
     """
-    make = FINAL_LOGIT_TRANSFORMS.get(type(model.hf_model).__name__)
+    # Declared per family (Family.final_logits, in the family's adapter file). In
+    # transformers 5.23 only Chameleon has one (it masks its image vocabulary);
+    # Gemma3ForConditionalGeneration does not soft-cap. The self-check in logit_lens
+    # raises if a future version adds a transform that is not declared.
+    make = model.family.final_logits
     return make(model) if make is not None else (lambda logits: logits)
 
 
@@ -208,7 +191,7 @@ def logit_lens(
                 f"the lens of the last residual does not reproduce {type(model.hf_model).__name__}'s "
                 f"logits (max |diff| {(mine - theirs).abs().max().item():.3g}): its forward "
                 f"transforms lm_head's output in a way tl_vlm does not know; add it to "
-                f"tl_vlm.analyses.logit_lens.FINAL_LOGIT_TRANSFORMS (or pass check=False if "
+                f"the family's final_logits in its tl_vlm/adapters file (or pass check=False if "
                 f"your fwd_hooks edit the final norm or unembedding)"
             )
     logits = torch.stack([lens(kept[f"blocks.{l}.hook_{point}"]) for l in chosen])
