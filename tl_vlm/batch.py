@@ -22,8 +22,25 @@ class VLMBatch:
     the metadata it needs.
 
     Example:
-        >>> batch = model.prepare(["What is this?"], images=[img])   # doctest: +SKIP
-        >>> batch.positions.gate[0], batch.input_ids.shape            # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)   # toy: image as tokens
+        >>> len(batch), batch.input_ids.shape, batch.padding_side
+        (12, torch.Size([12, 46]), 'right')
+        >>> batch.positions.gate[0].tolist(), sorted(batch.model_kwargs)
+        ([38], ['attention_mask'])
+        >>> sub = batch.select([0, 2])
+        >>> len(sub), sub.positions.batch_size
+        (2, 2)
+        >>> logits = model(batch)                                      # [batch, pos, d_vocab]
+
+    With a real checkpoint (and an image) the batch also carries ``pixel_values``:
+
+        >>> model = HookedVLM.from_pretrained("facebook/chameleon-7b")  # doctest: +SKIP
+        >>> batch = model.prepare(["What is this?"], images=[img])      # doctest: +SKIP
+        >>> sorted(batch.model_kwargs)                                  # doctest: +SKIP
+        ['attention_mask', 'pixel_values']
     """
 
     inputs: dict[str, Any]

@@ -38,6 +38,16 @@ class PositionSet:
         [[1, 0, 1], [0, 1, 0]]
         >>> s.counts.tolist()
         [2, 1]
+        >>> (s - PositionSet.at([2, 2], seq_len=3)).tolist()
+        [[0], [1]]
+        >>> PositionSet.from_lists([[0, 5]], seq_len=3)
+        Traceback (most recent call last):
+        ...
+        IndexError: position 5 of example 0 is outside the sequence (length 3)
+        >>> s | PositionSet.empty(1, 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: position sets of different batches: (2, 3) vs (1, 3) [batch, pos]
     """
 
     __slots__ = ("mask",)
@@ -184,6 +194,32 @@ class ImagePositions:
         padding: padding positions.
         grid: per example, ``[n_image_tokens, 3]`` rows ``(image, row, col)`` aligned with
             ``image[b]`` (ascending positions).
+
+    Built by ``model.prepare`` (``batch.positions``); sets of one batch compose with
+    ``|``, ``&`` and ``-``.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> pos = model.prepare(make_examples(12, seed=0).prompts).positions
+        >>> print(pos.describe(0))
+               boi:    1  [1]
+             image:   36  [2, 3, 4, 5, 6, '...', 33, 34, 35, 36, 37]
+               eoi:    1  [38]
+              gate:    1  [38]
+        row_breaks:    0  []
+          specials:    0  []
+              text:    5  [0, 39, 40, 41, 42]
+              last:    1  [42]
+        >>> pos.grid[0][:3].tolist()                      # (image, row, col) of each code
+        [[0, 0, 0], [0, 0, 1], [0, 0, 2]]
+        >>> pos.after_image[0].tolist(), pos.last_image[0].tolist(), pos.n_images(0)
+        ([39, 40, 41, 42], [37], 1)
+        >>> (pos.image_side - pos.gate).counts[:3].tolist()     # BOI and the 36 codes
+        [37, 37, 37]
+        >>> pos.select([0, 1]).batch_size, pos.pad_to(50).seq_len
+        (2, 50)
     """
 
     boi: PositionSet
@@ -193,7 +229,7 @@ class ImagePositions:
     specials: PositionSet
     gate: PositionSet
     padding: PositionSet
-    grid: tuple[Tensor, ...]
+    grid: tuple[Int[Tensor, "n_image_tokens 3"], ...]
 
     @property
     def image_side(self) -> PositionSet:

@@ -28,8 +28,12 @@ would fail loudly rather than silently.
 The image encoder still runs (its output is discarded with the rest of the prefix).
 
 Example:
-    >>> _, cache = model.run_with_cache(batch, names_filter="blocks.5.hook_resid_pre")  # doctest: +SKIP
-    >>> logits = model.run_from_layer(batch, 5, cache["blocks.5.hook_resid_pre"])
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_examples
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+    >>> _, cache = model.run_with_cache(batch, names_filter="blocks.2.hook_resid_pre")
+    >>> logits = model.run_from_layer(batch, 2, cache["blocks.2.hook_resid_pre"])
     >>> torch.allclose(logits, model(batch), atol=1e-5)
     True
 """
@@ -57,7 +61,7 @@ def _blocks(model) -> list[torch.nn.Module]:
     return list(blocks)
 
 
-def check_layer(model, layer: int) -> int:
+def _check_layer(model, layer: int) -> int:
     """The block index ``layer`` (negative counts from the end), or a clear IndexError."""
     n = len(_blocks(model))
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
@@ -98,12 +102,28 @@ def start_at_layer(model, layer: int, resid: Float[Tensor, "batch pos d_model"],
     ``run_with_cache``) must be on the batch ``resid`` was computed for; pass ``batch``
     to have its shape checked. Yields the (non-negative) layer index.
 
+    Raises IndexError for a layer outside the model and ValueError for a residual that
+    is not ``[batch, pos, d_model]`` (of ``batch``, when given).
+
     Example:
-        >>> with start_at_layer(model, 3, cache["blocks.3.hook_resid_pre"]):   # doctest: +SKIP
-        ...     logits, tail_cache = model.run_with_cache(batch)
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> _, cache = model.run_with_cache(batch, names_filter="blocks.3.hook_resid_pre")
+        >>> resid = cache["blocks.3.hook_resid_pre"]                  # [batch, pos, d_model]
+        >>> with start_at_layer(model, -1, resid, batch=batch) as layer:
+        ...     logits, tail = model.run_with_cache(batch)
+        >>> layer, sorted({name.split(".")[1] for name in tail if name.startswith("blocks.")})
+        (3, ['3'])
+        >>> with start_at_layer(model, 4, resid):
+        ...     pass
+        Traceback (most recent call last):
+        ...
+        IndexError: layer 4 is outside the model's 4 layers (0..3)
     """
     blocks = _blocks(model)
-    layer = check_layer(model, layer)
+    layer = _check_layer(model, layer)
     _check_residual(model, batch, resid)
     first = blocks[layer]
     param = next(first.parameters(), None)
@@ -177,9 +197,21 @@ def run_from_layer(
         What the forward returns (logits ``[batch, pos, d_vocab]`` by default).
 
     Example:
-        >>> _, cache = model.run_with_cache(batch)                                 # doctest: +SKIP
-        >>> logits = run_from_layer(model, batch, 4, cache["blocks.4.hook_resid_pre"],
-        ...                         fwd_hooks=[("blocks.6.hook_resid_pre", my_hook)])
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> _, cache = model.run_with_cache(batch)
+        >>> zero_gate = lambda resid, hook: resid * ~batch.positions.gate.mask[..., None]
+        >>> logits = run_from_layer(model, batch, 1, cache["blocks.1.hook_resid_pre"],
+        ...                         fwd_hooks=[("blocks.2.hook_resid_pre", zero_gate)])
+        >>> full = model.run_with_hooks(batch, fwd_hooks=[("blocks.2.hook_resid_pre", zero_gate)])
+        >>> logits.shape, torch.allclose(logits, full, atol=1e-5)
+        (torch.Size([12, 46, 54]), True)
+        >>> run_from_layer(model, batch, 1, cache["blocks.1.hook_resid_pre"][:2])
+        Traceback (most recent call last):
+        ...
+        ValueError: resid covers (2, 46) [batch, pos] but the batch is (12, 46): ...
     """
     if not isinstance(batch, VLMBatch):
         raise TypeError("run_from_layer takes a VLMBatch from model.prepare(...)")

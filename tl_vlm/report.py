@@ -6,8 +6,18 @@ step) and writes ``index.html`` (plotly.js inlined: it opens offline, from a fil
 figure comes with the table of its numbers in a collapsible block.
 
 Example:
-    >>> write_report(results, "report/")                                    # doctest: +SKIP
-    PosixPath('report/index.html')
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> results = {"progressive": {"widths": [1, 2, 4], "accuracy": [0.9, 0.6, 0.25],
+    ...                            "clean": 1.0, "chance": 0.25}}
+    >>> path = write_report(results, tmp.name, meta={"model": "toy-gated"})
+    >>> path.name, sorted(p.name for p in path.parent.iterdir())
+    ('index.html', ['index.html', 'results.json'])
+    >>> "Progressive knockout" in path.read_text(), "Attention knockout" in path.read_text()
+    (True, False)
+    >>> tmp.cleanup()
+
+    After a run: ``write_report(run_study(model, task, store, settings), "report/")``.
 """
 
 from __future__ import annotations
@@ -196,7 +206,23 @@ td,th{border:1px solid #ddd;padding:.2em .6em;text-align:right}th{background:#f4
 
 def write_report(results: dict[str, Any], out: Union[str, Path],
                  meta: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``index.html`` and ``results.json`` into ``out``; returns the HTML path."""
+    """Write ``index.html`` and ``results.json`` into ``out``; returns the HTML path.
+
+    ``results`` maps step names (see :data:`SECTIONS`) to their results; ``meta`` (the
+    settings, say) heads the page and ``results.json``.
+
+    Example:
+        >>> import json, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> acc = {"conditions": {"none": {"mean": 1.0, "n": 24}, "gate": {"mean": 0.25, "n": 24}},
+        ...        "chance": 0.25}
+        >>> path = write_report({"accuracy": acc}, tmp.name, meta={"model": "toy-gated"})
+        >>> json.loads((path.parent / "results.json").read_text())["meta"]
+        {'model': 'toy-gated'}
+        >>> "gate (EOI) knocked out" in path.read_text()
+        True
+        >>> tmp.cleanup()
+    """
     from plotly.offline import get_plotlyjs
 
     out = Path(out)

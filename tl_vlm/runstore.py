@@ -12,9 +12,14 @@ the chunks already recorded. A rerun with different settings refuses to mix resu
 so an interruption never leaves half a JSON file behind.
 
 Example:
-    >>> store = RunStore("report/", {"model": "toy-gated"})              # doctest: +SKIP
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> store = RunStore(tmp.name, {"model": "toy-gated"})
     >>> if not store.done("accuracy"):
-    ...     store.save("accuracy", {"none": 0.98})
+    ...     _ = store.save("accuracy", {"none": 0.98})
+    >>> RunStore(tmp.name, {"model": "toy-gated"}).load("accuracy")      # a rerun keeps it
+    {'none': 0.98}
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -33,7 +38,27 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class RunStore:
-    """Finished steps and per-chunk records of a resumable run (see module docstring)."""
+    """Finished steps and per-chunk records of a resumable run (see module docstring).
+
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, {"model": "toy-gated", "n": 24})
+        >>> store.record("accuracy", {"start": 0, "scores": [1.0, 0.0]})   # a finished chunk
+        >>> store.records("accuracy"), store.done("accuracy")
+        ([{'start': 0, 'scores': [1.0, 0.0]}], False)
+        >>> store.save("accuracy", {"mean": 0.5})
+        {'mean': 0.5}
+        >>> store.records("accuracy"), store.results(), list(store)
+        ([], {'accuracy': {'mean': 0.5}}, ['accuracy'])
+        >>> RunStore(tmp.name, {"model": "toy-gated", "n": 48})
+        Traceback (most recent call last):
+        ...
+        ValueError: ... holds a run with other settings (differs in ['n']); use another ...
+        >>> list(RunStore(tmp.name, {"model": "toy-gated", "n": 48}, fresh=True))
+        []
+        >>> tmp.cleanup()
+    """
 
     def __init__(self, out: Union[str, Path], settings: dict[str, Any], fresh: bool = False) -> None:
         self.out = Path(out)

@@ -13,8 +13,20 @@ Steps (each saved when finished; see :class:`~tl_vlm.runstore.RunStore`):
 - ``patching``: steering by patching the gate from an image of another class.
 
 Example:
-    >>> from tl_vlm.study import StudySettings, run_study                   # doctest: +SKIP
-    >>> results = run_study(model, task, RunStore("report/", settings.to_dict()), settings)
+    >>> import tempfile
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.tasks import toy_task
+    >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
+    >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12,
+    ...                          steps=("accuracy", "contribution"))
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> store = RunStore(tmp.name, settings.to_dict())
+    >>> results = run_study(model, task, store, settings)
+    [accuracy] running
+    [contribution] running
+    >>> sorted(results), results["accuracy"]["conditions"]["none"]["mean"]
+    (['accuracy', 'contribution'], 1.0)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -35,7 +47,14 @@ STEPS = ("accuracy", "progressive", "contribution", "separation", "overlap", "pa
 
 @dataclass
 class StudySettings:
-    """What the study runs; saved with the run so a resume uses the same settings."""
+    """What the study runs; saved with the run so a resume uses the same settings.
+
+    Example:
+        >>> settings = StudySettings("toy-gated", "toy", n_examples=24, patch_layers=(0, 2))
+        >>> d = settings.to_dict()                      # JSON-ready: tuples become lists
+        >>> d["steps"][:2], d["patch_layers"], d["batch_size"]
+        (['accuracy', 'progressive'], [0, 2], 16)
+    """
 
     model: str
     dataset: str
@@ -77,7 +96,25 @@ def _chunks(task: Task, settings: StudySettings):
 
 
 def step_accuracy(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
-    """Accuracy per knockout condition; every finished batch is recorded for resuming."""
+    """Accuracy per knockout condition; every finished batch is recorded for resuming.
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.tasks import toy_task
+        >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
+        >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, settings.to_dict())
+        >>> res = step_accuracy(model, task, store, settings)
+        >>> sorted(res["conditions"]), res["chance"]
+        (['gate', 'img_to_text', 'none', 'random'], 0.25)
+        >>> res["conditions"]["none"]["mean"], res["conditions"]["gate"]["mean"] < 0.5
+        (1.0, True)
+        >>> len(store.records("accuracy"))          # 2 batches x (none, gate, img_to_text, 3 random)
+        12
+        >>> tmp.cleanup()
+    """
     done = {(r["condition"], r["draw"], r["start"]): r["scores"] for r in store.records("accuracy")}
     chunks = _chunks(task, settings)
     for start, examples in _progress(chunks, len(chunks), "knockout"):
@@ -102,7 +139,23 @@ def step_accuracy(model, task: Task, store: RunStore, settings: StudySettings) -
 
 
 def step_progressive(model, task: Task, store: RunStore, settings: StudySettings) -> Optional[dict]:
-    """Gate knockout in the last w layers, for w from 1 to every layer."""
+    """Gate knockout in the last w layers, for w from 1 to every layer.
+
+    None when the model has no gate token (the step is then skipped).
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.tasks import toy_task
+        >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
+        >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, settings.to_dict())
+        >>> res = step_progressive(model, task, store, settings)
+        >>> res["widths"], res["accuracy"][-1], res["chance"]      # w = 4: every layer
+        ([1, 2, 3, 4], 0.25, 0.25)
+        >>> tmp.cleanup()
+    """
     n_layers = model.cfg.n_layers
     widths = sorted({max(1, round(n_layers * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1)}
                     | ({*range(1, n_layers + 1)} if n_layers <= 8 else set()))
@@ -134,7 +187,23 @@ def _batches(model, task: Task, settings: StudySettings) -> Iterator:
 
 
 def step_contribution(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
-    """Share of text->image attention per key group and layer; token map of the last half."""
+    """Share of text->image attention per key group and layer; token map of the last half.
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.tasks import toy_task
+        >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
+        >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, settings.to_dict())
+        >>> res = step_contribution(model, task, store, settings)
+        >>> res["groups"][3], [round(row[3], 3) for row in res["value"]]    # EOI's share per layer
+        ('eoi', [1.0, 1.0, 1.0, 1.0])
+        >>> res["map_layers"], len(res["grid_map"]), res["n_examples"]
+        ('2-3', 6, 24)
+        >>> tmp.cleanup()
+    """
     n = model.cfg.n_layers
     res = A.cross_modal_contribution(model, _batches(model, task, settings),
                                      map_layers=list(range(n // 2, n)))
@@ -149,7 +218,21 @@ def step_contribution(model, task: Task, store: RunStore, settings: StudySetting
 
 
 def step_separation(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
-    """Median |cos| between text and image residuals, cluster homogeneity, intrinsic dim."""
+    """Median |cos| between text and image residuals, cluster homogeneity, intrinsic dim.
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.tasks import toy_task
+        >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
+        >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, settings.to_dict())
+        >>> res = step_separation(model, task, store, settings)
+        >>> res["layers"], len(res["median_abs_cos"]), res["params"]["k"]
+        ([0, 1, 2, 3, 4], 5, 16)
+        >>> tmp.cleanup()
+    """
     res = A.modality_separation(model, _batches(model, task, settings), seed=settings.seed)
     d = res.to_dict()
     return {"layers": d["layers"], "median_abs_cos": d["cos_median"], "q25": d["cos_q25"],
@@ -159,7 +242,23 @@ def step_separation(model, task: Task, store: RunStore, settings: StudySettings)
 
 
 def step_overlap(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
-    """Neighbourhood overlap with the class labels of the gate, last image token and mean."""
+    """Neighbourhood overlap with the class labels of the gate, last image token and mean.
+
+    ``k`` is 30 or an eighth of the examples, whichever is smaller.
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.tasks import toy_task
+        >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
+        >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, settings.to_dict())
+        >>> res = step_overlap(model, task, store, settings)
+        >>> sorted(res["representations"]), res["k"], len(res["representations"]["gate"])
+        (['gate', 'image_mean', 'last_image'], 3, 5)
+        >>> tmp.cleanup()
+    """
     labels = [ex.klass for ex in task.examples]
     k = min(30, max(1, len(labels) // 8))
     reps: dict[str, list] = {}
@@ -176,7 +275,14 @@ def step_overlap(model, task: Task, store: RunStore, settings: StudySettings) ->
 
 
 def patching_pairs(task: Task, n_pairs: int, seed: int) -> list[tuple[Example, Example]]:
-    """``(source, target)`` pairs of the same question kind and different answers."""
+    """``(source, target)`` pairs of the same question kind and different answers.
+
+    Example:
+        >>> from tl_vlm.tasks import toy_task
+        >>> pairs = patching_pairs(toy_task(24), n_pairs=3, seed=0)
+        >>> [(s.kind == t.kind, s.klass != t.klass) for s, t in pairs]
+        [(True, True), (True, True), (True, True)]
+    """
     rng = random.Random(seed)
     by_kind: dict[Any, list[Example]] = {}
     for ex in task.examples:
@@ -197,7 +303,23 @@ def patching_pairs(task: Task, n_pairs: int, seed: int) -> list[tuple[Example, E
 
 
 def step_patching(model, task: Task, store: RunStore, settings: StudySettings) -> Optional[dict]:
-    """Patch the gate of a source image into a target image of another class, per layer."""
+    """Patch the gate of a source image into a target image of another class, per layer.
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.tasks import toy_task
+        >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
+        >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12,
+        ...                          n_pairs=12, patch_streams=("attn_in",))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, settings.to_dict())
+        >>> res = step_patching(model, task, store, settings)
+        >>> attn_in = res["streams"]["attn_in"]
+        >>> res["n_pairs"], attn_in["layers"], attn_in["flip_rate"][0]     # from layer 0: all flip
+        (12, [0, 1, 2, 3], 1.0)
+        >>> tmp.cleanup()
+    """
     from tl_vlm.tasks import answer_token_id
 
     pairs = patching_pairs(task, settings.n_pairs, settings.seed)
@@ -244,7 +366,32 @@ STEP_FUNCTIONS: dict[str, Callable[..., Optional[dict]]] = {
 
 def run_study(model, task: Task, store: RunStore, settings: StudySettings,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every step of ``settings.steps`` not yet saved in ``store``; returns all results."""
+    """Run every step of ``settings.steps`` not yet saved in ``store``; returns all results.
+
+    Steps that do not apply (no gate token) are saved as skipped and left out of the
+    returned results. A rerun on the same ``store`` keeps the finished steps.
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.tasks import toy_task
+        >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
+        >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12,
+        ...                          steps=("accuracy", "progressive"))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, settings.to_dict())
+        >>> results = run_study(model, task, store, settings, log=lambda line: None)
+        >>> sorted(results), results["progressive"]["clean"]
+        (['accuracy', 'progressive'], 1.0)
+        >>> _ = run_study(model, task, store, settings)                # resumed: nothing to do
+        [accuracy] already done: kept
+        [progressive] already done: kept
+        >>> run_study(model, task, store, StudySettings("toy-gated", "toy", 24, steps=("knockout",)))
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown steps ['knockout']; choose from ['accuracy', 'progressive', ...]
+        >>> tmp.cleanup()
+    """
     unknown = [s for s in settings.steps if s not in STEP_FUNCTIONS]
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {list(STEP_FUNCTIONS)}")

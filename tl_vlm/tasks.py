@@ -12,10 +12,20 @@ paper's tasks:
   answers after VQA-style normalisation (VQAv2, short-answer questions).
 
 Example:
-    >>> task = GenerationTask.from_jsonl("vqa.jsonl")                     # doctest: +SKIP
-    >>> for examples in task.batches(8):
+    >>> from tl_vlm import HookedVLM
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> task = toy_task(24)                                 # a NextTokenTask
+    >>> for start, examples in task.batches(12):
     ...     batch = task.prepare(model, examples)
-    ...     scores = task.score(model, batch, examples)                      # [batch] in [0, 1]
+    ...     scores = task.score(model, batch, examples)     # [batch] in [0, 1]
+    ...     print(start, scores.mean().item())
+    0 1.0
+    12 1.0
+
+    VQAv2 on a real checkpoint (a JSONL file of questions about image files):
+
+    >>> model = HookedVLM.from_pretrained("facebook/chameleon-7b")    # doctest: +SKIP
+    >>> task = GenerationTask.from_jsonl("vqa.jsonl", limit=1000)    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -48,6 +58,11 @@ class Example:
             defaults to the first answer.
         kind: the question type (e.g. ``"colour"``); examples of one kind share their
             set of possible answers, which sets the chance level.
+
+    Example:
+        >>> ex = Example("How many dogs?", images=("dogs.jpg",), answers=("2", "two", "2"))
+        >>> ex.klass, Example("Which colour?", answers=("red",), label="warm").klass
+        ('2', 'warm')
     """
 
     prompt: str
@@ -70,7 +85,14 @@ def _load_image(image: Any) -> Any:
 
 
 def answer_token_id(tokenizer: Any, answer: str) -> int:
-    """The first token of ``answer`` as it would follow a space (the paper's class token)."""
+    """The first token of ``answer`` as it would follow a space (the paper's class token).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> tok = HookedVLM.from_pretrained("toy-gated").layout.tokenizer
+        >>> answer_token_id(tok, "red"), tok.convert_ids_to_tokens(18)
+        (18, 'red')
+    """
     for text in (" " + answer, answer):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids:
@@ -80,7 +102,21 @@ def answer_token_id(tokenizer: Any, answer: str) -> int:
 
 @dataclass
 class Task:
-    """A named list of examples with a scoring rule (see the subclasses)."""
+    """A named list of examples with a scoring rule (see the subclasses).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> task = Task("toy", toy_task(30).examples, padding_side="right")
+        >>> [(start, len(chunk)) for start, chunk in task.batches(12)]
+        [(0, 12), (12, 12), (24, 6)]
+        >>> [start for start, _ in task.batches(12, start=12)]       # resume mid-way
+        [12, 24]
+        >>> task.prepare(model, task.examples[:2]).padding_side
+        'right'
+        >>> task.chance() is None
+        True
+    """
 
     name: str
     examples: list[Example]
@@ -124,6 +160,20 @@ class NextTokenTask(Task):
     ``chance`` is the mean over examples of 1 / (number of distinct answers among the
     examples of the same ``kind``): a uniform guess among the answers its question
     admits, which is all a model that cannot see the image can do on a balanced task.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.analyses.knockout import gate_knockout
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> task = toy_task(12)
+        >>> batch = task.prepare(model, task.examples)                # left-padded
+        >>> task.answer_ids(model, task.examples[:3])
+        tensor([20, 24, 27])
+        >>> task.score(model, batch, task.examples).mean().item(), task.chance()
+        (1.0, 0.25)
+        >>> blind = task.score(model, batch, task.examples, fwd_hooks=gate_knockout(model, batch))
+        >>> bool(blind.mean() < 0.6)                                 # near chance without the gate
+        True
     """
 
     closed_set: bool = True
@@ -171,6 +221,27 @@ class GenerationTask(Task):
 
     JSONL lines: ``{"image": path, "question": str, "answers": [str, ...], "label": str}``
     (``label`` optional). The paper's VQAv2 instruction is appended to every question.
+
+    Example (the toy model answers with one word, then ``</s>``):
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> task = GenerationTask("toy", toy_task(4).examples, max_new_tokens=3, instruction="")
+        >>> batch = task.prepare(model, task.examples)
+        >>> task.score(model, batch, task.examples)
+        tensor([1., 1., 1., 1.])
+
+    From a JSONL file (image paths relative to the file):
+        >>> import json, pathlib, tempfile
+        >>> from PIL import Image
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> root = pathlib.Path(tmp.name)
+        >>> Image.new("RGB", (8, 8)).save(root / "black.png")
+        >>> row = {"image": "black.png", "question": "What colour?", "answers": ["black"] * 3}
+        >>> _ = (root / "vqa.jsonl").write_text(json.dumps(row))     # one line per example
+        >>> task = GenerationTask.from_jsonl(root / "vqa.jsonl")
+        >>> task.name, len(task), task.examples[0].answers
+        ('vqa', 1, ('black', 'black', 'black'))
+        >>> tmp.cleanup()
     """
 
     max_new_tokens: int = 20
@@ -227,7 +298,12 @@ _ARTICLES = {"a", "an", "the"}
 
 
 def normalise_answer(text: str) -> str:
-    """VQA-style normalisation: ``"Two dogs."`` -> ``"2 dogs"``."""
+    """VQA-style normalisation: lower case, no punctuation or articles, digits for numbers.
+
+    Example:
+        >>> normalise_answer("Two dogs."), normalise_answer("The 1,000 cats!")
+        ('2 dogs', '1000 cats')
+    """
     text = text.strip().lower().split("\n")[0]
     text = re.sub(r"(?<=\d),(?=\d)", "", text)
     text = re.sub(r"[^\w\s']", " ", text)
@@ -236,7 +312,15 @@ def normalise_answer(text: str) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """``min(1, #annotators who gave the prediction / 3)``; one reference: exact match."""
+    """``min(1, #annotators who gave the prediction / 3)``; one reference: exact match.
+
+    Example:
+        >>> answers = ["2", "2", "two", "3", "2 dogs"]
+        >>> vqa_accuracy("Two.", answers), round(vqa_accuracy("3", answers), 3)
+        (1.0, 0.333)
+        >>> vqa_accuracy("the cat", ["cat"])
+        1.0
+    """
     pred = normalise_answer(prediction)
     matches = sum(normalise_answer(a) == pred for a in answers)
     return min(1.0, matches / 3) if len(answers) >= 3 else float(matches > 0)

@@ -34,11 +34,18 @@ Keys are grouped by :data:`DEFAULT_GROUPS`: ``boi``, ``image`` (content tokens b
 last of each image), ``last_image``, ``eoi``, ``row_breaks``, ``specials``; a disjoint
 cover of ``positions.image_side``, with groups a family lacks left at zero.
 
-Example:
-    >>> from tl_vlm import analyses as A                                       # doctest: +SKIP
-    >>> contrib = A.cross_modal_contribution(model, batches)
-    >>> contrib.share("eoi")          # per layer, value-weighted: the gate's share of f
-    >>> contrib.token_map()           # [rows, cols] share of each image token
+Example (in ``toy-gated`` the text reads the image through EOI only):
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_examples
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> batches = [model.prepare(make_examples(12, seed=s).prompts) for s in (0, 1)]
+    >>> contrib = cross_modal_contribution(model, batches)
+    >>> contrib.groups
+    ('boi', 'image', 'last_image', 'eoi', 'row_breaks', 'specials')
+    >>> contrib.share("eoi").round(decimals=3)   # per layer, value-weighted: the gate's share
+    tensor([1., 1., 1., 1.], dtype=torch.float64)
+    >>> contrib.token_map().shape                # [rows, cols] share of each image token
+    torch.Size([6, 6])
 """
 
 from __future__ import annotations
@@ -99,8 +106,17 @@ class CrossModalContribution:
         map_counts: per grid, how many images had a token at each cell.
 
     Example:
-        >>> contrib = cross_modal_contribution(model, batches)               # doctest: +SKIP
-        >>> contrib.per_layer()[:, contrib.groups.index("eoi")]   # == contrib.share("eoi")
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> contrib = cross_modal_contribution(model, batch)
+        >>> contrib.n_examples, contrib.n_keys.tolist()     # keys per group, all examples
+        (12, [12, 420, 12, 12, 0, 0])
+        >>> contrib.weight.shape, contrib.value.shape      # [layer, head, group]
+        (torch.Size([4, 4, 6]), torch.Size([4, 4, 6]))
+        >>> torch.equal(contrib.per_layer()[:, contrib.groups.index("eoi")], contrib.share("eoi"))
+        True
     """
 
     layers: tuple[int, ...]
@@ -147,8 +163,14 @@ class CrossModalContribution:
         """The paper's ``f``: mean over heads, then normalised over groups.
 
         Example:
-            >>> contrib.per_layer(value_weighted=False).sum(-1)       # doctest: +SKIP
-            tensor([1., 1., ...], dtype=torch.float64)
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+            >>> contrib = cross_modal_contribution(model, batch)
+            >>> f = contrib.per_layer(value_weighted=False)     # [layer, group]
+            >>> f.shape, f.sum(-1).round(decimals=6)
+            (torch.Size([4, 6]), tensor([1., 1., 1., 1.], dtype=torch.float64))
         """
         return _normalise(self._total(value_weighted).sum(1))
 
@@ -156,7 +178,19 @@ class CrossModalContribution:
         """One group's column of :meth:`per_layer`.
 
         Example:
-            >>> plt.plot(contrib.layers, contrib.share("eoi"))              # doctest: +SKIP
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+            >>> contrib = cross_modal_contribution(model, batch)
+            >>> contrib.share("eoi").round(decimals=3)
+            tensor([1., 1., 1., 1.], dtype=torch.float64)
+            >>> contrib.share("eoi", value_weighted=False).shape
+            torch.Size([4])
+            >>> contrib.share("gate")
+            Traceback (most recent call last):
+            ...
+            KeyError: "no group 'gate'; groups are ['boi', 'image', 'last_image', 'eoi', ...]"
         """
         if group not in self.groups:
             raise KeyError(f"no group {group!r}; groups are {list(self.groups)}")
@@ -167,8 +201,13 @@ class CrossModalContribution:
         """``(rows, cols)`` of the image grids seen, sorted.
 
         Example:
-            >>> contrib.grids                                             # doctest: +SKIP
-            [(32, 32)]
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+            >>> contrib = cross_modal_contribution(model, batch)
+            >>> contrib.grids                               # the toy image is 6x6 codes
+            [(6, 6)]
         """
         return sorted(self.map_counts)
 
@@ -184,7 +223,14 @@ class CrossModalContribution:
         Images of different grids are kept apart: pass ``grid`` when there are several.
 
         Example:
-            >>> contrib.token_map(grid=(32, 32)).argmax()          # doctest: +SKIP
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+            >>> contrib = cross_modal_contribution(model, batch)
+            >>> m = contrib.token_map(grid=(6, 6))          # [row, col]
+            >>> m.shape, bool(m.sum() < 0.01)               # the codes get (almost) nothing: EOI does
+            (torch.Size([6, 6]), True)
         """
         if grid is None:
             if len(self.map_counts) != 1:
@@ -239,10 +285,25 @@ class ContributionAccumulator:
             :data:`DEFAULT_GROUPS`).
 
     Example:
-        >>> acc = ContributionAccumulator(model)                               # doctest: +SKIP
-        >>> for batch in batches:
-        ...     model.run_with_hooks(batch, fwd_hooks=knockout + acc.hooks(batch))
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.analyses.knockout import image_to_text_knockout
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> acc = ContributionAccumulator(model, layers=[2, 3])
+        >>> for seed in (0, 1):
+        ...     batch = model.prepare(make_examples(12, seed=seed).prompts)
+        ...     knockout = image_to_text_knockout(model, batch)
+        ...     _ = model.run_with_hooks(batch, fwd_hooks=knockout + acc.hooks(batch),
+        ...                              output_attentions=False)
         >>> contrib = acc.result()
+        >>> contrib.layers, contrib.n_examples
+        ((2, 3), 24)
+        >>> contrib.share("image", value_weighted=False).tolist()      # cut: measured after the edit
+        [0.0, 0.0]
+        >>> ContributionAccumulator(model, layers=[0], map_layers=[1])
+        Traceback (most recent call last):
+        ...
+        ValueError: map_layers [1] are not among the measured layers [0]; add them to layers
     """
 
     def __init__(self, model, layers: Layers = "all", value_weighted: bool = True,
@@ -278,7 +339,17 @@ class ContributionAccumulator:
         measure the edited pattern.
 
         Example:
-            >>> model.run_with_hooks(batch, fwd_hooks=acc.hooks(batch))      # doctest: +SKIP
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+            >>> acc = ContributionAccumulator(model, value_weighted=False)
+            >>> hooks = acc.hooks(batch, queries=batch.positions.last)    # the last token only
+            >>> [name for name, _ in hooks][:2]
+            ['blocks.0.attn.hook_pattern', 'blocks.1.attn.hook_pattern']
+            >>> _ = model.run_with_hooks(batch, fwd_hooks=hooks, output_attentions=False)
+            >>> acc.result().n_queries
+            12
         """
         if not isinstance(batch, VLMBatch):
             raise TypeError(f"expected a VLMBatch from model.prepare(...), "
@@ -409,7 +480,18 @@ class ContributionAccumulator:
         """A snapshot of the sums so far (accumulation can go on afterwards).
 
         Example:
-            >>> acc.result().per_layer()                                     # doctest: +SKIP
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> acc = ContributionAccumulator(model)
+            >>> acc.result()
+            Traceback (most recent call last):
+            ...
+            ValueError: nothing accumulated yet: run the model with these hooks first
+            >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+            >>> _ = model.run_with_hooks(batch, fwd_hooks=acc.hooks(batch), output_attentions=False)
+            >>> acc.result().per_layer().shape                         # [layer, group]
+            torch.Size([4, 6])
         """
         if self.n_examples == 0:
             raise ValueError("nothing accumulated yet: run the model with these hooks first")
@@ -472,8 +554,10 @@ def output_projection(model, layer: int) -> Float[Tensor, "d_model head_x_d_head
     """The weight of layer ``layer``'s attention output projection (HF ``o_proj``).
 
     Example:
-        >>> output_projection(model, 0).shape                               # doctest: +SKIP
-        torch.Size([4096, 4096])
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> output_projection(model, 0).shape         # [d_model, n_heads * d_head]
+        torch.Size([64, 64])
     """
     o = model.blocks[layer].attn.o
     linear = getattr(o, "original_component", o)
@@ -497,11 +581,17 @@ def contribution_hooks(model, batch: VLMBatch, accumulator: ContributionAccumula
             PositionSet of this batch or a function of its ImagePositions.
 
     Example:
-        >>> acc = ContributionAccumulator(model, layers="all")                # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.analyses.knockout import gate_knockout
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> acc = ContributionAccumulator(model, layers="all")
         >>> knock = gate_knockout(model, batch)
-        >>> model.run_with_hooks(batch, fwd_hooks=knock + contribution_hooks(model, batch, acc),
-        ...                      output_attentions=False)   # HF keeps no pattern either
-        >>> acc.result().share("eoi")      # zero: the gate is cut
+        >>> _ = model.run_with_hooks(batch, fwd_hooks=knock + contribution_hooks(model, batch, acc),
+        ...                          output_attentions=False)   # HF keeps no pattern either
+        >>> acc.result().share("eoi").tolist()                 # zero: the gate is cut
+        [0.0, 0.0, 0.0, 0.0]
     """
     if accumulator.model is not model:
         raise ValueError("this accumulator was built for another model")
@@ -532,9 +622,17 @@ def cross_modal_contribution(
         fwd_hooks: hooks to run first in every pass (e.g. a knockout to measure under).
 
     Example:
-        >>> contrib = cross_modal_contribution(model, batches)              # doctest: +SKIP
-        >>> contrib.per_layer()            # [layer, group], rows sum to 1
-        >>> contrib.value[10, 3]           # layer 10, head 3, share per group
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-distributed")     # text reads the codes directly
+        >>> batches = (model.prepare(make_examples(12, seed=s).prompts) for s in (0, 1))  # streamed
+        >>> contrib = cross_modal_contribution(model, batches, layers=[-1], value_weighted=False)
+        >>> contrib.per_layer(value_weighted=False).shape            # [layer, group], rows sum to 1
+        torch.Size([1, 6])
+        >>> bool(contrib.share("eoi", value_weighted=False)[0] < 0.1)   # the gate carries little
+        True
+        >>> contrib.weight[0, 2].shape                               # layer 3, head 2: per group
+        torch.Size([6])
     """
     batches = [batches] if isinstance(batches, VLMBatch) else list(batches)
     if not batches:

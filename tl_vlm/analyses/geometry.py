@@ -20,6 +20,21 @@ of the last block (the input of the final norm).
 
 DADApy and scikit-learn are the optional ``geometry`` extra:
 ``pip install "tl-vlm[geometry]"``.
+
+Example:
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_examples
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> data = make_examples(48, seed=0, questions=["colour"])
+    >>> batches = [model.prepare(data[i:i + 24].prompts) for i in (0, 24)]
+    >>> chi = neighbourhood_overlap(model, batches, data.labels, "gate", k=5)
+    >>> chi.layers                                 # 4: the output of the last block
+    [0, 1, 2, 3, 4]
+    >>> bool(chi.overlap[1] > 0.8)                 # the gate knows the colour after one layer
+    True
+    >>> sep = modality_separation(model, batches, k=8)
+    >>> sep.cos_median.shape, bool((sep.cos_median[1:4] < 0.5).all())   # text, image apart
+    ((5,), True)
 """
 
 from __future__ import annotations
@@ -65,9 +80,13 @@ def residual_points(model, layers: Layers = "all", final: bool = True) -> list[t
     """``(label, hook name)`` of each residual the geometry analyses read.
 
     Example:
-        >>> residual_points(model, [0, -1])        # doctest: +SKIP
-        [(0, 'blocks.0.hook_resid_pre'), (31, 'blocks.31.hook_resid_pre'),
-         (32, 'blocks.31.hook_resid_post')]
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")       # 4 layers
+        >>> residual_points(model, [0, -1])
+        [(0, 'blocks.0.hook_resid_pre'), (3, 'blocks.3.hook_resid_pre'),
+         (4, 'blocks.3.hook_resid_post')]
+        >>> residual_points(model, "all", final=False)[-1]
+        (3, 'blocks.3.hook_resid_pre')
     """
     points = [(l, f"blocks.{l}.hook_resid_pre") for l in resolve_layers(model, layers)]
     if final:
@@ -180,6 +199,19 @@ class ModalitySeparation:
         text_index, image_index: ``(batch, example, position)`` of each vector.
         params: the settings used (k, Z, metric, density, seed).
         text_vectors, image_vectors: ``[layer, n, d_model]`` when ``keep_vectors=True``.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(24, seed=0).prompts)
+        >>> sep = modality_separation(model, [batch], k=8, keep_vectors=True)
+        >>> sep.layers, sep.text_vectors.shape                # one text, one image token each
+        ([0, 1, 2, 3, 4], (5, 24, 64))
+        >>> sep.text_index[0], sep.params["k"]                # (batch, example, position)
+        ((0, 0, 39), 8)
+        >>> sorted(sep.to_dict())[:4]
+        ['cos_median', 'cos_q25', 'cos_q75', 'homogeneity']
     """
 
     layers: list[int]
@@ -246,7 +278,13 @@ def adp_clusters(
     estimate: each distinct row is clustered once and its copies share its cluster.
 
     Example:
-        >>> clusters, intrinsic_dim = adp_clusters(vectors, k=16, Z=1.65)   # doctest: +SKIP
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> shift = np.r_[10.0, np.zeros(4)]
+        >>> x = np.concatenate([rng.normal(size=(60, 5)) + shift, rng.normal(size=(60, 5)) - shift])
+        >>> clusters, intrinsic_dim = adp_clusters(x, k=8, Z=1.65)      # cosine distances
+        >>> clusters.shape, len(np.unique(clusters[:60])), bool(clusters[0] != clusters[-1])
+        ((120,), 1, True)
     """
     Data = _dadapy_data()
     keep, copy_of = _unique_rows(np.asarray(x, dtype=np.float64))
@@ -306,10 +344,27 @@ def modality_separation(
         keep_vectors: keep the ``[layer, n, d_model]`` vectors in the result.
 
     Example:
-        >>> text = [model.prepare(caps, images=imgs) for caps, imgs in loader]   # doctest: +SKIP
-        >>> sep = modality_separation(model, text, seed=0)  # doctest: +SKIP
-        >>> sep.cos_median, sep.homogeneity          # [layer] each  # doctest: +SKIP
-        >>> json.dump(sep.to_dict(), open("sep.json", "w"))  # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batches = [model.prepare(make_examples(12, seed=s).prompts) for s in (0, 1)]
+        >>> sep = modality_separation(model, batches, layers=[1, 2], k=8, seed=0)
+        >>> sep.layers, sep.cos_median.shape, sep.homogeneity.shape      # [layer] each
+        ([1, 2, 4], (3,), (3,))
+        >>> sep = modality_separation(model, batches[:1], k=30)
+        Traceback (most recent call last):
+        ...
+        ValueError: modality separation (text and image vectors): 24 points but k=30 neighbours ...
+
+        The paper's setting: text from image-then-caption prompts, image tokens from
+        caption-then-image prompts (Chameleon's placeholder ``<image>`` placed last), on a
+        real checkpoint:
+
+        >>> model = HookedVLM.from_pretrained("facebook/chameleon-7b")         # doctest: +SKIP
+        >>> text = [model.prepare(caps, images=ims) for caps, ims in loader]   # doctest: +SKIP
+        >>> image = [model.prepare([c + " <image>" for c in caps], images=ims)  # doctest: +SKIP
+        ...          for caps, ims in loader]
+        >>> sep = modality_separation(model, text, image_batches=image)        # doctest: +SKIP
     """
     homogeneity_score = _homogeneity_score()
     _dadapy_data()  # fail before the forward passes if DADApy is missing
@@ -375,6 +430,18 @@ class NeighbourhoodOverlap:
         index: ``(batch, example, -1)`` of each vector.
         params: the settings used (k, weighted).
         vectors: ``[layer, n, d_model]`` when ``keep_vectors=True``.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(24, seed=0, questions=["shape"])
+        >>> chi = neighbourhood_overlap(model, [model.prepare(data.prompts)], data.labels,
+        ...                             "image_mean", layers=[0], k=5, keep_vectors=True)
+        >>> chi.layers, chi.overlap.shape, chi.vectors.shape, chi.representation
+        ([0, 4], (2,), (2, 24, 64), 'image_mean')
+        >>> chi.to_dict()["params"]
+        {'k': 5, 'weighted': False}
     """
 
     layers: list[int]
@@ -401,9 +468,19 @@ def representation_selector(representation: Representation) -> tuple[str, Select
     ``"row_breaks"``, ``"last"``, ...); or a callable ``batch -> PositionSet``.
 
     Example:
-        >>> name, pick = representation_selector("gate")       # doctest: +SKIP
-        >>> pick(batch) == batch.positions.gate  # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> name, pick = representation_selector("gate")
+        >>> name, pick(batch) == batch.positions.gate
+        ('gate', True)
+        >>> representation_selector("image_mean")[1](batch) == batch.positions.image
         True
+        >>> representation_selector("grid")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown representation 'grid'; use one of [...] or a callable batch -> PositionSet
     """
     if callable(representation):
         return getattr(representation, "__name__", "custom"), representation
@@ -429,8 +506,13 @@ def label_overlap(x: Float[np.ndarray, "n d"], labels: Sequence[Any], k: int = 3
     is then arbitrary.
 
     Example:
-        >>> label_overlap(vectors, labels, k=30)     # doctest: +SKIP
-        0.83
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> x = np.concatenate([rng.normal(size=(40, 3)) + 8, rng.normal(size=(40, 3)) - 8])
+        >>> label_overlap(x, ["a"] * 40 + ["b"] * 40, k=10)        # two separate classes
+        1.0
+        >>> round(label_overlap(x, ["a", "b"] * 40, k=10), 1)      # labels unrelated to x
+        0.5
     """
     Data = _dadapy_data()
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float64))
@@ -474,9 +556,18 @@ def neighbourhood_overlap(
         final: add the output of the last block as layer ``n_layers``.
 
     Example:
-        >>> batches = [model.prepare(p, images=im) for p, im in loader]        # doctest: +SKIP
-        >>> chi = neighbourhood_overlap(model, batches, imagenet_labels, "gate", k=30)  # doctest: +SKIP
-        >>> chi.overlap  # [layer]  # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(48, seed=0, questions=["colour"])
+        >>> batches = (model.prepare(data[i:i + 12].prompts) for i in range(0, 48, 12))  # streamed
+        >>> chi = neighbourhood_overlap(model, batches, data.labels, "gate", k=5)
+        >>> chi.overlap.shape                                     # [layer]: 4 blocks + the output
+        (5,)
+        >>> neighbourhood_overlap(model, [model.prepare(data[:12].prompts)], data.labels, k=5)
+        Traceback (most recent call last):
+        ...
+        ValueError: got 48 labels for 12 examples; pass one label per example, ...
     """
     _dadapy_data()
     name, selector = representation_selector(representation)

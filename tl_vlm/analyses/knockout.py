@@ -11,6 +11,18 @@ Two semantics, named explicitly:
 The hooks work on every step of cached generation: queries are then the new tokens
 (which count as text and belong to every query set that asks for generated tokens),
 keys the whole cache.
+
+Example (the shipped ``toy-gated`` model routes all visual information through EOI):
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_examples
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> data = make_examples(24, seed=0)
+    >>> batch = model.prepare(data.prompts)              # the image is written as tokens
+    >>> last, answers = batch.positions.last.mask, torch.tensor(data.answer_ids)
+    >>> clean = model(batch)[last].argmax(-1)
+    >>> cut = model.run_with_hooks(batch, fwd_hooks=gate_knockout(model, batch))[last].argmax(-1)
+    >>> bool((clean == answers).all()), (cut == answers).float().mean().item() < 0.5
+    (True, True)
 """
 
 from __future__ import annotations
@@ -31,9 +43,18 @@ Hook = tuple[str, Callable]
 def resolve_layers(model, layers: Layers) -> list[int]:
     """Layer indices from ``"all"``, an int, or a sequence; negative ints count from the end.
 
+    Returns the sorted, de-duplicated, non-negative indices; raises IndexError for a
+    layer outside the model and ValueError for an empty selection.
+
     Example:
-        >>> resolve_layers(model, [-1])        # doctest: +SKIP
-        [31]
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")      # 4 layers
+        >>> resolve_layers(model, "all"), resolve_layers(model, [-1, 0, 0]), resolve_layers(model, 2)
+        ([0, 1, 2, 3], [0, 3], [2])
+        >>> resolve_layers(model, [0, 4])
+        Traceback (most recent call last):
+        ...
+        IndexError: layer 4 is outside the model's 4 layers (0..3)
     """
     n = model.cfg.n_layers
     if isinstance(layers, str):
@@ -52,7 +73,18 @@ def resolve_layers(model, layers: Layers) -> list[int]:
 
 
 def last_layers(model, w: int) -> list[int]:
-    """The last ``w`` layers (the paper's progressive knockout)."""
+    """The last ``w`` layers (the paper's progressive knockout).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")      # 4 layers
+        >>> last_layers(model, 1), last_layers(model, 3)
+        ([3], [1, 2, 3])
+        >>> last_layers(model, 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: w must be in 1..4, got 0
+    """
     if not 1 <= w <= model.cfg.n_layers:
         raise ValueError(f"w must be in 1..{model.cfg.n_layers}, got {w}")
     return list(range(model.cfg.n_layers - w, model.cfg.n_layers))
@@ -83,10 +115,32 @@ def knockout_hooks(
             pre-softmax ``-inf`` (renormalised).
         generated_queries: tokens produced by ``generate`` are queries too (they are text).
 
+    Returns one ``(hook name, function)`` per layer, for ``run_with_hooks``,
+    ``model.hooks`` or ``generate(fwd_hooks=...)``. Position sets of another batch, an
+    empty key set or heads outside the model raise a clear error.
+
     Example:
-        >>> pos = batch.positions                                             # doctest: +SKIP
-        >>> hooks = knockout_hooks(model, batch, keys=pos.gate, layers="all")
-        >>> logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> pos = batch.positions
+        >>> hooks = knockout_hooks(model, batch, keys=pos.gate, queries=pos.after_image,
+        ...                        layers=[-1], heads=[0, 1])
+        >>> [name for name, _ in hooks]
+        ['blocks.3.attn.hook_pattern']
+        >>> seen = {}
+        >>> keep = ("blocks.3.attn.hook_pattern", lambda pattern, hook: seen.update(p=pattern))
+        >>> logits = model.run_with_hooks(batch, fwd_hooks=hooks + [keep])
+        >>> row = seen["p"][0, :, pos.last[0].item()]           # [head, k]: the last query
+        >>> (row[:2, pos.gate[0]] == 0).all().item(), (row[:2].sum(-1) < 1).all().item()
+        (True, True)
+        >>> [n for n, _ in knockout_hooks(model, batch, keys=pos.gate, method="mask")][:2]
+        ['blocks.0.attn.hook_attn_scores', 'blocks.1.attn.hook_attn_scores']
+        >>> knockout_hooks(model, batch, keys=pos.row_breaks)    # the toy has no row breaks
+        Traceback (most recent call last):
+        ...
+        ValueError: the key set is empty in every example (...)
     """
     pos = _positions(batch)
     queries = pos.all if queries is None else queries
@@ -142,13 +196,42 @@ def knockout_hooks(
 
 def gate_knockout(model, batch, layers: Layers = "all", **kw) -> list[Hook]:
     """The paper's [EOI] condition: every position stops attending to the gate
-    (EOI; EOI and EOF for Emu3)."""
+    (EOI; EOI and EOF for Emu3).
+
+    ``batch`` is a VLMBatch or its ImagePositions; other keywords go to
+    :func:`knockout_hooks` (``heads``, ``method``, ``generated_queries``).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> [name for name, _ in gate_knockout(model, batch, layers=last_layers(model, 2))]
+        ['blocks.2.attn.hook_pattern', 'blocks.3.attn.hook_pattern']
+        >>> data = make_examples(12, seed=0)
+        >>> left = model.prepare(data.prompts, padding_side="left")     # for generation
+        >>> model.generate(left, max_new_tokens=2).text == data.answers
+        True
+        >>> out = model.generate(left, fwd_hooks=gate_knockout(model, left), max_new_tokens=2)
+        >>> sum(t == a for t, a in zip(out.text, data.answers)) < 6    # blind: guesses
+        True
+    """
     return knockout_hooks(model, batch, keys=_positions(batch).gate, layers=layers, **kw)
 
 
 def image_to_text_knockout(model, batch, layers: Layers = "all", **kw) -> list[Hook]:
     """The paper's img->text condition: text after the image (and generated tokens)
-    stops attending to BOI and the image tokens; the gate stays open."""
+    stops attending to BOI and the image tokens; the gate stays open.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> hooks = image_to_text_knockout(model, batch)          # every layer
+        >>> len(hooks), model.run_with_hooks(batch, fwd_hooks=hooks).shape
+        (4, torch.Size([12, 46, 54]))
+    """
     pos = _positions(batch)
     keys = pos.image_side - pos.gate
     return knockout_hooks(model, batch, keys=keys, queries=pos.after_image, layers=layers, **kw)
@@ -156,6 +239,23 @@ def image_to_text_knockout(model, batch, layers: Layers = "all", **kw) -> list[H
 
 def random_image_knockout(model, batch, k: int = 10, seed: int = 0, layers: Layers = "all",
                           **kw) -> list[Hook]:
-    """The paper's control: ``k`` random image content tokens per example, seeded."""
+    """The paper's control: ``k`` random image content tokens per example, seeded.
+
+    Each example gets its own draw (:meth:`PositionSet.random`); the same ``seed`` gives
+    the same tokens.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> hooks = random_image_knockout(model, batch, k=10, seed=1, layers=[0])
+        >>> [name for name, _ in hooks]
+        ['blocks.0.attn.hook_pattern']
+        >>> random_image_knockout(model, batch, k=40)             # 36 codes per toy image
+        Traceback (most recent call last):
+        ...
+        ValueError: asked for 40 random positions but example 0 has only 36
+    """
     pos = _positions(batch)
     return knockout_hooks(model, batch, keys=pos.image.random(k, seed), layers=layers, **kw)

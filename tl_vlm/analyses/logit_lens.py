@@ -15,6 +15,20 @@ convention). Where a block renormalises the attention output before the residual
 (Gemma 3, Chameleon-30B's ``swin_norm``: a post-attention norm mapped to ``ln1_post``),
 that norm's scale is frozen at the layer's whole attention output too, so the heads
 (plus the o-projection bias) still add up exactly to what the layer adds to the residual.
+
+Example:
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_examples
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> data = make_examples(12, seed=0)
+    >>> batch = model.prepare(data.prompts)
+    >>> lens = logit_lens(model, batch, batch.positions.last)        # [layer, n, vocab]
+    >>> values, ids = lens.top_k(1)
+    >>> bool((ids[-1, :, 0] == torch.tensor(data.answer_ids)).all())  # last layer: the answers
+    True
+    >>> dla = head_logit_attribution(model, batch, data.answer_ids)   # [batch, layer, head]
+    >>> dla.shape
+    torch.Size([12, 4, 4])
 """
 
 from __future__ import annotations
@@ -39,7 +53,11 @@ def final_logit_transform(model) -> Callable[[Tensor], Tensor]:
     """What the model does to ``lm_head``'s output before returning logits (often nothing).
 
     Example:
-        >>> final_logit_transform(model)(raw_logits)   # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")    # Chameleon: image codes are masked
+        >>> out = final_logit_transform(model)(torch.zeros(1, model.cfg.d_vocab))
+        >>> int((out == torch.finfo(out.dtype).min).sum())    # the toy's 24 VQ code tokens
+        24
     """
     # Declared per family (Family.final_logits, in the family's adapter file). In
     # transformers 5.23 only Chameleon has one (it masks its image vocabulary);
@@ -103,6 +121,20 @@ class LogitLensResult:
         example, position: ``[n]`` where each row comes from.
         point: ``"resid_post"`` (row ``l`` = output of block ``l``) or ``"resid_pre"``.
         token_ids: the vocabulary columns kept (None: all).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> lens = logit_lens(model, batch, batch.positions.image, layers=[-1],
+        ...                   apply_final_transform=False)
+        >>> lens.logits.shape, lens.layers, lens.point             # 12 examples x 36 codes
+        (torch.Size([1, 432, 54]), [3], 'resid_post')
+        >>> lens.example[35:38].tolist(), lens.position[35:38].tolist()
+        ([0, 1, 1], [37, 2, 3])
+        >>> lens.for_example(1).shape                              # [layer, n_b, vocab]
+        torch.Size([1, 36, 54])
     """
 
     logits: Float[Tensor, "layer n vocab"]
@@ -158,9 +190,24 @@ def logit_lens(
             these positions and raise if they differ (a final transform tl_vlm lacks).
 
     Example:
-        >>> lens = logit_lens(model, batch, batch.positions.gate)             # doctest: +SKIP
-        >>> values, ids = lens.top_k(5)  # [layer, n, 5]  # doctest: +SKIP
-        >>> model.layout.tokenizer.convert_ids_to_tokens(ids[-1, 0])  # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(12, seed=0)
+        >>> batch = model.prepare(data.prompts)
+        >>> lens = logit_lens(model, batch, batch.positions.last)
+        >>> values, ids = lens.top_k(5)                            # [layer, n, 5]
+        >>> ids.shape
+        torch.Size([4, 12, 5])
+        >>> model.layout.tokenizer.convert_ids_to_tokens(ids[-1, 0, :1]), data.answers[0]
+        (['yellow'], 'yellow')
+        >>> colours = model.layout.tokenizer.convert_tokens_to_ids(["red", "green", "blue", "yellow"])
+        >>> logit_lens(model, batch, batch.positions.gate, token_ids=colours).logits.shape
+        torch.Size([4, 12, 4])
+        >>> logit_lens(model, batch, batch.positions.row_breaks)
+        Traceback (most recent call last):
+        ...
+        ValueError: positions is empty in every example (...)
     """
     _check_positions(batch, positions)
     if point not in ("resid_post", "resid_pre"):
@@ -282,10 +329,20 @@ def head_logit_attribution(
         fwd_hooks: interventions active during the run.
 
     Example:
-        >>> tok = model.layout.tokenizer                                       # doctest: +SKIP
-        >>> dla = head_logit_attribution(model, batch, tok.convert_tokens_to_ids("cat"),  # doctest: +SKIP
-        ...                              baseline_tokens=tok.convert_tokens_to_ids("dog"))
-        >>> dla.mean(0)  # [layer, head]  # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0, questions=["colour"]).prompts)
+        >>> tok = model.layout.tokenizer
+        >>> dla = head_logit_attribution(model, batch, tok.convert_tokens_to_ids("red"),
+        ...                              baseline_tokens=tok.convert_tokens_to_ids("blue"))
+        >>> dla.mean(0).shape                                      # [layer, head]
+        torch.Size([4, 4])
+        >>> two = batch.positions.gate | batch.positions.last
+        >>> head_logit_attribution(model, batch, 7, positions=two)
+        Traceback (most recent call last):
+        ...
+        ValueError: head_logit_attribution needs exactly one position per example, got ...
     """
     if not isinstance(batch, VLMBatch):
         raise TypeError("pass the VLMBatch from model.prepare(...)")

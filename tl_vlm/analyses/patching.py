@@ -22,10 +22,19 @@ the paper's preset. Sweeps reuse the unpatched prefix: one clean target forward 
 every needed ``hook_resid_pre``, then each layer's patched run starts at that layer
 (:func:`tl_vlm.prefix.run_from_layer`), skipping the blocks before it.
 
-Example:
-    >>> res = patch_gate(model, source, target, answers=[(" cat", " dog")] * len(target))  # doctest: +SKIP
-    >>> res.flip_rate          # [layer]
-    >>> res.overlap.mean(-1)   # [layer]
+Example (``toy-gated``: the gate carries what the text says about the image):
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_pairs
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> pairs = make_pairs(12, seed=0)             # same background, the asked attribute differs
+    >>> source = model.prepare([p.source.prompt for p in pairs])
+    >>> target = model.prepare([p.target.prompt for p in pairs])
+    >>> answers = [(p.source.answer, p.target.answer) for p in pairs]
+    >>> res = patch_gate(model, source, target, stream="attn_in", answers=answers)
+    >>> res.flip_rate.shape, res.flip_rate[0].item()     # [layer]; from layer 0 on: all flip
+    (torch.Size([4]), 1.0)
+    >>> res.overlap.mean(-1).shape                       # [layer]
+    torch.Size([4])
 """
 
 from __future__ import annotations
@@ -62,9 +71,22 @@ class PatchHook:
     """A forward hook writing stored source values into the target's positions.
 
     ``calls`` counts the calls that patched (so a caller can check the hook fired).
+    Built by :func:`patch_hooks`, which gathers ``values`` from a source cache.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(12, seed=0).prompts)
+        >>> gate = batch.positions.gate.mask.nonzero(as_tuple=True)         # (batch idx, pos idx)
+        >>> hook = PatchHook("blocks.1.hook_resid_pre", torch.zeros(12, 64), gate, (12, 46))
+        >>> _ = model.run_with_hooks(batch, fwd_hooks=[(hook.name, hook)])
+        >>> hook.calls
+        1
     """
 
-    def __init__(self, name: str, values: Tensor, target_index: tuple[Tensor, Tensor],
+    def __init__(self, name: str, values: Float[Tensor, "n_patched ..."],
+                 target_index: tuple[Int[Tensor, "n_patched"], Int[Tensor, "n_patched"]],
                  target_shape: tuple[int, int]) -> None:
         self.name = name
         self.values = values                       # [n_patched, ...]
@@ -105,9 +127,18 @@ def _flat_index(positions: PositionSet) -> tuple[Tensor, Tensor]:
     return b, p
 
 
-def check_position_counts(source_positions: PositionSet, target_positions: PositionSet) -> None:
+def _check_position_counts(source_positions: PositionSet, target_positions: PositionSet) -> None:
     """Raise unless both sets cover the same number of examples and, per example, the same
-    number of positions (the k-th source position goes to the k-th target position)."""
+    number of positions (the k-th source position goes to the k-th target position).
+
+    Example:
+        >>> a = PositionSet.from_lists([[1], [2]], seq_len=4)
+        >>> _check_position_counts(a, PositionSet.from_lists([[3], [0]], seq_len=5))
+        >>> _check_position_counts(a, PositionSet.from_lists([[3], [0, 1]], seq_len=5))
+        Traceback (most recent call last):
+        ...
+        ValueError: example 1: 1 source position(s) [2] but 2 target position(s) [0, 1]; ...
+    """
     for name, s in (("source_positions", source_positions), ("target_positions", target_positions)):
         if not isinstance(s, PositionSet):
             raise TypeError(f"{name} must be a PositionSet (e.g. batch.positions.gate), "
@@ -134,8 +165,18 @@ def check_position_counts(source_positions: PositionSet, target_positions: Posit
         )
 
 
-def check_hook_names(model, names: Sequence[str]) -> None:
-    """Raise a clear KeyError for hook names the model does not have."""
+def _check_hook_names(model, names: Sequence[str]) -> None:
+    """Raise a clear KeyError for hook names the model does not have.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> _check_hook_names(model, ["blocks.0.hook_resid_pre"])
+        >>> _check_hook_names(model, ["blocks.0.resid_pre"])
+        Traceback (most recent call last):
+        ...
+        KeyError: "unknown hook name(s) ['blocks.0.resid_pre']; hook names look like ..."
+    """
     known = model.hook_dict
     missing = [n for n in names if n not in known]
     if missing:
@@ -173,16 +214,32 @@ def patch_hooks(
         target_positions: positions in the target batch, same count per example.
 
     Example:
-        >>> names = ["blocks.3.hook_resid_pre"]                               # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_pairs
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> pairs = make_pairs(12, seed=0)             # same background, the asked attribute differs
+        >>> source = model.prepare([p.source.prompt for p in pairs])
+        >>> target = model.prepare([p.target.prompt for p in pairs])
+        >>> answers = [(p.source.answer, p.target.answer) for p in pairs]
+        >>> names = [f"blocks.{layer}.attn.hook_in" for layer in range(4)]   # every layer
         >>> _, cache = model.run_with_cache(source, names_filter=names)
         >>> hooks = patch_hooks(model, names, cache, source.positions.gate, target.positions.gate)
         >>> logits = model.run_with_hooks(target, fwd_hooks=hooks)
+        >>> [fn.calls for _, fn in hooks]
+        [1, 1, 1, 1]
+        >>> predicted = logits[target.positions.last.mask].argmax(-1)   # now the source's answer
+        >>> predicted.tolist() == first_token_ids(model, [p.source.answer for p in pairs]).tolist()
+        True
+        >>> patch_hooks(model, names, cache, source.positions.gate, target.positions.image)
+        Traceback (most recent call last):
+        ...
+        ValueError: example 0: 1 source position(s) [38] but 36 target position(s) [...]; ...
     """
     names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     if not names:
         raise ValueError("no hook names given")
-    check_hook_names(model, names)
-    check_position_counts(source_positions, target_positions)
+    _check_hook_names(model, names)
+    _check_position_counts(source_positions, target_positions)
     src_b, src_p = _flat_index(source_positions)
     tgt_index = _flat_index(target_positions)
     hooks: list[Hook] = []
@@ -213,8 +270,10 @@ def first_token_ids(model, names: Sequence[Union[int, str]]) -> Int[Tensor, "n"]
     vocabulary ``" cat"`` and ``"cat"`` differ, so pass the form that follows your prompt.
 
     Example:
-        >>> first_token_ids(model, [" cat", " dog"])                           # doctest: +SKIP
-        tensor([5992, 5679])
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")       # a word-level toy tokenizer
+        >>> first_token_ids(model, ["red", "blue", 7])
+        tensor([18, 20,  7])
     """
     tokenizer = model.layout.tokenizer
     out = []
@@ -231,13 +290,23 @@ def first_token_ids(model, names: Sequence[Union[int, str]]) -> Int[Tensor, "n"]
     return torch.tensor(out, dtype=torch.long)
 
 
-def resolve_answers(model, answers: AnswerArg, batch_size: int
+def _resolve_answers(model, answers: AnswerArg, batch_size: int
                     ) -> tuple[Int[Tensor, "batch"], Int[Tensor, "batch"]]:
     """``(source_answer, target_answer)`` token ids, one per example.
 
     ``answers`` is either a pair of int tensors ``(source_ids [batch], target_ids [batch])``
     or a sequence of one ``(A, B)`` pair per example, A the source class and B the target
     class, each a token id or a class name (its first token is used).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> _resolve_answers(model, [("red", "blue"), (20, 18)], batch_size=2)
+        (tensor([18, 20]), tensor([20, 18]))
+        >>> _resolve_answers(model, [("red", "red")], batch_size=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: examples [0]: source and target answers are the same token (18), ...
     """
     if isinstance(answers, tuple) and len(answers) == 2 and all(isinstance(a, Tensor) for a in answers):
         src, tgt = (a.long().flatten().cpu() for a in answers)
@@ -268,7 +337,13 @@ def resolve_answers(model, answers: AnswerArg, batch_size: int
 
 # -- results -------------------------------------------------------------------------
 def overlap(p: Float[Tensor, "... vocab"], q: Float[Tensor, "... vocab"]) -> Float[Tensor, "..."]:
-    """``sum_v min(p_v, q_v)`` of two distributions (1 = identical, 0 = disjoint)."""
+    """``sum_v min(p_v, q_v)`` of two distributions (1 = identical, 0 = disjoint).
+
+    Example:
+        >>> p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+        >>> overlap(p, torch.tensor([0.0, 0.5, 0.5]))
+        tensor([0.5000, 0.0000])
+    """
     return torch.minimum(p, q).sum(-1)
 
 
@@ -288,7 +363,23 @@ class PatchingResult:
     All tensors are float32 on the CPU.
 
     Example:
-        >>> res.flip_rate, res.overlap.mean(-1), res.clean_overlap.mean()   # doctest: +SKIP
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_pairs
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> pairs = make_pairs(12, seed=0)             # same background, the asked attribute differs
+        >>> source = model.prepare([p.source.prompt for p in pairs])
+        >>> target = model.prepare([p.target.prompt for p in pairs])
+        >>> answers = [(p.source.answer, p.target.answer) for p in pairs]
+        >>> res = patch_gate(model, source, target, layers=[0, 2], answers=answers)
+        >>> res.logits.shape, res.clean_logits.shape            # [layer, batch, vocab], [batch, vocab]
+        (torch.Size([2, 12, 54]), torch.Size([12, 54]))
+        >>> res.flipped.shape, res.flip_rate.shape, res.overlap.shape, res.clean_overlap.shape
+        (torch.Size([2, 12]), torch.Size([2]), torch.Size([2, 12]), torch.Size([12]))
+        >>> print(res.table())
+        layer   flip  overlap
+            0   0.00    0.000
+            2   ...
+        clean overlap 0.000
     """
 
     layers: list[int]
@@ -376,7 +467,7 @@ def _resolve_stream(model, stream: str, span: Optional[Span]) -> tuple[str, Span
     span = default_span if span is None else span
     if span not in ("layer", "to_end"):
         raise ValueError(f"span must be 'layer' or 'to_end', got {span!r}")
-    check_hook_names(model, [template.format(layer=0)])
+    _check_hook_names(model, [template.format(layer=0)])
     return template, span
 
 
@@ -451,9 +542,27 @@ def patch_positions(
         A :class:`PatchingResult`.
 
     Example:
-        >>> res = patch_positions(model, source, target, positions="last_image",  # doctest: +SKIP
-        ...                       layers=range(0, 32, 4), stream="attn_in")
-        >>> print(res.table())
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_pairs
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> pairs = make_pairs(12, seed=0)             # same background, the asked attribute differs
+        >>> source = model.prepare([p.source.prompt for p in pairs])
+        >>> target = model.prepare([p.target.prompt for p in pairs])
+        >>> answers = [(p.source.answer, p.target.answer) for p in pairs]
+        >>> res = patch_positions(model, source, target, positions="image", layers=[0, 3],
+        ...                       answers=answers)      # every code, at the input of layer 0 or 3
+        >>> res.layers, res.hook_names
+        ([0, 3], [['blocks.0.hook_resid_pre'], ['blocks.3.hook_resid_pre']])
+        >>> res.flip_rate[0].item()                     # the target now shows the source's object
+        1.0
+        >>> res = patch_positions(model, source, target, positions="last_image", layers=[1],
+        ...                       stream="blocks.{layer}.hook_resid_post")
+        >>> res.hook_names
+        [['blocks.1.hook_resid_post']]
+        >>> patch_positions(model, source, target, positions="row_breaks")
+        Traceback (most recent call last):
+        ...
+        ValueError: no positions to patch in any example (...)
     """
     for name, b in (("source", source), ("target", target)):
         if not isinstance(b, VLMBatch):
@@ -466,15 +575,15 @@ def patch_positions(
     template, span = _resolve_stream(model, stream, span)
     layer_list = resolve_layers(model, layers)
     src_pos, tgt_pos = _resolve_positions(positions, source, target)
-    check_position_counts(src_pos, tgt_pos)
+    _check_position_counts(src_pos, tgt_pos)
     n = model.cfg.n_layers
     names_at = {l: [template.format(layer=j) for j in (range(l, n) if span == "to_end" else [l])]
                 for l in layer_list}
     all_names = sorted({name for names in names_at.values() for name in names})
-    check_hook_names(model, all_names)
+    _check_hook_names(model, all_names)
     src_answer = tgt_answer = None
     if answers is not None:
-        src_answer, tgt_answer = resolve_answers(model, answers, len(target))
+        src_answer, tgt_answer = _resolve_answers(model, answers, len(target))
 
     source_logits, source_cache = model.run_with_cache(source, names_filter=all_names)
     source_last = _last(source_logits, source)
@@ -547,10 +656,23 @@ def patch_gate(
     Other keywords go to :func:`patch_positions`.
 
     Example:
-        >>> source = model.prepare(["What is this?"] * 8, images=cats)           # doctest: +SKIP
-        >>> target = model.prepare(["What is this?"] * 8, images=dogs)
-        >>> res = patch_gate(model, source, target, answers=[(" cat", " dog")] * 8)
-        >>> res.flip_rate            # one value per layer
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_pairs
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> pairs = make_pairs(12, seed=0)             # same background, the asked attribute differs
+        >>> source = model.prepare([p.source.prompt for p in pairs])
+        >>> target = model.prepare([p.target.prompt for p in pairs])
+        >>> answers = [(p.source.answer, p.target.answer) for p in pairs]
+        >>> res = patch_gate(model, source, target, layers=[0, 1], stream="attn_in", answers=answers)
+        >>> res.flip_rate                # one value per layer
+        tensor([1., 1.])
+
+        With a real checkpoint and images (``cats``, ``dogs``: lists of PIL images):
+
+        >>> model = HookedVLM.from_pretrained("facebook/chameleon-7b")         # doctest: +SKIP
+        >>> source = model.prepare(["What is this?"] * 8, images=cats)         # doctest: +SKIP
+        >>> target = model.prepare(["What is this?"] * 8, images=dogs)         # doctest: +SKIP
+        >>> res = patch_gate(model, source, target, answers=[(" cat", " dog")] * 8)  # doctest: +SKIP
     """
     return patch_positions(model, source, target, positions="gate" if positions is None else positions,
                            layers=layers, stream=stream, answers=answers, **kw)

@@ -10,6 +10,23 @@ embedded as plain text and the "corrupted run" would not see any image.
 whenever the model is called with the token ids of one of the given batches, the rest
 of that batch's processor output is passed along. :func:`run_patching` wraps the usual
 call (clean cache, corrupted tokens, context) in one line.
+
+Example:
+    >>> from transformer_lens import patching
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_pairs
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> pair = make_pairs(1, seed=0)[0]                   # same layout, another colour
+    >>> clean, corrupted = model.prepare([pair.source.prompt]), model.prepare([pair.target.prompt])
+    >>> tok = model.layout.tokenizer
+    >>> a, b = tok.convert_tokens_to_ids([pair.source.answer, pair.target.answer])
+    >>> metric = lambda logits: logits[0, -1, a] - logits[0, -1, b]
+    >>> effect = run_patching(patching.get_act_patch_resid_pre, model, corrupted, clean, metric)
+    >>> effect.shape                                      # [layer, pos]
+    torch.Size([4, 46])
+    >>> gate = clean.positions.gate[0].item()
+    >>> bool(effect[1, gate] > 0)                         # the clean gate restores the answer
+    True
 """
 
 from __future__ import annotations
@@ -71,11 +88,26 @@ def batch_inputs(model, *batches: VLMBatch, strict: bool = True) -> Iterator[Any
             would otherwise run text-only; False lets them through unchanged.
 
     Example:
-        >>> from transformer_lens import patching                             # doctest: +SKIP
-        >>> _, clean_cache = model.run_with_cache(clean)  # doctest: +SKIP
-        >>> with batch_inputs(model, corrupted):  # doctest: +SKIP
-        ...     effect = patching.get_act_patch_resid_pre(
-        ...         model, corrupted.input_ids, clean_cache, metric)          # [layer, pos]
+        >>> from transformer_lens import patching
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_pairs
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> pair = make_pairs(1, seed=0)[0]                   # same layout, another colour
+        >>> clean, corrupted = model.prepare([pair.source.prompt]), model.prepare([pair.target.prompt])
+        >>> tok = model.layout.tokenizer
+        >>> a, b = tok.convert_tokens_to_ids([pair.source.answer, pair.target.answer])
+        >>> metric = lambda logits: logits[0, -1, a] - logits[0, -1, b]
+        >>> _, clean_cache = model.run_with_cache(clean)
+        >>> with batch_inputs(model, corrupted):
+        ...     effect = patching.get_act_patch_attn_head_v_all_pos(
+        ...         model, corrupted.input_ids, clean_cache, metric)
+        >>> effect.shape                                      # [layer, head]
+        torch.Size([4, 4])
+        >>> with batch_inputs(model, corrupted):
+        ...     model(clean.input_ids)                        # ids of no bound batch
+        Traceback (most recent call last):
+        ...
+        ValueError: the model was called with token ids (1, 46) that match none of the bound batches ...
     """
     if not batches:
         raise ValueError("bind at least one VLMBatch: batch_inputs(model, batch)")
@@ -137,9 +169,24 @@ def run_patching(
     position, so a clean batch must have the same shape and the same image positions.
 
     Example:
-        >>> from transformer_lens import patching                             # doctest: +SKIP
-        >>> effect = run_patching(patching.get_act_patch_resid_pre, model, corrupted, clean,  # doctest: +SKIP
-        ...                       lambda logits: logits[:, -1, cat_id].mean())
+        >>> from transformer_lens import patching
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_pairs
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> pair = make_pairs(1, seed=0)[0]                   # same layout, another colour
+        >>> clean, corrupted = model.prepare([pair.source.prompt]), model.prepare([pair.target.prompt])
+        >>> tok = model.layout.tokenizer
+        >>> a, b = tok.convert_tokens_to_ids([pair.source.answer, pair.target.answer])
+        >>> metric = lambda logits: logits[0, -1, a] - logits[0, -1, b]
+        >>> effect = run_patching(patching.get_act_patch_attn_head_out_all_pos, model,
+        ...                       corrupted, clean, metric)
+        >>> effect.shape                                      # [layer, head]
+        torch.Size([4, 4])
+        >>> run_patching(patching.get_act_patch_resid_pre, model, corrupted,
+        ...              model.prepare([pair.source.prompt + " ?"]), metric)
+        Traceback (most recent call last):
+        ...
+        ValueError: clean (1, 47) and corrupted (1, 46) batches differ in shape; ...
     """
     if not isinstance(corrupted, VLMBatch):
         raise TypeError("corrupted must be a VLMBatch from model.prepare(...)")

@@ -6,11 +6,14 @@ balanced set (:func:`tl_vlm.toy.task.chance_level`). ``strict`` accuracy instead
 the argmax over the whole vocabulary (what greedy generation would answer).
 
 Example:
-    >>> from tl_vlm import HookedVLM                                       # doctest: +SKIP
-    >>> from tl_vlm.toy import toy_model_path, make_examples, evaluate
-    >>> model = HookedVLM.from_pretrained(str(toy_model_path("toy-gated")))
-    >>> evaluate(model, make_examples(300)).accuracy
-    >>> evaluate(model, make_examples(300), condition="eoi").accuracy
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_examples
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> data = make_examples(48)                       # held-out (evaluation stream)
+    >>> evaluate(model, data).accuracy
+    1.0
+    >>> evaluate(model, data, condition="eoi").accuracy < 0.5     # near chance (0.25)
+    True
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from tl_vlm.toy.task import QUESTION_TYPES, ToyDataset, chance_level
 
@@ -29,7 +34,23 @@ CONDITIONS = ("clean", "eoi", "img2text", "random10")
 def condition_hooks(model, batch, condition: str, seed: int = 0,
                     method: str = "zero") -> list:
     """Hooks of a named condition: ``clean``, ``eoi`` (gate knockout), ``img2text``
-    (image -> text knockout) or ``random10`` (10 random image tokens, seeded)."""
+    (image -> text knockout) or ``random10`` (10 random image tokens, seeded).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(24, seed=0)
+        >>> batch = model.prepare(data.prompts)
+        >>> condition_hooks(model, batch, "clean"), len(condition_hooks(model, batch, "eoi"))
+        ([], 4)
+        >>> condition_hooks(model, batch, "eoi", method="mask")[0][0]
+        'blocks.0.attn.hook_attn_scores'
+        >>> condition_hooks(model, batch, "boi")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown condition 'boi'; choose from ('clean', 'eoi', 'img2text', 'random10')
+    """
     from tl_vlm.analyses.knockout import (gate_knockout, image_to_text_knockout,
                                           random_image_knockout)
 
@@ -53,6 +74,17 @@ class ToyScore:
         strict: argmax over the whole vocabulary equals the answer.
         per_question: closed-set accuracy per question type.
         chance: the question-only baseline (:func:`chance_level`).
+        n: number of examples.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(24, seed=0)
+        >>> s = evaluate(model, data, condition="img2text")   # toy-gated does not need the codes
+        >>> s.as_dict()
+        {'accuracy': 1.0, 'strict': 1.0,
+         'per_question': {'colour': 1.0, 'shape': 1.0, 'position': 1.0}, 'chance': 0.25, 'n': 24}
     """
 
     accuracy: float
@@ -69,11 +101,25 @@ class ToyScore:
 
 @torch.no_grad()
 def last_logits(model, data: ToyDataset, hooks: Union[None, str, Callable] = None,
-                batch_size: int = 150) -> torch.Tensor:
+                batch_size: int = 150) -> Float[Tensor, "n vocab"]:
     """``[n, vocab]`` logits at the last prompt token of every example.
 
     ``hooks`` is a condition name (see :data:`CONDITIONS`) or a function
     ``(model, batch) -> fwd_hooks``.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(24, seed=0)
+        >>> logits = last_logits(model, data, batch_size=10)      # three batches
+        >>> logits.shape
+        torch.Size([24, 54])
+        >>> logits.argmax(-1).tolist() == data.answer_ids
+        True
+        >>> blind = last_logits(model, data, lambda model, batch: condition_hooks(model, batch, "eoi"))
+        >>> blind.shape
+        torch.Size([24, 54])
     """
     out = []
     for start in range(0, len(data), batch_size):
@@ -91,8 +137,18 @@ def last_logits(model, data: ToyDataset, hooks: Union[None, str, Callable] = Non
     return torch.cat(out)
 
 
-def score(logits: torch.Tensor, data: ToyDataset) -> ToyScore:
-    """Accuracies from the last-token logits of ``data``."""
+def score(logits: Float[Tensor, "n vocab"], data: ToyDataset) -> ToyScore:
+    """Accuracies from the last-token logits of ``data``.
+
+    Example:
+        >>> from tl_vlm.toy import make_examples
+        >>> data = make_examples(12, seed=0)
+        >>> logits = torch.zeros(12, 54)
+        >>> logits[torch.arange(12), torch.tensor(data.answer_ids)] = 1.0   # always right
+        >>> s = score(logits, data)
+        >>> s.accuracy, s.strict, s.chance, s.n
+        (1.0, 1.0, 0.25, 12)
+    """
     cands = torch.tensor(data.candidate_ids)
     labels = torch.tensor(data.labels)
     answer = torch.tensor(data.answer_ids)
@@ -111,7 +167,24 @@ def score(logits: torch.Tensor, data: ToyDataset) -> ToyScore:
 def evaluate(model, data: ToyDataset, condition: Union[str, Callable] = "clean",
              seeds: Sequence[int] = (0, 1, 2), batch_size: int = 150) -> ToyScore:
     """Score a model on ``data`` under a condition; ``random10`` is averaged over
-    ``seeds`` (the paper's 3-5 draws)."""
+    ``seeds`` (the paper's 3-5 draws).
+
+    ``condition`` is a name of :data:`CONDITIONS` or a function ``(model, batch) ->
+    fwd_hooks``.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-distributed")    # text reads the codes directly
+        >>> data = make_examples(24, seed=0)
+        >>> evaluate(model, data, condition="eoi").accuracy          # the gate carries nothing
+        1.0
+        >>> evaluate(model, data, condition="img2text").accuracy     # blind without the codes
+        0.25
+        >>> s = evaluate(model, data, condition="random10", seeds=(0, 1))
+        >>> sorted(s.per_question), s.n
+        (['colour', 'position', 'shape'], 24)
+    """
     if condition == "random10":
         scores = [score(last_logits(model, data, _random(seed), batch_size), data)
                   for seed in seeds]
@@ -131,12 +204,34 @@ def _random(seed: int) -> Callable:
 
 def evaluate_all(model, data: ToyDataset, conditions: Sequence[str] = CONDITIONS,
                  batch_size: int = 150) -> dict[str, ToyScore]:
-    """Every condition of :data:`CONDITIONS`."""
+    """Every condition of :data:`CONDITIONS` (or of ``conditions``), by name.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(24, seed=0)
+        >>> scores = evaluate_all(model, data, conditions=("clean", "eoi"))
+        >>> {name: s.accuracy > 0.5 for name, s in scores.items()}
+        {'clean': True, 'eoi': False}
+    """
     return {c: evaluate(model, data, c, batch_size=batch_size) for c in conditions}
 
 
 def format_scores(scores: dict[str, ToyScore], name: Optional[str] = None) -> str:
-    """A small text table (one row per condition)."""
+    """A small text table (one row per condition).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(24, seed=0)
+        >>> print(format_scores(evaluate_all(model, data, ("clean", "img2text")), "toy-gated"))
+        toy-gated
+         condition     acc  strict  colour  shape  position
+             clean   1.000   1.000   1.000  1.000     1.000
+          img2text   1.000   1.000   1.000  1.000     1.000
+    """
     head = f"{name}\n" if name else ""
     lines = [f"{'condition':>10}  {'acc':>6}  {'strict':>6}  colour  shape  position"]
     for c, s in scores.items():

@@ -26,8 +26,8 @@ Example:
     >>> data = make_examples(12, seed=0)
     >>> len(data), data.questions[:3], sorted(set(data.labels))
     (12, ['colour', 'shape', 'position'], [0, 1, 2, 3])
-    >>> data[0].prompt.split()[0], len(data[0].prompt.split())
-    ('<racm3:break>', 42)
+    >>> data[0].prompt.split()[:2], len(data[0].prompt.split())   # BOI, 36 codes, EOI, question
+    (['<racm3:break>', 'IMGIMGFZ'], 41)
 """
 
 from __future__ import annotations
@@ -68,7 +68,12 @@ DEFAULT_EVAL_SEED = 1000
 
 
 def code_token(code: int) -> str:
-    """Chameleon's vocabulary name of VQ code ``code``: its digits as letters A-J."""
+    """Chameleon's vocabulary name of VQ code ``code``: its digits as letters A-J.
+
+    Example:
+        >>> code_token(0), code_token(23)
+        ('IMGIMGAZ', 'IMGIMGCDZ')
+    """
     return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
@@ -76,7 +81,12 @@ def vocabulary() -> list[str]:
     """Every word of the task, in the order the toy tokenizer numbers them.
 
     ``<unk> <s> </s> <pad>``, the four Chameleon specials, the question and answer
-    words, then the 16 code tokens.
+    words, then the 24 code tokens.
+
+    Example:
+        >>> words = vocabulary()
+        >>> len(words), words[5:8], words[-1]
+        (54, ['<racm3:break>', '<eoss>', '<reserved08706>'], 'IMGIMGCDZ')
     """
     words: list[str] = []
     for t in TEMPLATES.values():
@@ -92,13 +102,33 @@ _VOCAB = {w: i for i, w in enumerate(vocabulary())}
 
 
 def token_id(word: str) -> int:
-    """Id of a task word in the toy tokenizer (equal to the shipped tokenizer's)."""
+    """Id of a task word in the toy tokenizer (equal to the shipped tokenizer's).
+
+    Example:
+        >>> token_id("red"), token_id(EOI), token_id(code_token(0))
+        (18, 6, 30)
+    """
     return _VOCAB[word]
 
 
 @dataclass(frozen=True)
 class ToyImage:
-    """One image: its attributes and its 36 codes (row-major)."""
+    """One image: its attributes (indices into ``COLOURS``, ``SHAPES``, ``POSITIONS``) and
+    its 36 codes (row-major).
+
+    Example:
+        >>> img = draw_image(colour=0, shape=SHAPES.index("triangle"), position=3,
+        ...                  background=[0] * 36)
+        >>> print(img.render())                 # a red triangle, bottom-right
+        .. .. .. .. .. ..
+        .. .. .. .. .. ..
+        .. .. .. .. .. ..
+        .. .. .. tr .. ..
+        .. .. .. tr tr ..
+        .. .. .. tr tr tr
+        >>> img.label("colour"), img.tokens.split()[:2], len(img.tokens.split())
+        (0, ['<racm3:break>', 'IMGIMGAZ'], 38)
+    """
 
     colour: int
     shape: int
@@ -128,11 +158,24 @@ class ToyImage:
 
 
 def object_code(colour: int, shape: int) -> int:
+    """The VQ code of a piece of the object: ``8 + 4 * shape + colour``.
+
+    Example:
+        >>> object_code(COLOURS.index("red"), SHAPES.index("triangle"))
+        20
+    """
     return N_BACKGROUND + 4 * shape + colour
 
 
 def draw_image(colour: int, shape: int, position: int, background: Sequence[int]) -> ToyImage:
-    """The image of given attributes over a 36-cell background."""
+    """The image of given attributes over a 36-cell background.
+
+    Example:
+        >>> img = draw_image(colour=1, shape=SHAPES.index("plus"), position=0,
+        ...                  background=[0] * 36)
+        >>> img.codes[:GRID], POSITIONS[img.position]       # the first row: one plus piece
+        ((0, 13, 0, 0, 0, 0), 'top-left')
+    """
     codes = list(background)
     top, left = (position // 2) * BLOCK, (position % 2) * BLOCK
     for r, c in SHAPE_CELLS[SHAPES[shape]]:
@@ -142,7 +185,13 @@ def draw_image(colour: int, shape: int, position: int, background: Sequence[int]
 
 def random_image(rng: np.random.Generator, colour: Optional[int] = None,
                  shape: Optional[int] = None, position: Optional[int] = None) -> ToyImage:
-    """An image with the given attributes (random where None)."""
+    """An image with the given attributes (random where None).
+
+    Example:
+        >>> img = random_image(np.random.default_rng(0), colour=2)
+        >>> COLOURS[img.colour], len(img.codes)
+        ('blue', 36)
+    """
     colour = int(rng.integers(4)) if colour is None else colour
     shape = int(rng.integers(4)) if shape is None else shape
     position = int(rng.integers(4)) if position is None else position
@@ -158,6 +207,14 @@ class ToyExample:
         question: ``"colour"``, ``"shape"`` or ``"position"``.
         template: index of the question's wording in ``TEMPLATES[question]``.
         label: the answer's class index (0..3) within the question type.
+
+    Example:
+        >>> img = draw_image(0, SHAPES.index("triangle"), 3, background=[0] * 36)
+        >>> ex = ToyExample(img, "shape")
+        >>> ex.label, ex.answer, ex.answer_id, ex.question_text
+        (3, 'triangle', 25, 'what shape is the object ?')
+        >>> ex.prompt.split()[-7:]
+        ['<eoss>', 'what', 'shape', 'is', 'the', 'object', '?']
     """
 
     image: ToyImage
@@ -191,9 +248,14 @@ class ToyDataset(Sequence[ToyExample]):
 
     Example:
         >>> data = make_examples(24, seed=1)
-        >>> batch = model.prepare(data.prompts)                    # doctest: +SKIP
-        >>> data.answer_ids[:3], data.candidate_ids.shape
-        ...                                                        # doctest: +SKIP
+        >>> data.answers[:3], data.answer_ids[:3], data.candidate_ids[0]
+        (['red', 'square', 'top-left'], [18, 22, 26], [18, 19, 20, 21])
+        >>> len(data[:5]), len(data.of_question("colour")), data.questions[:2]
+        (5, 8, ['colour', 'shape'])
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> model.prepare(data.prompts).input_ids.shape              # no images: codes are tokens
+        torch.Size([24, 46])
     """
 
     def __init__(self, examples: Sequence[ToyExample]) -> None:
@@ -243,7 +305,12 @@ class ToyDataset(Sequence[ToyExample]):
 
 def chance_level(data: Union[ToyDataset, Sequence[ToyExample]]) -> float:
     """Accuracy of the best question-only guesser: per question type, always answer
-    its most frequent answer; averaged over examples. 0.25 for balanced sets."""
+    its most frequent answer; averaged over examples. 0.25 for balanced sets.
+
+    Example:
+        >>> chance_level(make_examples(24)), chance_level(make_examples(24)[:5])
+        (0.25, 0.6)
+    """
     total = 0
     for q in QUESTION_TYPES:
         labels = [e.label for e in data if e.question == q]
@@ -266,6 +333,17 @@ def make_examples(n: int, seed: int = DEFAULT_EVAL_SEED,
     Deterministic given ``(n, seed, questions, stream)``. Evaluation sets use
     ``stream=EVAL_STREAM`` (the default) and training batches ``TRAIN_STREAM``, so the
     two never coincide whatever the seeds.
+
+    Example:
+        >>> data = make_examples(12, seed=0, questions=["colour"])
+        >>> set(data.questions), sorted(data.labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+        ({'colour'}, True)
+        >>> make_examples(12, seed=0).prompts == make_examples(12, seed=0).prompts
+        True
+        >>> make_examples(4, questions=["size"])
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown question type 'size'; choose from ('colour', 'shape', 'position')
     """
     rng = np.random.default_rng([stream, seed])
     questions = list(questions)
@@ -285,7 +363,15 @@ def make_examples(n: int, seed: int = DEFAULT_EVAL_SEED,
 @dataclass(frozen=True)
 class ToyPair:
     """Two examples with the same question and background that differ only in the
-    asked attribute (for activation patching: run ``source``, patch into ``target``)."""
+    asked attribute (for activation patching: run ``source``, patch into ``target``).
+
+    Example:
+        >>> pair = make_pairs(1, seed=0)[0]
+        >>> pair.source.question, pair.source.answer, pair.target.answer
+        ('colour', 'blue', 'yellow')
+        >>> len(pair.source.prompt.split()) == len(pair.target.prompt.split())   # same layout
+        True
+    """
 
     source: ToyExample
     target: ToyExample
@@ -323,7 +409,13 @@ def make_pairs(n: int, seed: int = DEFAULT_EVAL_SEED,
 
 
 def batch_examples(rng: np.random.Generator, n: int) -> list[ToyExample]:
-    """``n`` i.i.d. training examples (uniform question type, attributes, wording)."""
+    """``n`` i.i.d. training examples (uniform question type, attributes, wording).
+
+    Example:
+        >>> rng = np.random.default_rng([TRAIN_STREAM, 0])
+        >>> [ex.question for ex in batch_examples(rng, 3)]
+        ['shape', 'position', 'position']
+    """
     out = []
     for _ in range(n):
         q = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
@@ -332,5 +424,12 @@ def batch_examples(rng: np.random.Generator, n: int) -> list[ToyExample]:
 
 
 def with_question(example: ToyExample, question: str, template: int = 0) -> ToyExample:
-    """The same image asked another question."""
+    """The same image asked another question.
+
+    Example:
+        >>> ex = make_examples(1, seed=0)[0]
+        >>> other = with_question(ex, "position", template=1)
+        >>> other.image == ex.image, other.question_text
+        (True, 'which corner ?')
+    """
     return replace(example, question=question, template=template)
