@@ -85,3 +85,15 @@ def test_bad_arguments_raise_clearly(tiny_zoo):
         A.knockout_hooks(model, batch, keys=pos.image, method="renorm")
     with pytest.raises(ValueError, match="'all'"):
         A.resolve_layers(model, "every")
+
+
+def test_layer_selections_take_integer_scalars_and_refuse_the_rest(tiny_zoo):
+    import numpy as np
+
+    model = tiny_zoo.model("llava")                       # 2 layers
+    assert A.resolve_layers(model, np.arange(2)) == [0, 1]
+    assert A.resolve_layers(model, torch.tensor(-1)) == [1]
+    for bad, error in ((True, TypeError), ([0.5], TypeError), ("first", ValueError),
+                       ([], ValueError), ([2], IndexError)):
+        with pytest.raises(error):
+            A.resolve_layers(model, bad)

@@ -27,6 +27,8 @@ Example (the shipped ``toy-gated`` model routes all visual information through E
 
 from __future__ import annotations
 
+import operator
+
 from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
@@ -61,10 +63,18 @@ def resolve_layers(model, layers: Layers) -> list[int]:
         if layers != "all":
             raise ValueError(f"layers must be 'all', an int or a sequence of ints, got {layers!r}")
         return list(range(n))
-    seq = [layers] if isinstance(layers, int) else list(layers)
+    scalar = not hasattr(layers, "__iter__") or getattr(layers, "ndim", 1) == 0
+    seq = [layers] if scalar else list(layers)
     out = []
     for layer in seq:
-        if not isinstance(layer, int) or not -n <= layer < n:
+        # operator.index takes ints and integer numpy/torch scalars; bools are no layer.
+        try:
+            if isinstance(layer, bool):
+                raise TypeError
+            layer = operator.index(layer)
+        except TypeError:
+            raise TypeError(f"a layer must be an integer, got {layer!r}") from None
+        if not -n <= layer < n:
             raise IndexError(f"layer {layer!r} is outside the model's {n} layers (0..{n - 1})")
         out.append(layer % n)
     if not out:

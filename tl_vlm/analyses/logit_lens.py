@@ -299,6 +299,7 @@ def _token_tensor(tokens: TokenIds, n: int, what: str) -> Tensor:
     return t
 
 
+@torch.no_grad()
 def head_logit_attribution(
     model,
     batch: VLMBatch,
