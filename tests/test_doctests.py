@@ -20,6 +20,10 @@ import io
 import pytest
 
 MODULES = [
+    "tl_vlm",
+    "tl_vlm.model",
+    "tl_vlm.analyses",
+    "tl_vlm.toy",
     "tl_vlm.analyses.knockout",
     "tl_vlm.analyses.contribution",
     "tl_vlm.analyses.patching",

@@ -4,11 +4,13 @@ Load a VLM with hooks on every layer, find its image tokens, and run the Narrow 
 analyses as hook functions.
 
 Example:
-    >>> import tl_vlm                                                         # doctest: +SKIP
-    >>> model = tl_vlm.HookedVLM.from_pretrained("facebook/chameleon-7b")
-    >>> batch = model.prepare(["What animal is this?"], images=[img])
+    >>> import tl_vlm
+    >>> model = tl_vlm.HookedVLM.from_pretrained("toy-gated")        # shipped, offline
+    >>> batch = model.prepare(tl_vlm.toy.make_examples(2).prompts)
     >>> logits, cache = model.run_with_cache(batch)
-    >>> batch.positions.gate
+    >>> batch.positions.gate.tolist()
+    [[38], [38]]
+    >>> model = tl_vlm.HookedVLM.from_pretrained("facebook/chameleon-7b")  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -1,12 +1,19 @@
 """HookedVLM: a TransformerBridge that takes images.
 
-Example:
-    >>> import tl_vlm                                                     # doctest: +SKIP
-    >>> model = tl_vlm.HookedVLM.from_pretrained("facebook/chameleon-7b")
-    >>> batch = model.prepare(["What animal is this?"], images=[img])
+Example (the shipped toy model writes its image as tokens, so it needs no pixels):
+    >>> from tl_vlm import HookedVLM
+    >>> from tl_vlm.toy import make_examples
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> batch = model.prepare(make_examples(3).prompts, padding_side="left")
     >>> logits, cache = model.run_with_cache(batch)
-    >>> pos = batch.positions
-    >>> cache["blocks.3.attn.hook_pattern"][0, :, pos.text[0]][:, :, pos.image[0]]
+    >>> logits.shape, batch.positions.gate.tolist()
+    (torch.Size([3, 46, 54]), [[38], [38], [41]])
+    >>> cache["blocks.3.attn.hook_pattern"].shape           # [batch, head, query, key]
+    torch.Size([3, 4, 46, 46])
+
+A real checkpoint goes through the same code:
+    >>> model = HookedVLM.from_pretrained("facebook/chameleon-7b")     # doctest: +SKIP
+    >>> batch = model.prepare(["What animal is this?"], images=[img])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -54,7 +61,17 @@ def _offline_if_local(name_or_path: str) -> Iterator[None]:
 
 @dataclass
 class GenerationOutput:
-    """Tokens produced by :meth:`HookedVLM.generate`."""
+    """Tokens produced by :meth:`HookedVLM.generate`.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> out = model.generate(model.prepare(make_examples(3).prompts, padding_side="left"),
+        ...                      max_new_tokens=2)
+        >>> out.text, out.new_tokens.shape, out.logits.shape    # logits of each new token
+        (['red', 'square', 'top-left'], torch.Size([3, 2]), torch.Size([3, 2, 54]))
+    """
 
     sequences: Int[Tensor, "batch total_pos"]
     logits: Float[Tensor, "batch new_pos vocab"]
@@ -73,6 +90,12 @@ class HookedVLM(TransformerBridge):
     ``hooks()``, hook names such as ``blocks.{i}.attn.hook_pattern``) takes a
     :class:`~tl_vlm.batch.VLMBatch` as input, and every attention hook is live (edits
     change the output) on every family.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> model.family.name, model.cfg.n_layers, model.layout.gate_description
+        ('chameleon', 4, 'EOI <eoss>')
     """
 
     family: Family
@@ -92,8 +115,11 @@ class HookedVLM(TransformerBridge):
         (``"toy-gated"``, ``"toy-distributed"``) with hooks on every layer.
 
         Example:
+            >>> model = HookedVLM.from_pretrained("toy-distributed")
+            >>> type(model.hf_model).__name__
+            'ChameleonForConditionalGeneration'
             >>> model = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf",  # doctest: +SKIP
-            ...                                   dtype=torch.bfloat16, device="cuda")
+            ...                                   dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
         """
         from transformers import AutoConfig, AutoProcessor
 
@@ -154,9 +180,14 @@ class HookedVLM(TransformerBridge):
         have exactly one image per placeholder.
 
         Example:
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(2).prompts, padding_side="right")
+            >>> pos = batch.positions
+            >>> pos.boi.tolist(), pos.gate.tolist(), pos.image.counts.tolist()
+            ([[1], [1]], [[38], [38]], [36, 36])
             >>> batch = model.prepare(["What animal is this?", "Describe it."],  # doctest: +SKIP
-            ...                       images=[img_a, img_b], padding_side="left")
-            >>> batch.positions.gate[0]
+            ...                       images=[img_a, img_b], padding_side="left")  # doctest: +SKIP
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         per_prompt = self._images_per_prompt(prompts, images)
@@ -225,8 +256,13 @@ class HookedVLM(TransformerBridge):
         in a full forward. See :func:`tl_vlm.prefix.run_from_layer`.
 
         Example:
-            >>> _, cache = model.run_with_cache(batch)                        # doctest: +SKIP
-            >>> logits = model.run_from_layer(batch, 4, cache["blocks.4.hook_resid_pre"])
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(3).prompts)
+            >>> logits, cache = model.run_with_cache(batch)
+            >>> same = model.run_from_layer(batch, 2, cache["blocks.2.hook_resid_pre"])
+            >>> torch.equal(same, logits)
+            True
         """
         from tl_vlm.prefix import run_from_layer
 
@@ -247,8 +283,15 @@ class HookedVLM(TransformerBridge):
         ``hook_pattern`` is ``[batch, head, new_q, all_k]``.
 
         Example:
-            >>> out = model.generate(batch, max_new_tokens=20, fwd_hooks=hooks)  # doctest: +SKIP
-            >>> out.text
+            >>> from tl_vlm import analyses as A
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(3).prompts, padding_side="left")
+            >>> model.generate(batch, max_new_tokens=1).text
+            ['red', 'square', 'top-left']
+            >>> model.generate(batch, max_new_tokens=1,
+            ...                fwd_hooks=A.gate_knockout(model, batch)).text   # blind
+            ['', 'square', 'top-right']
         """
         if not isinstance(batch, VLMBatch):
             raise TypeError("generate() takes a VLMBatch from model.prepare(...)")

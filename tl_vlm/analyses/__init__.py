@@ -1,14 +1,25 @@
 """The Narrow Gate analyses as hook functions.
 
 Example:
-    >>> from tl_vlm import analyses as A                                     # doctest: +SKIP
-    >>> pos = batch.positions
-    >>> hooks = A.knockout_hooks(model, batch, keys=pos.gate, queries=pos.all)
-    >>> out = model.generate(batch, fwd_hooks=hooks, max_new_tokens=20)       # gate ablated
-    >>> contrib = A.cross_modal_contribution(model, batches)                  # [layer, head, group]
-    >>> res = A.patch_gate(model, source=batch_a, target=batch_b, layers=range(0, 32, 4))
-    >>> sep = A.modality_separation(model, batches)                           # per-layer |cos|
-    >>> lens = A.logit_lens(model, batch, pos.gate)                           # [layer, n, vocab]
+    >>> from tl_vlm import HookedVLM, analyses as A
+    >>> from tl_vlm.toy import make_pairs
+    >>> model = HookedVLM.from_pretrained("toy-gated")
+    >>> pairs = make_pairs(24, seed=0)
+    >>> batch_a = model.prepare([p.source.prompt for p in pairs], padding_side="left")
+    >>> batch_b = model.prepare([p.target.prompt for p in pairs], padding_side="left")
+    >>> pos = batch_b.positions
+    >>> hooks = A.knockout_hooks(model, batch_b, keys=pos.gate, queries=pos.all)
+    >>> out = model.generate(batch_b, fwd_hooks=hooks, max_new_tokens=1)     # gate ablated
+    >>> contrib = A.cross_modal_contribution(model, [batch_a, batch_b])       # [layer, head, group]
+    >>> [round(s, 3) for s in contrib.share("eoi").tolist()]                # all through EOI
+    [1.0, 1.0, 1.0, 1.0]
+    >>> res = A.patch_gate(model, source=batch_a, target=batch_b, stream="attn_in",
+    ...                    answers=[(p.source.answer, p.target.answer) for p in pairs])
+    >>> res.flip_rate[0].item()                                               # steered
+    1.0
+    >>> lens = A.logit_lens(model, batch_b, pos.gate)
+    >>> lens.logits.shape                                                     # [layer, n, vocab]
+    torch.Size([4, 24, 54])
 
 Modules: :mod:`.knockout`, :mod:`.contribution`, :mod:`.patching`, :mod:`.geometry`,
 :mod:`.logit_lens`, :mod:`.tl_patching` (``transformer_lens.patching`` on VLM batches).
