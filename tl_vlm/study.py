@@ -263,10 +263,8 @@ def step_overlap(model, task: Task, store: RunStore, settings: StudySettings) ->
     k = min(30, max(1, len(labels) // 8))
     reps: dict[str, list] = {}
     layers = None
-    for rep in ("gate", "last_image", "image_mean"):
-        first = task.prepare(model, task.examples[:1])
-        if rep == "gate" and first.positions.gate.is_empty():
-            continue
+    has_gate = not task.prepare(model, task.examples[:1]).positions.gate.is_empty()
+    for rep in ("gate", "last_image", "image_mean")[0 if has_gate else 1:]:
         res = A.neighbourhood_overlap(model, _batches(model, task, settings), labels,
                                       representation=rep, k=k).to_dict()
         reps[rep] = res["overlap"]
