@@ -79,20 +79,34 @@ def _progress(iterable, total: int, desc: str):
                 disable=not sys.stderr.isatty())
 
 
-def _conditions(model, settings: StudySettings, batch) -> dict[str, list[list]]:
-    """Knockout conditions -> one list of hooks per draw (one draw unless random)."""
-    pos = batch.positions
-    out: dict[str, list[list]] = {"none": [[]]}
-    if not pos.gate.is_empty():
-        out["gate"] = [A.gate_knockout(model, batch)]
-    out["img_to_text"] = [A.image_to_text_knockout(model, batch)]
-    out["random"] = [A.random_image_knockout(model, batch, k=settings.random_k, seed=s)
-                     for s in range(settings.random_seeds)]
-    return out
-
-
 def _chunks(task: Task, settings: StudySettings):
     return list(task.batches(settings.batch_size))
+
+
+def _scores_under(model, task: Task, store: RunStore, settings: StudySettings, step: str,
+                  conditions: Callable[[Any], Optional[dict[str, list]]]) -> Optional[dict[str, list[float]]]:
+    """Per-example task scores under each condition's hooks, resumable batch by batch.
+
+    ``conditions(batch)`` maps a condition name to its hooks (None: the step does not
+    apply). Each (condition, batch) score is recorded as soon as it is known, so a rerun
+    scores only what is missing. Returns the scores per condition, in example order.
+    """
+    done = {(r["condition"], r["start"]): r["scores"] for r in store.records(step)}
+    chunks = _chunks(task, settings)
+    for start, examples in _progress(chunks, len(chunks), step):
+        batch = task.prepare(model, examples)
+        hooks_of = conditions(batch)
+        if hooks_of is None:
+            return None
+        for name, hooks in hooks_of.items():
+            if (name, start) not in done:
+                scores = task.score(model, batch, examples, fwd_hooks=hooks).tolist()
+                store.record(step, {"condition": name, "start": start, "scores": scores})
+                done[(name, start)] = scores
+    out: dict[str, list[float]] = {}
+    for (name, _), scores in sorted(done.items(), key=lambda kv: kv[0][1]):
+        out.setdefault(name, []).extend(scores)
+    return out
 
 
 def step_accuracy(model, task: Task, store: RunStore, settings: StudySettings) -> dict:
@@ -115,23 +129,24 @@ def step_accuracy(model, task: Task, store: RunStore, settings: StudySettings) -
         12
         >>> tmp.cleanup()
     """
-    done = {(r["condition"], r["draw"], r["start"]): r["scores"] for r in store.records("accuracy")}
-    chunks = _chunks(task, settings)
-    for start, examples in _progress(chunks, len(chunks), "knockout"):
-        batch = task.prepare(model, examples)
-        for name, draws in _conditions(model, settings, batch).items():
-            for draw, hooks in enumerate(draws):
-                if (name, draw, start) in done:
-                    continue
-                scores = task.score(model, batch, examples, fwd_hooks=hooks).tolist()
-                store.record("accuracy", {"condition": name, "draw": draw, "start": start,
-                                          "scores": scores})
-                done[(name, draw, start)] = scores
+    def hooks_for(batch) -> dict[str, list]:
+        pos = batch.positions
+        hooks = {"none": []}
+        if not pos.gate.is_empty():
+            hooks["gate"] = A.gate_knockout(model, batch)
+        hooks["img_to_text"] = A.image_to_text_knockout(model, batch)
+        for seed in range(settings.random_seeds):
+            hooks[f"random/{seed}"] = A.random_image_knockout(model, batch, k=settings.random_k,
+                                                              seed=seed)
+        return hooks
+
+    scores = _scores_under(model, task, store, settings, "accuracy", hooks_for)
     per_condition: dict[str, list[float]] = {}
-    for (name, draw, start), scores in sorted(done.items()):
-        per_condition.setdefault(name, []).extend(scores)
-    conditions = {name: {"mean": sum(s) / len(s), "n": len(s) // (settings.random_seeds if name == "random" else 1)}
-                  for name, s in per_condition.items()}
+    for name, s in scores.items():   # the random draws pool into one condition
+        per_condition.setdefault(name.split("/")[0], []).append(s)
+    conditions = {name: {"mean": sum(map(sum, draws)) / sum(map(len, draws)), "n": len(draws[0]),
+                         "draws": len(draws)}
+                  for name, draws in per_condition.items()}
     result = {"conditions": conditions, "chance": task.chance(), "skipped": {}}
     if "gate" not in conditions:
         result["skipped"]["gate"] = f"{model.family.name} has no gate token ({model.layout.gate_description})"
@@ -159,23 +174,17 @@ def step_progressive(model, task: Task, store: RunStore, settings: StudySettings
     n_layers = model.cfg.n_layers
     widths = sorted({max(1, round(n_layers * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1)}
                     | ({*range(1, n_layers + 1)} if n_layers <= 8 else set()))
-    done = {(r["w"], r["start"]): r["scores"] for r in store.records("progressive")}
-    chunks = _chunks(task, settings)
-    for start, examples in _progress(chunks, len(chunks), "progressive knockout"):
-        batch = task.prepare(model, examples)
+
+    def hooks_for(batch) -> Optional[dict[str, list]]:
         if batch.positions.gate.is_empty():
             return None
-        for w in widths:
-            if (w, start) in done:
-                continue
-            hooks = A.gate_knockout(model, batch, layers=A.last_layers(model, w))
-            scores = task.score(model, batch, examples, fwd_hooks=hooks).tolist()
-            store.record("progressive", {"w": w, "start": start, "scores": scores})
-            done[(w, start)] = scores
-    accuracy = []
-    for w in widths:
-        scores = [s for (ww, _), ss in sorted(done.items()) if ww == w for s in ss]
-        accuracy.append(sum(scores) / len(scores))
+        return {str(w): A.gate_knockout(model, batch, layers=A.last_layers(model, w))
+                for w in widths}
+
+    scores = _scores_under(model, task, store, settings, "progressive", hooks_for)
+    if scores is None:
+        return None
+    accuracy = [sum(scores[str(w)]) / len(scores[str(w)]) for w in widths]
     clean = store.load("accuracy")["conditions"]["none"]["mean"] if store.done("accuracy") else None
     return {"widths": widths, "accuracy": accuracy, "clean": clean, "chance": task.chance()}
 

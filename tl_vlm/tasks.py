@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from dataclasses import dataclass, replace
@@ -101,21 +102,23 @@ def answer_token_id(tokenizer: Any, answer: str) -> int:
 
 
 @dataclass
-class Task:
+class Task(abc.ABC):
     """A named list of examples with a scoring rule (see the subclasses).
 
     Example:
         >>> from tl_vlm import HookedVLM
         >>> model = HookedVLM.from_pretrained("toy-gated")
-        >>> task = Task("toy", toy_task(30).examples, padding_side="right")
+        >>> task = NextTokenTask("toy", toy_task(30).examples, padding_side="right")
         >>> [(start, len(chunk)) for start, chunk in task.batches(12)]
         [(0, 12), (12, 12), (24, 6)]
         >>> [start for start, _ in task.batches(12, start=12)]       # resume mid-way
         [12, 24]
         >>> task.prepare(model, task.examples[:2]).padding_side
         'right'
-        >>> task.chance() is None
-        True
+        >>> Task("toy", task.examples)           # a task needs a scoring rule
+        Traceback (most recent call last):
+        ...
+        TypeError: Can't instantiate abstract class Task with abstract method score
     """
 
     name: str
@@ -139,9 +142,10 @@ class Task:
         return model.prepare([ex.prompt for ex in examples], images=images,
                              padding_side=self.padding_side)
 
+    @abc.abstractmethod
     def score(self, model: Any, batch: VLMBatch, examples: Sequence[Example],
               fwd_hooks: Hooks = ()) -> Float[Tensor, "batch"]:
-        raise NotImplementedError
+        """Per-example scores in [0, 1] with ``fwd_hooks`` active."""
 
     def chance(self) -> Optional[float]:
         """Expected score of a guess that ignores the image (None when unknown)."""
