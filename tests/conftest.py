@@ -46,6 +46,25 @@ class TinyZoo:
         spec, model = self.specs[name], self.model(name)
         return model, model.prepare(spec.prompts, images=images or spec.images, **prepare_kwargs)
 
+    def deeper(self, name: str, n_layers: int = 4):
+        """A variant of a family's tiny model with ``n_layers`` decoder layers (the extra
+        ones random), for tests that need to skip several blocks in a row."""
+        key = (name, n_layers)
+        if key not in self._models:
+            import json
+            import shutil
+
+            from tl_vlm import HookedVLM
+
+            target = self.root / f"{name}-{n_layers}-layers"
+            shutil.copytree(self.path(name), target)
+            cfg = json.loads((target / "config.json").read_text())
+            (cfg["text_config"] if "text_config" in cfg else cfg)["num_hidden_layers"] = n_layers
+            (target / "config.json").write_text(json.dumps(cfg))
+            torch.manual_seed(0)
+            self._models[key] = HookedVLM.from_pretrained(str(target))
+        return self._models[key]
+
     def reference(self, name: str):
         """The plain HF model, eager attention, as numerical reference."""
         spec = self.specs[name]

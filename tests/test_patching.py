@@ -1,7 +1,5 @@
 """Activation patching and running from a layer, on every family's tiny model."""
 
-import json
-import shutil
 
 import pytest
 import torch
@@ -78,34 +76,13 @@ def test_run_from_layer_equals_full_forward(tiny_zoo, family, side):
     _check_run_from_layer(model, batch)
 
 
-@pytest.fixture(scope="module")
-def deep_models(tiny_zoo, tmp_path_factory):
-    """4-layer variants (layers 2-3 random) of a tuple-returning decoder loop (Chameleon)
-    and a tensor-returning one (LLaVA), so that several blocks are skipped in a row."""
-    from tl_vlm import HookedVLM
-
-    built = {}
-
-    def get(family):
-        if family not in built:
-            path = tmp_path_factory.mktemp(f"deep_{family}")
-            shutil.copytree(tiny_zoo.path(family), path, dirs_exist_ok=True)
-            cfg = json.loads((path / "config.json").read_text())
-            (cfg["text_config"] if "text_config" in cfg else cfg)["num_hidden_layers"] = 4
-            (path / "config.json").write_text(json.dumps(cfg))
-            torch.manual_seed(0)
-            model = HookedVLM.from_pretrained(str(path))
-            spec = tiny_zoo.specs[family]
-            built[family] = (model, model.prepare(spec.prompts, images=spec.images))
-        return built[family]
-
-    return get
-
-
 @pytest.mark.parametrize("deep_family", ["chameleon", "llava"])
 @torch.no_grad()
-def test_run_from_layer_skips_several_blocks(deep_models, deep_family):
-    model, batch = deep_models(deep_family)
+def test_run_from_layer_skips_several_blocks(tiny_zoo, deep_family):
+    """A tuple-returning decoder loop (Chameleon) and a tensor-returning one (LLaVA)."""
+    model = tiny_zoo.deeper(deep_family, n_layers=4)
+    spec = tiny_zoo.specs[deep_family]
+    batch = model.prepare(spec.prompts, images=spec.images)
     assert model.cfg.n_layers == 4
     _check_run_from_layer(model, batch)
 
