@@ -25,6 +25,10 @@ from pathlib import Path
 from tl_vlm.toy.task import (ANSWERS, QUESTION_TYPES, ToyDataset, ToyExample, ToyPair,
                              chance_level, make_examples, make_pairs)
 
+# Imported eagerly: a lazy wrapper named like its submodule is replaced by the module
+# object as soon as anything imports ``tl_vlm.toy.evaluate``.
+from tl_vlm.toy.evaluate import evaluate  # noqa: E402
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 TOY_MODELS = {"toy-gated": "gated", "toy-distributed": "distributed"}
 
@@ -56,20 +60,6 @@ def is_toy_model(name: str) -> bool:
         (True, False)
     """
     return name in TOY_MODELS
-
-
-def evaluate(*args, **kwargs):
-    """:func:`tl_vlm.toy.evaluate.evaluate` (imported lazily: it needs the analyses).
-
-    Example:
-        >>> from tl_vlm import HookedVLM
-        >>> model = HookedVLM.from_pretrained("toy-distributed")
-        >>> evaluate(model, make_examples(60), condition="eoi").accuracy   # EOI unused
-        1.0
-    """
-    from tl_vlm.toy.evaluate import evaluate as _evaluate
-
-    return _evaluate(*args, **kwargs)
 
 
 __all__ = ["ANSWERS", "QUESTION_TYPES", "ToyDataset", "ToyExample", "ToyPair", "chance_level",
