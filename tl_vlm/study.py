@@ -270,14 +270,11 @@ def step_overlap(model, task: Task, store: RunStore, settings: StudySettings) ->
     """
     labels = [ex.klass for ex in task.examples]
     k = min(30, max(1, len(labels) // 8))
-    reps: dict[str, list] = {}
-    layers = None
     has_gate = not task.prepare(model, task.examples[:1]).positions.gate.is_empty()
-    for rep in ("gate", "last_image", "image_mean")[0 if has_gate else 1:]:
-        res = A.neighbourhood_overlap(model, _batches(model, task, settings), labels,
-                                      representation=rep, k=k).to_dict()
-        reps[rep] = res["overlap"]
-        layers = res["layers"]
+    names = ("gate", "last_image", "image_mean")[0 if has_gate else 1:]
+    results = A.neighbourhood_overlaps(model, _batches(model, task, settings), labels, names, k=k)
+    reps = {name: r.to_dict()["overlap"] for name, r in results.items()}
+    layers = next(iter(results.values())).layers
     return {"layers": layers, "representations": reps, "k": k}
 
 

@@ -37,6 +37,7 @@ from tl_vlm.analyses.geometry import (
     NeighbourhoodOverlap,
     modality_separation,
     neighbourhood_overlap,
+    neighbourhood_overlaps,
 )
 from tl_vlm.analyses.knockout import (
     gate_knockout,
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_GROUPS", "ContributionAccumulator", "CrossModalContribution", "contribution_hooks",
     "cross_modal_contribution",
     "ModalitySeparation", "NeighbourhoodOverlap", "modality_separation", "neighbourhood_overlap",
+    "neighbourhood_overlaps",
     "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers",
     "random_image_knockout", "resolve_layers",
     "LogitLensResult", "head_logit_attribution", "logit_lens",

@@ -569,21 +569,62 @@ def neighbourhood_overlap(
         ...
         ValueError: got 48 labels for 12 examples; pass one label per example, ...
     """
-    _dadapy_data()
-    name, selector = representation_selector(representation)
-    points = residual_points(model, layers, final)
-    def pick(batch: VLMBatch, i: int) -> PositionSet:
-        return _select(batch, selector, f"representation {name!r}", i)
+    [result] = neighbourhood_overlaps(model, batches, labels, [representation], layers, k,
+                                     weighted=weighted, final=final,
+                                     keep_vectors=keep_vectors).values()
+    return result
 
-    vecs, idx = _collect(model, batches, points, {name: (pick, "mean")})
-    x, index = vecs[name], idx[name]
+
+def neighbourhood_overlaps(
+    model,
+    batches: Iterable[VLMBatch],
+    labels: Sequence[Any],
+    representations: Sequence[Representation] = ("gate", "last_image", "image_mean"),
+    layers: Layers = "all",
+    k: int = 30,
+    *,
+    weighted: bool = False,
+    final: bool = True,
+    keep_vectors: bool = False,
+) -> dict[str, NeighbourhoodOverlap]:
+    """:func:`neighbourhood_overlap` of several representations from one pass over the data.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> data = make_examples(48, seed=0, questions=["colour"])
+        >>> batches = [model.prepare(data[i:i + 12].prompts) for i in range(0, 48, 12)]
+        >>> chis = neighbourhood_overlaps(model, batches, data.labels, ["gate", "image_mean"], k=5)
+        >>> sorted(chis), chis["gate"].overlap.shape
+        (['gate', 'image_mean'], (5,))
+        >>> bool(abs(chis["gate"].overlap - neighbourhood_overlap(
+        ...     model, batches, data.labels, "gate", k=5).overlap).max() == 0)
+        True
+    """
+    _dadapy_data()
+    points = residual_points(model, layers, final)
+    selectors = {}
+    for representation in representations:
+        name, selector = representation_selector(representation)
+
+        def pick(batch: VLMBatch, i: int, name=name, selector=selector) -> PositionSet:
+            return _select(batch, selector, f"representation {name!r}", i)
+
+        selectors[name] = (pick, "mean")
+    vecs, idx = _collect(model, batches, points, selectors)
     labels = list(labels)
-    if len(labels) != x.shape[1]:
-        raise ValueError(f"got {len(labels)} labels for {x.shape[1]} examples; pass one label "
-                         f"per example, over all batches in order")
-    _check_k(k, x.shape[1], "neighbourhood overlap")
-    overlap = np.array([label_overlap(x[i], labels, k=k, weighted=weighted)
-                        for i in range(len(points))])
-    return NeighbourhoodOverlap(
-        layers=[label for label, _ in points], overlap=overlap, representation=name,
-        index=index, params=dict(k=k, weighted=weighted), vectors=x if keep_vectors else None)
+    out = {}
+    for name in selectors:
+        x = vecs[name]
+        if len(labels) != x.shape[1]:
+            raise ValueError(f"got {len(labels)} labels for {x.shape[1]} examples; pass one "
+                             f"label per example, over all batches in order")
+        _check_k(k, x.shape[1], "neighbourhood overlap")
+        overlap = np.array([label_overlap(x[i], labels, k=k, weighted=weighted)
+                            for i in range(len(points))])
+        out[name] = NeighbourhoodOverlap(
+            layers=[label for label, _ in points], overlap=overlap, representation=name,
+            index=idx[name], params=dict(k=k, weighted=weighted),
+            vectors=x if keep_vectors else None)
+    return out
