@@ -301,6 +301,42 @@ class ImagePositions:
               for f in fields(self) if f.name not in ("grid",)}
         return ImagePositions(grid=self.grid, **kw)
 
+    def check(self, positions: PositionSet, what: str = "positions",
+              nonempty: bool = False) -> PositionSet:
+        """``positions`` if it is a PositionSet of this batch, else a clear error.
+
+        With ``nonempty``, a set empty in every example is refused too (usually a token
+        the family does not have).
+
+        Example:
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> pos = model.prepare(make_examples(2).prompts).positions
+            >>> pos.check(pos.gate, "keys", nonempty=True) is pos.gate
+            True
+            >>> pos.check(pos.row_breaks, "keys", nonempty=True)
+            Traceback (most recent call last):
+            ...
+            ValueError: keys is empty in every example (does this family have the tokens ...
+            >>> pos.check(PositionSet.empty(3, 5), "queries")
+            Traceback (most recent call last):
+            ...
+            ValueError: queries cover (3, 5) [batch, pos] but the batch is (2, 46)
+        """
+        if not isinstance(positions, PositionSet):
+            raise TypeError(f"{what} must be a PositionSet (e.g. batch.positions.gate), got "
+                            f"{type(positions).__name__}")
+        if positions.mask.shape != self.padding.mask.shape:
+            raise ValueError(f"{what} cover {tuple(positions.mask.shape)} [batch, pos] but the "
+                             f"batch is {tuple(self.padding.mask.shape)}")
+        if nonempty and positions.is_empty():
+            raise ValueError(
+                f"{what} is empty in every example (does this family have the tokens you "
+                f"asked for? e.g. LLaVA has no end-of-image token: use positions.last_image)"
+            )
+        return positions
+
     def to(self, device: Union[str, torch.device]) -> "ImagePositions":
         kw = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "grid"}
         return ImagePositions(grid=self.grid, **kw)

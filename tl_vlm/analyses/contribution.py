@@ -513,10 +513,7 @@ def _resolve_queries(pos: ImagePositions, queries: Queries) -> PositionSet:
     if not isinstance(out, PositionSet):
         raise TypeError("queries must be a PositionSet or a function of ImagePositions "
                         "giving one (e.g. lambda p: p.after_image)")
-    if out.mask.shape != pos.padding.mask.shape:
-        raise ValueError(f"queries cover {tuple(out.mask.shape)} [batch, pos] but the batch is "
-                         f"{tuple(pos.padding.mask.shape)}")
-    return out.to("cpu")
+    return pos.check(out, "queries").to("cpu")
 
 
 def _images(pos: ImagePositions, b: int, side_keys: Tensor) -> list[_Image]:

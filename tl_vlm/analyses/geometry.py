@@ -96,12 +96,7 @@ def residual_points(model, layers: Layers = "all", final: bool = True) -> list[t
 
 
 def _select(batch: VLMBatch, selector: Selector, what: str, b_index: int) -> PositionSet:
-    chosen = selector(batch)
-    if not isinstance(chosen, PositionSet):
-        raise TypeError(f"{what} must give a PositionSet, got {type(chosen).__name__}")
-    if chosen.mask.shape != batch.input_ids.shape:
-        raise ValueError(f"{what} covers {tuple(chosen.mask.shape)} [batch, pos] but batch "
-                         f"{b_index} is {tuple(batch.input_ids.shape)}")
+    chosen = batch.positions.check(selector(batch), f"{what} (batch {b_index})")
     empty = (chosen.counts == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(

@@ -150,23 +150,12 @@ def knockout_hooks(
         >>> knockout_hooks(model, batch, keys=pos.row_breaks)    # the toy has no row breaks
         Traceback (most recent call last):
         ...
-        ValueError: the key set is empty in every example (...)
+        ValueError: keys is empty in every example (...)
     """
     pos = _positions(batch)
     queries = pos.all if queries is None else queries
-    for name, s in (("keys", keys), ("queries", queries)):
-        if not isinstance(s, PositionSet):
-            raise TypeError(f"{name} must be a PositionSet (e.g. batch.positions.gate)")
-        if s.mask.shape != pos.padding.mask.shape:
-            raise ValueError(
-                f"{name} covers {tuple(s.mask.shape)} [batch, pos] but the batch is "
-                f"{tuple(pos.padding.mask.shape)}"
-            )
-    if keys.is_empty():
-        raise ValueError(
-            "the key set is empty in every example (does this family have the token you "
-            "asked for? e.g. LLaVA has no end-of-image token: use positions.last_image)"
-        )
+    pos.check(keys, "keys", nonempty=True)
+    pos.check(queries, "queries")
     if method not in ("zero", "mask"):
         raise ValueError(f"method must be 'zero' (post-softmax) or 'mask' (pre-softmax), got {method!r}")
     if heads is not None:

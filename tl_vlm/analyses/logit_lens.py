@@ -93,18 +93,7 @@ def _gather(model, batch: VLMBatch, rows: dict[str, PositionSet], fwd_hooks=()) 
 def _check_positions(batch: VLMBatch, positions: PositionSet, what: str = "positions") -> None:
     if not isinstance(batch, VLMBatch):
         raise TypeError("pass the VLMBatch from model.prepare(...)")
-    if not isinstance(positions, PositionSet):
-        raise TypeError(f"{what} must be a PositionSet (e.g. batch.positions.image)")
-    if positions.mask.shape != batch.input_ids.shape:
-        raise ValueError(
-            f"{what} cover {tuple(positions.mask.shape)} [batch, pos] but the batch is "
-            f"{tuple(batch.input_ids.shape)}"
-        )
-    if positions.is_empty():
-        raise ValueError(
-            f"{what} is empty in every example (does this family have the tokens you asked "
-            f"for? e.g. LLaVA has no end-of-image token: use positions.last_image)"
-        )
+    batch.positions.check(positions, what, nonempty=True)
     if bool((positions.mask & batch.positions.padding.mask.to(positions.mask.device)).any()):
         raise ValueError(f"{what} include padding positions; subtract batch.positions.padding")
 
