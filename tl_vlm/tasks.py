@@ -191,10 +191,11 @@ class NextTokenTask(Task):
         if not self.closed_set or any(ex.kind is None for ex in self.examples):
             return None
         tok = model.layout.tokenizer
-        ids: dict[str, set] = {}
+        answers: dict[str, set] = {}     # distinct answers only: this runs on every batch
         for ex in self.examples:
-            ids.setdefault(ex.kind, set()).add(answer_token_id(tok, ex.answers[0]))
-        return {kind: torch.tensor(sorted(v)) for kind, v in ids.items()}
+            answers.setdefault(ex.kind, set()).add(ex.answers[0])
+        return {kind: torch.tensor(sorted({answer_token_id(tok, a) for a in v}))
+                for kind, v in answers.items()}
 
     @torch.no_grad()
     def score(self, model: Any, batch: VLMBatch, examples: Sequence[Example],
