@@ -48,34 +48,6 @@ TEXT = " ".join(["what is this"] * 30)   # 90 text tokens after the image
 VARIANTS = ("forward", "forward_lean", "streamed", "cache")
 
 
-def build(path: Path, n_layers: int = 2) -> None:
-    """Write the ``n_layers``-layer Chameleon with 900-token images to ``path``."""
-    import torch
-    from transformers import (ChameleonConfig, ChameleonForConditionalGeneration,
-                              ChameleonImageProcessorPil, ChameleonProcessor)
-
-    from tests.tiny.chameleon import N_CODES, make_chameleon_tokenizer
-
-    torch.manual_seed(0)
-    tok = make_chameleon_tokenizer()
-    cfg = ChameleonConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, vocabulary_map=tok.get_vocab(),
-        vq_config=dict(embed_dim=8, num_embeddings=N_CODES, latent_channels=8,
-                       resolution=IMAGE_SIZE, base_channels=32, channel_multiplier=[1, 1, 1],
-                       num_res_blocks=1, attn_resolutions=None),
-    )
-    ChameleonForConditionalGeneration(cfg).eval().save_pretrained(path)
-    ChameleonProcessor(
-        image_processor=ChameleonImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tok, image_seq_length=GRID * GRID,
-    ).save_pretrained(path)
-
-
 def _rss_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -142,11 +114,14 @@ def measure(path: Path, variant: str) -> dict:
 
 
 def main(n_layers: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp), n_layers)
-        res = {v: measure(Path(tmp), v) for v in VARIANTS}
     import torch
 
+    from tests.tiny.chameleon import build as build_chameleon
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        build_chameleon(Path(tmp), layers=n_layers, hidden=64, heads=8, image_size=IMAGE_SIZE)
+        res = {v: measure(Path(tmp), v) for v in VARIANTS}
     diff = (torch.tensor(res["streamed"]["per_layer"])
             - torch.tensor(res["cache"]["per_layer"])).abs().max().item()
     pattern_mib = 8 * res["forward"]["seq"] ** 2 * 4 / 2**20

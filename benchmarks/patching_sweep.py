@@ -41,38 +41,6 @@ sys.path.insert(0, str(ROOT))
 TEXT = " ".join(["describe the image a cat"] * 6)   # 30 words after the image
 
 
-def build(path: Path, layers: int, hidden: int, image_size: int) -> None:
-    """Write a random Chameleon with ``layers`` decoder layers and (image_size/4)^2-token images."""
-    import torch
-    from transformers import (ChameleonConfig, ChameleonForConditionalGeneration,
-                              ChameleonImageProcessorPil, ChameleonProcessor)
-
-    from tests.tiny.chameleon import N_CODES, make_chameleon_tokenizer
-
-    torch.manual_seed(0)
-    tok = make_chameleon_tokenizer()
-    cfg = ChameleonConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-        max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        vocabulary_map=tok.get_vocab(),
-        vq_config=dict(embed_dim=8, num_embeddings=N_CODES, latent_channels=8,
-                       resolution=image_size, base_channels=32, channel_multiplier=[1, 1, 1],
-                       num_res_blocks=1, attn_resolutions=None),
-    )
-    model = ChameleonForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        model.model.vqmodel.quantize.embedding.weight.normal_(std=0.01)
-    model.save_pretrained(path)
-    ChameleonProcessor(
-        image_processor=ChameleonImageProcessorPil(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size}),
-        tokenizer=tok, image_seq_length=(image_size // 4) ** 2,
-    ).save_pretrained(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=10)
@@ -91,11 +59,14 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     from tests.tiny import image
+    from tests.tiny.chameleon import build as build_chameleon
     from tl_vlm import HookedVLM
     from tl_vlm.analyses.patching import patch_positions
 
     with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp), args.layers, args.hidden, args.image_size)
+        torch.manual_seed(0)
+        build_chameleon(Path(tmp), layers=args.layers, hidden=args.hidden, heads=8,
+                        image_size=args.image_size)
         model = HookedVLM.from_pretrained(tmp, device=args.device)
     prompts = [TEXT] * args.batch
     target = model.prepare(prompts, images=[image(i, (args.image_size,) * 2) for i in range(args.batch)])

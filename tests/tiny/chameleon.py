@@ -23,20 +23,24 @@ def make_chameleon_tokenizer():
                           sep_token="<reserved08706>")
 
 
-def build(path, swin_norm: bool = False):
+def build(path, swin_norm: bool = False, layers: int = 2, hidden: int = 32, heads: int = 4,
+          image_size: int = IMAGE_SIZE):
+    """Write the tiny Chameleon (the benchmarks ask for bigger ones: more layers, a wider
+    model, ``image_size`` pixels -> ``(image_size / 4)^2`` codes per image)."""
     import torch
     from transformers import (ChameleonConfig, ChameleonForConditionalGeneration,
                               ChameleonImageProcessorPil, ChameleonProcessor)
 
     tok = make_chameleon_tokenizer()
     cfg = ChameleonConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+        max_position_embeddings=256 + 2 * (image_size // 4) ** 2,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, swin_norm=swin_norm,
         vocabulary_map=tok.get_vocab(),
         vq_config=dict(embed_dim=8, num_embeddings=N_CODES, latent_channels=8,
-                       resolution=IMAGE_SIZE, base_channels=32, channel_multiplier=[1, 1, 1],
+                       resolution=image_size, base_channels=32, channel_multiplier=[1, 1, 1],
                        num_res_blocks=1, attn_resolutions=None),
     )
     model = ChameleonForConditionalGeneration(cfg).eval()
@@ -56,9 +60,9 @@ def build(path, swin_norm: bool = False):
     model.save_pretrained(path)
     processor = ChameleonProcessor(
         image_processor=ChameleonImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tok, image_seq_length=IMAGE_SEQ_LENGTH)
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tok, image_seq_length=(image_size // 4) ** 2)
     processor.save_pretrained(path)
 
 
