@@ -53,12 +53,12 @@ def test_tl_resid_pre_patching_equals_hand_loop_and_needs_the_images(tiny_zoo):
     image = corrupted.positions.image.mask.any(0)
     assert (got[0, image] - metric(model(corrupted))).abs().max() > 1e-4, "image patches moved nothing"
 
-    # Without the wrapper TL runs the token ids alone: no pixels, a different model input.
+    # Without the wrapper TL would run the token ids alone (no pixels): refused, with a hint.
     df = pd.DataFrame({"layer": [0, 0, 1, 1], "pos": [1, int(image.nonzero()[0]), 2, seq - 1]})
     kw = dict(patch_setter=patching.layer_pos_patch_setter, activation_name="resid_pre",
               index_df=df)
-    text_only = patching.generic_activation_patch(model, corrupted.input_ids, clean_cache, metric, **kw)
-    assert (text_only - got[df.layer, df.pos]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="no pixels.*batch_inputs"):
+        patching.generic_activation_patch(model, corrupted.input_ids, clean_cache, metric, **kw)
     via_helper = run_patching(patching.generic_activation_patch, model, corrupted, clean, metric, **kw)
     torch.testing.assert_close(via_helper, got[df.layer, df.pos], atol=1e-6, rtol=0)
 
@@ -78,8 +78,11 @@ def test_binding_rules(tiny_zoo):
         torch.testing.assert_close(model(clean.input_ids), model(clean))      # identity decides
         with pytest.raises(ValueError, match="several bound batches"):
             model(clean.input_ids.clone())
+    text = model.prepare(["what is this"])                                # no image at all
     with batch_inputs(model, corrupted, strict=False):
-        model(corrupted.input_ids[:1])                                    # text-only, allowed
+        model(text.input_ids)                                             # unbound, allowed
+        with pytest.raises(ValueError, match="image placeholders"):      # never text-only
+            model(corrupted.input_ids[:1])
     with pytest.raises(TypeError, match="VLMBatch"):
         with batch_inputs(model, corrupted.input_ids):
             pass

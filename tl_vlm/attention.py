@@ -25,10 +25,16 @@ from transformer_lens.model_bridge.generalized_components.attention import Atten
 
 ATTN_IMPLEMENTATION = "tl_vlm"
 
-# HF attention module -> the bridge that owns its hooks. Weak, so models can be freed.
-_BRIDGE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, HookedAttentionBridge]" = (
-    weakref.WeakKeyDictionary()
-)
+# The HF attention module keeps a *weak* reference to the bridge that owns its hooks.
+# (A global module -> bridge table would keep every model alive: the bridge holds the
+# module.) The bridge holds the module, so the pair is freed together.
+_BRIDGE_ATTR = "_tl_vlm_bridge"
+
+
+def bridge_of(module: torch.nn.Module) -> Optional["HookedAttentionBridge"]:
+    """The bridge whose hooks ``module``'s attention fires (None for vision towers)."""
+    ref = module.__dict__.get(_BRIDGE_ATTR)
+    return None if ref is None else ref()
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -54,7 +60,7 @@ def hooked_eager_attention(
 
     Modules without a bridge (vision towers) run it unhooked.
     """
-    bridge = _BRIDGE_OF.get(module)
+    bridge = bridge_of(module)
     if scaling is None:
         scaling = module.head_dim**-0.5
     if bridge is not None:
@@ -98,7 +104,7 @@ class HookedAttentionBridge(AttentionBridge):
 
     def set_original_component(self, original_component: torch.nn.Module) -> None:
         super().set_original_component(original_component)
-        _BRIDGE_OF[original_component] = self
+        original_component.__dict__[_BRIDGE_ATTR] = weakref.ref(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if "hidden_states" in kwargs:
@@ -116,7 +122,10 @@ def use_hooked_attention(adapter: Any) -> None:
 
     Replaces ``blocks.attn`` in ``adapter.component_mapping`` by a
     :class:`HookedAttentionBridge` over the same HF path and q/k/v/o submodules, and
-    makes the model load with ``attn_implementation="tl_vlm"``.
+    makes the model load with ``attn_implementation="tl_vlm"``. Once loaded, every
+    other sub-model (vision towers) is put back on Hugging Face's default attention
+    (:func:`default_attention_outside_text`): only the text decoder has hooks, and a
+    tower running eager attention over all patches of a batch at once wastes memory.
     """
     blocks = adapter.component_mapping["blocks"]
     old = blocks.submodules["attn"]
@@ -125,3 +134,36 @@ def use_hooked_attention(adapter: Any) -> None:
         name=old.name, config=adapter.cfg, submodules=submodules
     )
     adapter.cfg.attn_implementation = ATTN_IMPLEMENTATION
+    if "prepare_model" not in adapter.__dict__:  # once, even if called again (Chameleon swin)
+        prepare_model = adapter.prepare_model
+
+        def prepare_then_restore_towers(hf_model: torch.nn.Module) -> None:
+            prepare_model(hf_model)
+            default_attention_outside_text(hf_model)
+
+        adapter.prepare_model = prepare_then_restore_towers
+
+
+def default_attention_outside_text(hf_model: torch.nn.Module) -> dict[str, str]:
+    """Give every sub-model but the text decoder Hugging Face's default attention.
+
+    ``attn_implementation`` reaches every sub-config at load time; the text decoder's
+    config (``config.get_text_config()``) keeps ``"tl_vlm"``, every other sub-model
+    that runs transformers' attention interface gets ``"sdpa"`` where it supports it
+    (else ``"eager"``), as ``from_pretrained`` would have chosen. Returns
+    ``{module path: implementation}`` of what was changed.
+    """
+    from transformers import PreTrainedModel
+
+    text_config = hf_model.config.get_text_config()
+    changed = {}
+    for path, module in hf_model.named_modules():
+        config = getattr(module, "config", None)
+        if (not isinstance(module, PreTrainedModel) or config is None
+                or config is text_config or config is hf_model.config
+                or config._attn_implementation != ATTN_IMPLEMENTATION):
+            continue
+        default = module.get_correct_attn_implementation(None)
+        config._attn_implementation_internal = default
+        changed[path] = default
+    return changed

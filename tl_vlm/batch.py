@@ -72,9 +72,19 @@ class VLMBatch:
             return "none"
         return "left" if bool((~mask[:, 0]).any()) else "right"
 
-    def to(self, device: Union[str, torch.device]) -> "VLMBatch":
-        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.inputs.items()}
-        return VLMBatch(moved, self.positions, self.prompts)
+    def to(self, device: Union[str, torch.device, None] = None,
+           dtype: Optional[torch.dtype] = None) -> "VLMBatch":
+        """The batch on ``device``, its floating tensors (pixels) cast to ``dtype``.
+
+        Token ids, masks and integer metadata keep their dtype.
+        """
+        def move(v: Any) -> Any:
+            if not isinstance(v, Tensor):
+                return v
+            cast = dtype if dtype is not None and v.is_floating_point() else None
+            return v.to(device=device, dtype=cast)
+
+        return VLMBatch({k: move(v) for k, v in self.inputs.items()}, self.positions, self.prompts)
 
     def select(self, examples: Sequence[int]) -> "VLMBatch":
         """A sub-batch. Only for families whose image tensors are one row per example."""

@@ -107,6 +107,8 @@ class ImageLayout:
     native: bool = False
     gate_description: str = "none"
     processor_tokens: dict[str, str] = {}
+    #: processor outputs that carry the images; a call holding none of them has no pixels
+    image_input_names: tuple[str, ...] = ("pixel_values",)
 
     def __init__(self, processor: Any, config: Any) -> None:
         self.processor = processor
@@ -129,6 +131,10 @@ class ImageLayout:
                 f"processor from the right checkpoint?"
             )
         return int(tid)
+
+    def holds_placeholders(self, input_ids: Int[Tensor, "batch pos"]) -> bool:
+        """Whether the ids hold content placeholders, which the model fills from pixels."""
+        return bool((input_ids == self.token_id(self.content_token)).any())
 
     # -- metadata --------------------------------------------------------------
     def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[Any]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -29,6 +30,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from tl_vlm import _tl_compat
+from tl_vlm._devices import resolve_dtype
 from tl_vlm.adapters import Family, family_for_config
 from tl_vlm.batch import VLMBatch
 from tl_vlm.layout import ImageLayout, LayoutError
@@ -57,6 +59,99 @@ def _offline_if_local(name_or_path: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def resolve_model_name(name_or_path: str) -> str:
+    """A shipped toy model's directory, or ``name_or_path`` itself after sanity checks.
+
+    Catches, before anything is downloaded: a toy name spelled with ``_``, and a local
+    path that does not exist (transformers would report it as a malformed repo id).
+
+    Example:
+        >>> resolve_model_name("toy-gated").endswith("gated"), resolve_model_name("org/model")
+        (True, 'org/model')
+        >>> resolve_model_name("toy_gated")
+        Traceback (most recent call last):
+        ...
+        ValueError: no model 'toy_gated': did you mean the shipped toy model 'toy-gated'?
+        >>> resolve_model_name("./checkpoints/missing")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no checkpoint directory './checkpoints/missing' (resolved to ...
+    """
+    from tl_vlm.toy import TOY_MODELS, is_toy_model, toy_model_path
+
+    if is_toy_model(name_or_path):
+        return str(toy_model_path(name_or_path))
+    name = str(name_or_path)
+    close = [t for t in TOY_MODELS if t.replace("-", "") == name.replace("_", "").replace("-", "")]
+    if close and not os.path.exists(name):
+        raise ValueError(f"no model {name!r}: did you mean the shipped toy model {close[0]!r}?")
+    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None  # "org/name"
+    if not hub_id and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"no checkpoint directory {name!r} (resolved to "
+            f"{os.path.abspath(os.path.expanduser(name))}); pass an existing directory "
+            f"holding config.json and the weights, a hub id such as 'facebook/chameleon-7b', "
+            f"or a toy model name {sorted(TOY_MODELS)}")
+    return os.path.expanduser(name)
+
+
+def _check_placement(device, device_map, n_devices, max_memory, offload_folder):
+    """The single device to pass to TL (None with a map), or a clear error."""
+    if device is not None and (device_map is not None or n_devices not in (None, 1)):
+        raise ValueError(
+            f"device={device!r} together with {'device_map' if device_map is not None else 'n_devices'}: "
+            f"pass either one device for the whole model, or a device map / n_devices to "
+            f"split it (not both)")
+    if device_map is not None and n_devices not in (None, 1):
+        raise ValueError("pass device_map or n_devices, not both (n_devices=N means "
+                         "device_map='balanced' over cuda:0..N-1)")
+    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int)
+                                  or n_devices < 1):
+        raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
+    if n_devices and n_devices > 1:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available < n_devices:
+            raise ValueError(f"n_devices={n_devices} needs {n_devices} CUDA GPUs; this machine "
+                             f"has {available}")
+    if (max_memory is not None or offload_folder is not None) and device_map is None \
+            and not (n_devices and n_devices > 1):
+        raise ValueError("max_memory/offload_folder only apply when the model is split: pass "
+                         "device_map='auto' (or a dict) or n_devices")
+    if device_map is None and not (n_devices and n_devices > 1):
+        device = torch.device(device if device is not None else "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available on this "
+                             f"machine (torch {torch.__version__}); use device='cpu'")
+        if device.type == "cuda" and device.index is not None \
+                and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s)")
+        return str(device)
+    return None
+
+
+def _load_processor(name_or_path: str, processor: Any, trust_remote_code: bool) -> Any:
+    """The checkpoint's processor, or the one given (an object, a hub id or a path)."""
+    from transformers import AutoProcessor
+
+    if processor is not None and not isinstance(processor, (str, os.PathLike)):
+        return processor
+    source = str(processor) if processor is not None else name_or_path
+    try:
+        with _offline_if_local(source):
+            return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:  # a VLM without its processor cannot place images
+        hint = ("" if processor is not None else
+                " If the checkpoint was saved without one, pass the base model's processor: "
+                "from_pretrained(path, processor='<hub id or directory of the processor>') "
+                "(or a processor object).")
+        raise OSError(
+            f"could not load the processor from {source!r} ({type(err).__name__}: {err}). "
+            f"tl_vlm needs the processor (preprocessor_config.json, tokenizer files) to "
+            f"place images in the prompt.{hint}"
+        ) from err
 
 
 @dataclass
@@ -106,45 +201,64 @@ class HookedVLM(TransformerBridge):
     def from_pretrained(
         cls,
         name_or_path: str,
-        dtype: torch.dtype = torch.float32,
+        dtype: Union[str, torch.dtype] = torch.float32,
         device: Union[str, torch.device, None] = None,
+        *,
+        device_map: Union[str, dict, None] = None,
+        n_devices: Optional[int] = None,
+        max_memory: Optional[dict] = None,
+        offload_folder: Optional[str] = None,
+        processor: Any = None,
         trust_remote_code: bool = False,
         **boot_kwargs: Any,
     ) -> "HookedVLM":
         """Load a hub id, a local directory (safetensors) or a shipped toy model
         (``"toy-gated"``, ``"toy-distributed"``) with hooks on every layer.
 
+        Args:
+            dtype: a torch dtype or its name ("bfloat16"/"bf16", "float16"/"fp16",
+                "float32"/"fp32").
+            device: one device for the whole model ("cpu", "cuda", "cuda:1"; default
+                "cpu"). Not together with a device map.
+            device_map: split the model over devices, as in transformers: "auto",
+                "balanced", or a ``{module path: device}`` dict; "cpu" and "disk"
+                (accelerate offload, with ``offload_folder``) are allowed, but TL
+                refuses a map that mixes GPUs with CPU/disk offload.
+            n_devices: spread the layers over this many GPUs (cuda:0..n-1).
+            max_memory: per-device budgets for "auto"/"balanced", e.g.
+                ``{0: "70GiB", 1: "70GiB"}``.
+            processor: a processor object, or a hub id / path to load it from, for
+                checkpoints saved without one.
+
         Example:
             >>> model = HookedVLM.from_pretrained("toy-distributed")
-            >>> type(model.hf_model).__name__
-            'ChameleonForConditionalGeneration'
+            >>> type(model.hf_model).__name__, model.cfg.dtype
+            ('ChameleonForConditionalGeneration', torch.float32)
+            >>> HookedVLM.from_pretrained("toy-gated", dtype="bf16").cfg.dtype
+            torch.bfloat16
             >>> model = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf",  # doctest: +SKIP
-            ...                                   dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
+            ...                                   dtype="bfloat16", device="cuda")  # doctest: +SKIP
+            >>> model = HookedVLM.from_pretrained("facebook/chameleon-30b",    # doctest: +SKIP
+            ...                                   dtype="bfloat16", n_devices=2)  # doctest: +SKIP
         """
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
-        from tl_vlm.toy import is_toy_model, toy_model_path
-
-        if is_toy_model(name_or_path):  # the shipped toy checkpoints, by name
-            name_or_path = str(toy_model_path(name_or_path))
+        dtype = resolve_dtype(dtype)
+        device = _check_placement(device, device_map, n_devices, max_memory, offload_folder)
+        name_or_path = resolve_model_name(name_or_path)
         with _offline_if_local(name_or_path):
             hf_config = AutoConfig.from_pretrained(name_or_path,
                                                    trust_remote_code=trust_remote_code)
             family = family_for_config(hf_config)
-            try:
-                processor = AutoProcessor.from_pretrained(name_or_path,
-                                                          trust_remote_code=trust_remote_code)
-            except Exception as err:  # a VLM without its processor cannot place images
-                raise OSError(
-                    f"could not load the processor of {name_or_path!r} ({err}). tl_vlm needs "
-                    f"the checkpoint's processor files (processor/tokenizer configs); it "
-                    f"never installs packages at run time."
-                ) from err
+            processor = _load_processor(name_or_path, processor, trust_remote_code)
             arch = next(a for a in hf_config.architectures if a in family.architectures)
+            placement = dict(device_map=device_map, n_devices=n_devices, max_memory=max_memory,
+                             offload_folder=offload_folder)
             with _tl_compat.adapter_override(arch, family.adapter):
                 bridge = TransformerBridge.boot_transformers(
-                    name_or_path, dtype=dtype, device=device or "cpu",
-                    trust_remote_code=trust_remote_code, **boot_kwargs,
+                    name_or_path, dtype=dtype, device=device,
+                    trust_remote_code=trust_remote_code,
+                    **{k: v for k, v in placement.items() if v is not None}, **boot_kwargs,
                 )
         bridge.__class__ = cls
         # TL boots HF configs with output_attentions=True, which keeps every layer's
@@ -158,6 +272,11 @@ class HookedVLM(TransformerBridge):
         bridge.layout = family.layout(processor, bridge.original_model.config)
         bridge.eval()
         return bridge
+
+    @property
+    def device_map(self) -> Optional[dict[str, Any]]:
+        """Where each part of the model sits (``hf_device_map``), or None on one device."""
+        return getattr(self.original_model, "hf_device_map", None)
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -215,7 +334,8 @@ class HookedVLM(TransformerBridge):
                     f"ImageLayout.pretokenised_images) but its token ids hold "
                     f"{positions.n_images(b)}"
                 )
-        return VLMBatch(inputs, positions, prompts).to(self.cfg.device)
+        # Pixels in the model's dtype: a bf16 VQ encoder or vision tower refuses float32.
+        return VLMBatch(inputs, positions, prompts).to(self.cfg.device, dtype=self.dtype)
 
     @staticmethod
     def _images_per_prompt(prompts: list[str], images: Any) -> list[list[Any]]:
@@ -231,16 +351,42 @@ class HookedVLM(TransformerBridge):
         return [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
                 for im in images]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its input embedding's)."""
+        return self.hf_model.get_input_embeddings().weight.dtype
+
     # -- running -------------------------------------------------------------
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
-        """TransformerBridge.forward, also taking a VLMBatch or a processor output."""
+        """TransformerBridge.forward, also taking a VLMBatch or a processor output.
+
+        Token ids that hold image placeholders but come without pixels are refused: the
+        model would silently run text-only (the placeholders embedded as plain tokens).
+        """
         if isinstance(input, VLMBatch):
             input = input.inputs
         if isinstance(input, Mapping):
             merged = {k: v for k, v in input.items() if k != "input_ids"}
             merged.update(kwargs)
             return super().forward(input["input_ids"], *args, **merged)
+        self._refuse_text_only(input, kwargs)
         return super().forward(input, *args, **kwargs)
+
+    def _refuse_text_only(self, tokens: Any, kwargs: Mapping[str, Any]) -> None:
+        if not isinstance(tokens, Tensor) or tokens.is_floating_point():
+            return
+        if any(kwargs.get(k) is not None for k in self.layout.image_input_names) \
+                or kwargs.get("inputs_embeds") is not None:
+            return
+        if self.layout.holds_placeholders(tokens):
+            raise ValueError(
+                f"the model was called with token ids {tuple(tokens.shape)} that hold image "
+                f"placeholders ({self.layout.content_token!r}) but no pixels, so it would run "
+                f"text-only. Pass the VLMBatch itself (model(batch), "
+                f"model.run_with_cache(batch), ...), or, for transformer_lens.patching helpers "
+                f"that pass token ids, wrap the call in `with tl_vlm.analyses.batch_inputs(model, "
+                f"batch):`"
+            )
 
     def run_from_layer(
         self,
