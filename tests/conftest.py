@@ -65,6 +65,21 @@ class TinyZoo:
             self._models[key] = HookedVLM.from_pretrained(str(target))
         return self._models[key]
 
+    def offloaded(self, name: str):
+        """The family's tiny model (or a shipped toy model, by name) loaded with its last
+        half of decoder layers offloaded to "disk" by accelerate and the rest on "cpu"."""
+        key = ("offloaded", name)
+        if key not in self._models:
+            from tl_vlm import HookedVLM
+            from tl_vlm.toy import is_toy_model, toy_model_path
+
+            path = toy_model_path(name) if is_toy_model(name) else self.path(name)
+            device_map = half_on_disk(path)
+            folder = self.root / f"offload-{name}"
+            self._models[key] = HookedVLM.from_pretrained(str(path), device_map=device_map,
+                                                          offload_folder=str(folder))
+        return self._models[key]
+
     def reference(self, name: str):
         """The plain HF model, eager attention, as numerical reference."""
         spec = self.specs[name]
@@ -72,6 +87,36 @@ class TinyZoo:
 
         return getattr(transformers, spec.hf_class).from_pretrained(str(self.path(name)),
                                                attn_implementation="eager").eval()
+
+
+def half_on_disk(path) -> dict:
+    """A device map for the checkpoint at ``path``: the last half of every layer stack
+    (the text decoder's, and a vision tower's) on "disk", everything else on "cpu"."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        hf = getattr(transformers, config.architectures[0])(config)
+    stacks = [m for m in hf.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+              and type(m[0]).__name__.endswith(("Layer", "Block"))]
+    device_map: dict = {}
+
+    def place(module, prefix):
+        for name, _ in module.named_parameters(recurse=False):
+            device_map[f"{prefix}{name}"] = "cpu"
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if any(child is s for s in stacks):
+                for i in range(len(child)):
+                    device_map[f"{path}.{i}"] = "disk" if i >= len(child) // 2 else "cpu"
+            elif any(m is s for m in child.modules() for s in stacks):
+                place(child, path + ".")
+            else:
+                device_map[path] = "cpu"
+
+    place(hf, "")
+    return device_map
 
 
 @pytest.fixture(scope="session")

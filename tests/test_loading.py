@@ -114,3 +114,99 @@ def test_plain_boot_transformers_finds_chameleon_without_importing_tl_vlm(tiny_z
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tl_vlm.adapters.chameleon ChameleonAdapter" in done.stdout
+
+
+# -- placement and dtypes ------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="cpu", device_map="auto"), "either one device .* or a device map"),
+    (dict(device="cpu", n_devices=2), "either one device"),
+    (dict(device_map="auto", n_devices=2), "device_map or n_devices, not both"),
+    (dict(n_devices=0), "positive integer"),
+    (dict(max_memory={"cpu": "1GiB"}), "only apply when the model is split"),
+])
+def test_placement_arguments_are_checked_before_loading(kwargs, match):
+    from tl_vlm import HookedVLM
+
+    with pytest.raises(ValueError, match=match):
+        HookedVLM.from_pretrained("toy-gated", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_cuda_says_so():
+    from tl_vlm import HookedVLM
+
+    with pytest.raises(ValueError, match="CUDA is not available.*device='cpu'"):
+        HookedVLM.from_pretrained("toy-gated", device="cuda")
+    with pytest.raises(ValueError, match="needs 2 CUDA GPUs; this machine has 0"):
+        HookedVLM.from_pretrained("toy-gated", n_devices=2)
+
+
+def test_dtype_names():
+    from tl_vlm import HookedVLM
+
+    for name in ("bfloat16", "bf16", torch.bfloat16):
+        assert HookedVLM.from_pretrained("toy-gated", dtype=name).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="'float8' is not supported.*bfloat16"):
+        HookedVLM.from_pretrained("toy-gated", dtype="float8")
+
+
+def test_model_names_that_cannot_be_right(tmp_path):
+    from tl_vlm import HookedVLM
+
+    with pytest.raises(ValueError, match="did you mean the shipped toy model 'toy-gated'"):
+        HookedVLM.from_pretrained("toy_gated")
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        HookedVLM.from_pretrained(str(tmp_path / "nope" / "model"))
+
+
+def test_a_processor_can_be_given_for_a_checkpoint_saved_without_one(tiny_zoo, tmp_path):
+    src = tiny_zoo.path("llava")
+    for f in src.iterdir():
+        if "processor" not in f.name and "tokenizer" not in f.name and "chat" not in f.name:
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    from tl_vlm import HookedVLM
+
+    with pytest.raises(OSError, match="processor='<hub id or directory"):
+        HookedVLM.from_pretrained(str(tmp_path))
+    by_path = HookedVLM.from_pretrained(str(tmp_path), processor=str(src))
+    by_object = HookedVLM.from_pretrained(str(tmp_path), processor=tiny_zoo.model("llava").processor)
+    spec = tiny_zoo.specs["llava"]
+    for model in (by_path, by_object):
+        batch = model.prepare(spec.prompts, images=spec.images)
+        torch.testing.assert_close(model(batch), tiny_zoo.model("llava")(batch))
+
+
+def test_vision_towers_run_the_default_attention(tiny_zoo, family):
+    """Only the text decoder runs tl_vlm's hooked attention; towers keep HF's default."""
+    from transformers import PreTrainedModel
+
+    from tl_vlm.attention import ATTN_IMPLEMENTATION
+
+    hf = tiny_zoo.model(family).hf_model
+    text = hf.config.get_text_config()
+    assert text._attn_implementation == ATTN_IMPLEMENTATION
+    towers = {path: m.config._attn_implementation for path, m in hf.named_modules()
+              if isinstance(m, PreTrainedModel) and m.config is not text and m.config is not hf.config}
+    assert all(impl in ("sdpa", "eager") for impl in towers.values()), towers
+
+
+def test_models_are_freed(tiny_zoo):
+    """del + gc.collect() frees a model and every weight, three loads in a row."""
+    import gc
+    import weakref
+
+    from tl_vlm import HookedVLM
+
+    spec = tiny_zoo.specs["qwen2_vl"]
+    refs = []
+    for _ in range(3):
+        model = HookedVLM.from_pretrained(str(tiny_zoo.path("qwen2_vl")))
+        batch = model.prepare(spec.prompts, images=spec.images, padding_side="left")
+        model.run_with_cache(batch)
+        model.generate(batch, max_new_tokens=2)
+        refs.append([weakref.ref(model), weakref.ref(model.hf_model)]
+                    + [weakref.ref(p) for p in model.hf_model.parameters()])
+        del model, batch
+        gc.collect()
+    alive = [sum(r() is not None for r in group) for group in refs]
+    assert alive == [0, 0, 0], f"objects still alive per load: {alive}"

@@ -19,6 +19,7 @@ A real checkpoint goes through the same code:
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -257,6 +258,9 @@ class HookedVLM(TransformerBridge):
             with _tl_compat.adapter_override(arch, family.adapter):
                 bridge = TransformerBridge.boot_transformers(
                     name_or_path, dtype=dtype, device=device,
+                    # TL's own copy of the processor's tokenizer (TL adjusts its BOS and
+                    # padding), so a checkpoint saved without tokenizer files loads too.
+                    tokenizer=copy.deepcopy(getattr(processor, "tokenizer", processor)),
                     trust_remote_code=trust_remote_code,
                     **{k: v for k, v in placement.items() if v is not None}, **boot_kwargs,
                 )

@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_vlm._devices import execution_device
 from tl_vlm.batch import VLMBatch
 
 Hook = tuple[Any, Callable]
@@ -126,9 +127,10 @@ def start_at_layer(model, layer: int, resid: Float[Tensor, "batch pos d_model"],
     layer = _check_layer(model, layer)
     _check_residual(model, batch, resid)
     first = blocks[layer]
-    param = next(first.parameters(), None)
-    if param is not None:
-        resid = resid.to(device=param.device, dtype=param.dtype)
+    # Where the block runs, not where its parameters sit: an offloaded block's are meta.
+    device = execution_device(first)
+    dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), resid.dtype)
+    resid = resid.to(device=device if device is not None else resid.device, dtype=dtype)
 
     overridden = blocks[:layer] + [first]
     if any("forward" in block.__dict__ for block in overridden):

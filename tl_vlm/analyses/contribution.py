@@ -58,6 +58,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_vlm._devices import weights_of
 from tl_vlm.analyses.knockout import Hook, Layers, resolve_layers
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import ImagePositions, PositionSet
@@ -558,12 +559,13 @@ def output_projection(model, layer: int) -> Float[Tensor, "d_model head_x_d_head
     """
     o = model.blocks[layer].attn.o
     linear = getattr(o, "original_component", o)
-    weight = getattr(linear, "weight", None)
     n_heads = model.cfg.n_heads
-    if weight is None or weight.ndim != 2 or weight.shape[1] % n_heads:
-        raise ValueError(f"blocks.{layer}.attn.o is not a linear map from {n_heads} heads "
-                         f"(got {type(linear).__name__}); cannot weight by values")
-    return weight.detach()
+    with weights_of(linear):  # an offloaded layer's weight is meta outside a forward
+        weight = getattr(linear, "weight", None)
+        if weight is None or weight.ndim != 2 or weight.shape[1] % n_heads:
+            raise ValueError(f"blocks.{layer}.attn.o is not a linear map from {n_heads} heads "
+                             f"(got {type(linear).__name__}); cannot weight by values")
+        return weight.detach().clone()
 
 
 def contribution_hooks(model, batch: VLMBatch, accumulator: ContributionAccumulator,

@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_vlm._devices import execution_device, weights_of
 from tl_vlm.analyses.knockout import Layers, resolve_layers
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import PositionSet
@@ -230,7 +231,9 @@ def logit_lens(
                 f"the family's final_logits in its tl_vlm/adapters file (or pass check=False if "
                 f"your fwd_hooks edit the final norm or unembedding)"
             )
-    logits = torch.stack([lens(kept[f"blocks.{l}.hook_{point}"]) for l in chosen])
+    # Layers split over devices give residuals on several devices: stack where logits live.
+    home = execution_device(model.unembed.original_component) or torch.device("cpu")
+    logits = torch.stack([lens(kept[f"blocks.{l}.hook_{point}"]).to(home) for l in chosen])
     nz = positions.mask.nonzero()
     return LogitLensResult(logits, chosen, nz[:, 0].cpu(), nz[:, 1].cpu(), point,
                            None if cols is None else cols.tolist())
@@ -358,20 +361,22 @@ def head_logit_attribution(
             rows[f"blocks.{l}.ln1_post.hook_in"] = positions
     _, kept = _gather(model, batch, rows, fwd_hooks)
 
-    w_u = model.unembed.original_component.weight
-    direction = w_u[answer.to(w_u.device)].float()                                # [b, d]
-    if baseline_tokens is not None:
-        base = _token_tensor(baseline_tokens, n_batch, "baseline_tokens")
-        if bool((base < 0).any() or (base >= vocab).any()):
-            raise IndexError(f"baseline_tokens {base.tolist()} outside the vocabulary")
-        direction = direction - w_u[base.to(w_u.device)].float()
+    with weights_of(model.unembed.original_component) as unembed:  # offloaded: meta outside
+        w_u = unembed.weight
+        direction = w_u[answer.to(w_u.device)].float()                            # [b, d]
+        if baseline_tokens is not None:
+            base = _token_tensor(baseline_tokens, n_batch, "baseline_tokens")
+            if bool((base < 0).any() or (base >= vocab).any()):
+                raise IndexError(f"baseline_tokens {base.tolist()} outside the vocabulary")
+            direction = direction - w_u[base.to(w_u.device)].float()
     final = _frozen_rms(model.ln_final.original_component, kept["ln_final.hook_in"])
     direction = direction * final                                                  # [b, d]
 
     out = []
     for l in chosen:
         z = kept[f"blocks.{l}.attn.hook_z"].float()                                # [b, h, k]
-        w_o = model.blocks[l].attn.o.original_component.weight.float()             # [d, h*k]
+        with weights_of(model.blocks[l].attn.o.original_component) as o_proj:
+            w_o = o_proj.weight.float()                                            # [d, h*k]
         w_o = w_o.view(w_o.shape[0], z.shape[1], z.shape[2])                       # [d, h, k]
         d_l = direction
         if post[l]:
