@@ -65,6 +65,19 @@ class TinyZoo:
             self._models[key] = HookedVLM.from_pretrained(str(target))
         return self._models[key]
 
+    def variant(self, name: str, label: str, **build_kwargs):
+        """The family's tiny model built with other arguments (e.g. another tokenizer)."""
+        key = (name, label)
+        if key not in self._models:
+            from tl_vlm import HookedVLM
+
+            target = self.root / f"{name}-{label}"
+            target.mkdir()
+            torch.manual_seed(0)
+            self.specs[name].build(target, **build_kwargs)
+            self._models[key] = HookedVLM.from_pretrained(str(target))
+        return self._models[key]
+
     def offloaded(self, name: str):
         """The family's tiny model (or a shipped toy model, by name) loaded with its last
         half of decoder layers offloaded to "disk" by accelerate and the rest on "cpu"."""

@@ -106,3 +106,23 @@ def test_generate_keeps_hooks_on_cached_steps(tiny_zoo, family):
                 fill = nxt if name == "input_ids" else torch.full_like(nxt, int(name == "attention_mask"))
                 inputs[name] = torch.cat([value, fill.to(value.dtype)], dim=1)
         seq += 1
+
+
+@torch.no_grad()
+def test_bfloat16_prepare_forward_generate(tiny_zoo, family):
+    """A bf16 model takes its batch as prepared (pixels cast) and generates."""
+    from tl_vlm import HookedVLM
+
+    spec = tiny_zoo.specs[family]
+    model = HookedVLM.from_pretrained(str(tiny_zoo.path(family)), dtype="bfloat16")
+    batch = model.prepare(spec.prompts, images=spec.images, padding_side="left")
+    floats = [v.dtype for v in batch.inputs.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert floats and set(floats) == {torch.bfloat16}
+    logits = model(batch)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    reference = tiny_zoo.model(family)(tiny_zoo.model(family).prepare(
+        spec.prompts, images=spec.images, padding_side="left"))
+    last = batch.positions.last.mask
+    assert (logits[last].float().softmax(-1) - reference[last].softmax(-1)).abs().max() < 0.05
+    out = model.generate(batch, max_new_tokens=3)
+    assert out.new_tokens.shape == (len(batch), 3)

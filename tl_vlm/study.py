@@ -324,7 +324,7 @@ def step_patching(model, task: Task, store: RunStore, settings: StudySettings) -
         (12, [0, 1, 2, 3], 1.0)
         >>> tmp.cleanup()
     """
-    from tl_vlm.tasks import answer_token_id
+    from tl_vlm.answers import answer_token_ids
 
     pairs = patching_pairs(task, settings.n_pairs, settings.seed)
     layers = list(settings.patch_layers) if settings.patch_layers else "all"
@@ -336,8 +336,8 @@ def step_patching(model, task: Task, store: RunStore, settings: StudySettings) -
         target = task.prepare(model, [t for _, t in chunk])
         if target.positions.gate.is_empty():
             return None
-        answers = (torch.tensor([answer_token_id(tok, s.answers[0]) for s, _ in chunk]),
-                   torch.tensor([answer_token_id(tok, t.answers[0]) for _, t in chunk]))
+        answers = (answer_token_ids(tok, [s.answers[0] for s, _ in chunk]),
+                   answer_token_ids(tok, [t.answers[0] for _, t in chunk]))
         for stream in settings.patch_streams:
             if (stream, start) in done:
                 continue

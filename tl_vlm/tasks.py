@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_vlm.answers import answer_token_id, answer_token_ids  # noqa: F401  (re-exported)
 from tl_vlm.batch import VLMBatch
 
 Hooks = Sequence[tuple[Union[str, Callable], Callable]]
@@ -83,22 +84,6 @@ def _load_image(image: Any) -> Any:
 
         return Image.open(image).convert("RGB")
     return image
-
-
-def answer_token_id(tokenizer: Any, answer: str) -> int:
-    """The first token of ``answer`` as it would follow a space (the paper's class token).
-
-    Example:
-        >>> from tl_vlm import HookedVLM
-        >>> tok = HookedVLM.from_pretrained("toy-gated").layout.tokenizer
-        >>> answer_token_id(tok, "red"), tok.convert_ids_to_tokens(18)
-        (18, 'red')
-    """
-    for text in (" " + answer, answer):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids:
-            return int(ids[0])
-    raise ValueError(f"the tokenizer turns answer {answer!r} into no tokens")
 
 
 @dataclass
@@ -181,20 +166,26 @@ class NextTokenTask(Task):
     """
 
     closed_set: bool = True
+    on_collision: str = "error"
 
     def answer_ids(self, model: Any, examples: Sequence[Example]) -> Int[Tensor, "batch"]:
-        tok = model.layout.tokenizer
-        return torch.tensor([answer_token_id(tok, ex.answers[0]) for ex in examples])
+        """The token of each example's first answer (:func:`tl_vlm.answers.answer_token_id`)."""
+        return answer_token_ids(model.layout.tokenizer, [ex.answers[0] for ex in examples])
 
     def _candidates(self, model: Any) -> Optional[dict[str, Tensor]]:
-        """Answer token ids admitted by each question kind (None: open vocabulary)."""
+        """Answer token ids admitted by each question kind (None: open vocabulary).
+
+        Two answers of one kind that share a first token are an error (the closed set
+        could not tell them apart), unless ``on_collision="merge"``.
+        """
         if not self.closed_set or any(ex.kind is None for ex in self.examples):
             return None
         tok = model.layout.tokenizer
         answers: dict[str, set] = {}     # distinct answers only: this runs on every batch
         for ex in self.examples:
             answers.setdefault(ex.kind, set()).add(ex.answers[0])
-        return {kind: torch.tensor(sorted({answer_token_id(tok, a) for a in v}))
+        return {kind: answer_token_ids(tok, sorted(v), closed_set=True,
+                                       on_collision=self.on_collision).unique()
                 for kind, v in answers.items()}
 
     @torch.no_grad()

@@ -38,6 +38,33 @@ def make_tokenizer(specials: Sequence[str], words: Sequence[str] = WORDS, *,
     return tok
 
 
+def make_sentencepiece_tokenizer(specials: Sequence[str], words: Sequence[str] = WORDS, *,
+                                 extra_pieces: Sequence[str] = (), **tokenizer_kwargs: Any):
+    """A Llama-style fast tokenizer: unigram pieces with a prepended ``"▁"`` (SentencePiece's
+    space), so ``" cat"`` tokenizes as ``["▁", "▁cat"]`` as with LLaVA-1.5's Vicuna tokenizer."""
+    import string
+
+    from tokenizers import decoders, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = {tok: 0.0 for tok in ["<unk>", "<s>", "</s>", "<pad>", *specials]}
+    pieces.update({f"▁{w}": -1.0 for w in words})
+    pieces.update({p: -2.0 for p in extra_pieces})
+    pieces.update({"▁": -5.0, **{c: -8.0 for c in string.ascii_letters + string.digits + ":-?."}})
+    backend = Tokenizer(models.Unigram(list(pieces.items()), unk_id=0))
+    # As Llama's tokenizer.json: prepend "▁", spaces become "▁", BOS added by a template.
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>", **tokenizer_kwargs)
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tok
+
+
 def image(seed: int, size: tuple[int, int] = (20, 24)) -> Image.Image:
     """A random RGB image (height, width)."""
     rng = np.random.RandomState(seed)

@@ -3,11 +3,12 @@
 from tests.tiny import TinySpec, image, make_tokenizer
 
 
-def build(path):
+def build(path, tokenizer=None):
+    """Save the tiny LLaVA; ``tokenizer(specials, **kwargs)`` replaces the word-level one."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tok = make_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
+    tok = (tokenizer or make_tokenizer)(["<image>"], extra_special_tokens={"image_token": "<image>"})
     cfg = LlavaConfig(
         text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -48,6 +48,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_vlm.analyses.knockout import Layers, resolve_layers
+from tl_vlm.answers import answer_token_id
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import ImagePositions, PositionSet
 from tl_vlm.prefix import run_from_layer
@@ -264,15 +265,15 @@ def patch_hooks(
 
 # -- answers -------------------------------------------------------------------------
 def first_token_ids(model, names: Sequence[Union[int, str]]) -> Int[Tensor, "n"]:
-    """The first token id of each name (ints pass through).
-
-    Names are tokenized as given, without special tokens: in a byte-level BPE
-    vocabulary ``" cat"`` and ``"cat"`` differ, so pass the form that follows your prompt.
+    """The token of each class name (ints pass through), by tl_vlm's one answer policy:
+    the first token that carries the word as it follows a space
+    (:func:`tl_vlm.answers.answer_token_id`; a bare ``"▁"`` piece is never taken, an
+    unknown word is an error).
 
     Example:
         >>> from tl_vlm import HookedVLM
         >>> model = HookedVLM.from_pretrained("toy-gated")       # a word-level toy tokenizer
-        >>> first_token_ids(model, ["red", "blue", 7])
+        >>> first_token_ids(model, ["red", " blue", 7])
         tensor([18, 20,  7])
     """
     tokenizer = model.layout.tokenizer
@@ -280,13 +281,10 @@ def first_token_ids(model, names: Sequence[Union[int, str]]) -> Int[Tensor, "n"]
     for name in names:
         if isinstance(name, (int,)) and not isinstance(name, bool):
             out.append(int(name))
-            continue
-        if not isinstance(name, str):
+        elif isinstance(name, str):
+            out.append(answer_token_id(tokenizer, name))
+        else:
             raise TypeError(f"answers must be token ids or strings, got {name!r}")
-        ids = tokenizer(name, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"{name!r} tokenizes to nothing")
-        out.append(int(ids[0]))
     return torch.tensor(out, dtype=torch.long)
 
 
