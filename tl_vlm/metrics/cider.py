@@ -11,7 +11,9 @@ For order n, a hypothesis and one reference score
 
 The norms are those of the unclipped vectors, and the score is 0 when either norm is
 0. The length difference ``delta`` counts *bigrams*, not words: upstream adds up the
-counts of order index 1. This quirk is kept.
+counts of order index 1. This quirk is kept, though it never changes a score: for two
+non-empty captions the bigram and word differences agree, and an empty caption's
+similarity is 0 anyway.
 
 An image scores ``10 * mean_n(sum over its references) / #references``, and the corpus
 scores the mean over images. The weights depend on the whole set, so an image's score

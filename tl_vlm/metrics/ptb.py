@@ -170,13 +170,9 @@ def find_ptb_jar() -> Path | None:
     variable that names a missing file is an error, not a silent fallback.
 
     Example:
-        >>> import os
-        >>> os.environ[PTB_JAR_ENV] = "/nowhere/stanford-corenlp-3.4.1.jar"
-        >>> find_ptb_jar()
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: TL_VLM_PTB_JAR=/nowhere/stanford-corenlp-3.4.1.jar is not a file...
-        >>> del os.environ[PTB_JAR_ENV]
+        >>> jar = find_ptb_jar()            # e.g. .../pycocoevalcap/tokenizer/stanford-corenlp-3.4.1.jar
+        >>> jar is None or jar.is_file()
+        True
     """
     configured = os.environ.get(PTB_JAR_ENV)
     if configured:
