@@ -39,6 +39,10 @@ MODULES = [
     "tl_vlm.report",
     "tl_vlm.toy.task",
     "tl_vlm.toy.evaluate",
+    "tl_vlm.metrics",
+    "tl_vlm.metrics.vqa",
+    "tl_vlm.metrics.cider",
+    "tl_vlm.metrics.ptb",
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
