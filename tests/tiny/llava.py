@@ -3,11 +3,15 @@
 from tests.tiny import TinySpec, image, make_tokenizer
 
 
+def tokenizer():
+    return make_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
+
+
 def build(path):
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tok = make_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
+    tok = tokenizer()
     cfg = LlavaConfig(
         text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
