@@ -20,7 +20,7 @@ def sp_tokenizer():
 @pytest.fixture(scope="module")
 def sp_llava(tiny_zoo):
     """The tiny LLaVA with a SentencePiece-style (Vicuna-like) tokenizer."""
-    return tiny_zoo.variant("llava", "sentencepiece", tokenizer=make_sentencepiece_tokenizer)
+    return tiny_zoo.variant("llava", "sentencepiece", tokenizer_factory=make_sentencepiece_tokenizer)
 
 
 def _id(tok, piece):

@@ -3,8 +3,11 @@
 Images are resized to multiples of 8 pixels (``min_pixels``/``max_pixels`` keep them
 tiny): a 20x24 picture becomes 16x24 pixels, a 2x3 code grid, 2 * (3 + 1) = 8 image
 tokens (each row ends with the EOL slot); a 30x18 one becomes 32x16, a 4x2 grid, 12
-tokens (used by the position tests). The tokenizer splits digits and ``*`` so the size prefix "2*3" is 3 tokens, as
-in the real (Qwen-style BPE) tokenizer.
+tokens (used by the position tests). The tokenizer splits digits and ``*`` so the size
+prefix "2*3" is 3 tokens, as Emu3's original (Qwen-style tiktoken) tokenizer does;
+``tokenizer(whole_numbers=True)`` keeps each number one token ("60*80" -> "60", "*", "80"),
+as the GPT-2 byte-level pre-tokenizer of the converted ``Emu3-Chat-hf`` tokenizer groups
+digits.
 """
 
 from tests.tiny import TinySpec, image, make_tokenizer
@@ -14,19 +17,22 @@ EOL, EOF = "<|extra_200|>", "<|extra_201|>"
 CODEBOOK = 16
 
 
-def tokenizer():
-    from tokenizers import pre_tokenizers
+def tokenizer(whole_numbers: bool = False):
+    """Emu3's image tokens; size-prefix digits one token each, or whole numbers (up to 999)."""
+    from tokenizers import Regex, pre_tokenizers
 
     visual = [f"<|visual token {i:06d}|>" for i in range(CODEBOOK)]
+    numbers = [str(n) for n in range(1000)] if whole_numbers else list("0123456789")
     tok = make_tokenizer(
         [BOI, EOI, WRAP, IMG, EOL, EOF],
-        extra_vocab=[*"0123456789*", *visual],
+        extra_vocab=[*numbers, "*", *visual],
         extra_special_tokens={"image_token": IMG, "boi_token": BOI, "eoi_token": EOI,
                               "image_wrapper_token": WRAP, "eof_token": EOF},
     )
+    digits = (pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated") if whole_numbers
+              else pre_tokenizers.Digits(individual_digits=True))
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.WhitespaceSplit(), digits,
         pre_tokenizers.Split("*", behavior="isolated"),
     ])
     return tok

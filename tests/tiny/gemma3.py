@@ -11,12 +11,8 @@ from tests.tiny import TinySpec, image, make_tokenizer
 BOI, IMG, EOI = "<start_of_image>", "<image_soft_token>", "<end_of_image>"
 
 
-def build(path):
-    import torch
+def tokenizer():
     from tokenizers import processors
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration,
-                              Gemma3ImageProcessorPil, Gemma3Processor, Gemma3TextConfig,
-                              SiglipVisionConfig)
 
     tok = make_tokenizer([BOI, IMG, EOI], bos="<bos>", eos="<eos>",
                          extra_special_tokens={"boi_token": BOI, "image_token": IMG,
@@ -24,6 +20,16 @@ def build(path):
     # Like the real Gemma tokenizer, every sequence starts with <bos>.
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.bos_token_id)])
+    return tok
+
+
+def build(path):
+    import torch
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration,
+                              Gemma3ImageProcessorPil, Gemma3Processor, Gemma3TextConfig,
+                              SiglipVisionConfig)
+
+    tok = tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in (BOI, IMG, EOI)}
     cfg = Gemma3Config(
         text_config=Gemma3TextConfig(

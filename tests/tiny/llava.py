@@ -3,12 +3,20 @@
 from tests.tiny import TinySpec, image, make_tokenizer
 
 
-def build(path, tokenizer=None):
-    """Save the tiny LLaVA; ``tokenizer(specials, **kwargs)`` replaces the word-level one."""
+SPECIALS = ["<image>"]
+
+
+def tokenizer(factory=make_tokenizer):
+    """The tiny vocabulary; ``factory`` builds another kind (e.g. SentencePiece-style)."""
+    return factory(SPECIALS, extra_special_tokens={"image_token": "<image>"})
+
+
+def build(path, tokenizer_factory=make_tokenizer):
+    """Save the tiny LLaVA; ``tokenizer_factory(specials, **kwargs)`` picks the tokenizer."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tok = (tokenizer or make_tokenizer)(["<image>"], extra_special_tokens={"image_token": "<image>"})
+    tok = tokenizer(tokenizer_factory)
     cfg = LlavaConfig(
         text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

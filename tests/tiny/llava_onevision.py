@@ -10,13 +10,17 @@ from tests.tiny import TinySpec, image, make_tokenizer
 PINPOINTS = [[16, 16], [16, 32], [32, 16]]
 
 
+def tokenizer():
+    return make_tokenizer(["<image>", "<video>"],
+                          extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+
+
 def build(path, vision_aspect_ratio="anyres_max_9"):
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                               LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor,
                               Qwen2Config, SiglipVisionConfig)
 
-    tok = make_tokenizer(["<image>", "<video>"],
-                         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    tok = tokenizer()
     cfg = LlavaOnevisionConfig(
         text_config=Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

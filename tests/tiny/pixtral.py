@@ -10,13 +10,17 @@ from tests.tiny import TinySpec, image, make_tokenizer
 SPECIALS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 
 
+def tokenizer():
+    return make_tokenizer(SPECIALS)
+
+
 def build(path):
     import tl_vlm.adapters.pixtral  # noqa: F401  (PixtralProcessor without torchvision)
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, MistralConfig,
                               PixtralImageProcessorPil, PixtralVisionConfig)
     from transformers.models.pixtral import PixtralProcessor
 
-    tok = make_tokenizer(SPECIALS)
+    tok = tokenizer()
     cfg = LlavaConfig(
         text_config=MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4,
