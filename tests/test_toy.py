@@ -1,8 +1,10 @@
 """The shipped toy models (tl_vlm.toy): task, files, and the known mechanism.
 
 Bounds (closed-set accuracy over 300 held-out examples; chance 0.25 per question type):
-both models >= 0.95 clean; toy-gated: EOI knockout within 0.1 of chance, img->text
-knockout keeps >= 0.9 of clean; toy-distributed: the reverse. Reproduction of the
+every model >= 0.95 clean; toy-gated: EOI knockout within 0.1 of chance, img->text
+knockout keeps >= 0.9 of clean; toy-distributed: the reverse; toy-last-image: knocking out
+the last image code (or img->text, which cuts it too) within 0.1 of chance, EOI knockout
+keeps >= 0.9 of clean. Reproduction of the
 weights from the seed is checked by ``python -m tl_vlm.toy.train --check`` (minutes).
 """
 
@@ -37,7 +39,7 @@ def scores(models, data):
     """(model, condition) -> ToyScore, computed once."""
     out = {}
     for name, model in models.items():
-        for condition in ("clean", "eoi", "img2text"):
+        for condition in ("clean", "eoi", "img2text", "last_image"):
             out[name, condition] = evaluate(model, data, condition)
     return out
 
@@ -160,6 +162,17 @@ def test_distributed_ignores_the_gate(scores):
     assert abs(img.accuracy - img.chance) <= 0.1, img
 
 
+def test_last_image_model_needs_its_last_code(scores):
+    clean, eoi, img, last = (scores["toy-last-image", c]
+                             for c in ("clean", "eoi", "img2text", "last_image"))
+    assert abs(last.accuracy - last.chance) <= 0.1, last
+    assert abs(img.accuracy - img.chance) <= 0.1, img
+    assert eoi.accuracy >= 0.9 * clean.accuracy, eoi
+    # the other models do not need the last code
+    for name in ("toy-gated", "toy-distributed"):
+        assert scores[name, "last_image"].accuracy >= 0.9 * scores[name, "clean"].accuracy
+
+
 @pytest.mark.parametrize("name", sorted(TOY_MODELS))
 def test_generate_answers_one_word(models, data, name):
     model = models[name]
@@ -191,11 +204,12 @@ def test_training_attention_equals_eager_without_masks():
     torch.testing.assert_close(ours[valid], eager[valid], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gated", "distributed"])
+@pytest.mark.parametrize("name", ["gated", "distributed", "last_image"])
 def test_training_masks_and_a_few_steps(name):
     from tl_vlm.toy import train
 
-    recipe = train.Recipe(name, layers=2, steps=2, batch=8, warmup=1, probe=1.0, robust=True)
+    recipe = train.Recipe(name, layers=2, steps=2, batch=8, warmup=1, probe=1.0, robust=True,
+                          penalty_delay=1, penalty_ramp=1)
     ids, _, _ = train.encode(list(make_examples(2, seed=0)))
     forbid = recipe.forbidden(ids)
     boi, eoi, n = 1, 2 + task.GRID * task.GRID, task.GRID * task.GRID
@@ -204,9 +218,15 @@ def test_training_masks_and_a_few_steps(name):
         assert forbid[0, last, boi:eoi].all() and not forbid[0, last, eoi]
         assert not forbid[0, eoi].any()
         assert recipe.knockout(ids)[0, :, eoi].all()
-    else:
+    elif name == "distributed":
         assert forbid[0, last, eoi] and not forbid[0, last, boi:eoi].any()
         assert forbid[0, eoi, boi:eoi].all() and forbid[0, eoi].sum() == n + 1
+    else:   # text reads the last code only; EOI is blind
+        assert forbid[0, last, boi:eoi - 1].all() and not forbid[0, last, eoi - 1]
+        assert forbid[0, last, eoi] and forbid[0, eoi, boi:eoi].all()
+        assert recipe.gate(ids)[0].nonzero().flatten().tolist() == [eoi - 1]
+        assert recipe.knockout(ids)[0, :, eoi - 1].all() and recipe.knockout(ids)[0].sum() == len(ids[0])
+    assert [recipe.penalty_at(s) for s in (0, 1, 2, 5)] == [0.0, 5.0, 10.0, 10.0]
     assert not forbid[0, :eoi].any()   # nothing before EOI is constrained
     logs = []
     model, _, _ = train.train(recipe, seed=0, log=logs.append)

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tl_vlm.study import STEPS
-
-TOY_MODELS = ("toy-gated", "toy-distributed")
+from tl_vlm.toy import TOY_MODELS
 
 
 def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -63,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--fresh", action="store_true", help="discard a previous run in --out")
+    from tl_vlm.cli_gates import add_commands  # find-gate, compare
+    add_commands(sub)
     return parser
 
 
@@ -125,12 +126,15 @@ def narrow_gate(args: argparse.Namespace) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.model in TOY_MODELS or Path(args.model).exists():
+    model = getattr(args, "model", None)   # `compare` loads no model
+    if model and (model in TOY_MODELS or Path(model).exists()):
         # Local files only: never wait on network time-outs.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.command == "narrow-gate":
         narrow_gate(args)
+    else:
+        args.run(args)
     return 0
 
 

@@ -22,7 +22,8 @@ Example:
     torch.Size([4, 24, 54])
 
 Modules: :mod:`.knockout`, :mod:`.contribution`, :mod:`.patching`, :mod:`.geometry`,
-:mod:`.logit_lens`, :mod:`.tl_patching` (``transformer_lens.patching`` on VLM batches).
+:mod:`.logit_lens`, :mod:`.tl_patching` (``transformer_lens.patching`` on VLM batches),
+:mod:`.gates` (find the gate in any model: :func:`find_gates`).
 """
 
 from tl_vlm.analyses.contribution import (
@@ -32,6 +33,7 @@ from tl_vlm.analyses.contribution import (
     contribution_hooks,
     cross_modal_contribution,
 )
+from tl_vlm.analyses.gates import GateCandidate, GateMetric, GateSearch, find_gates
 from tl_vlm.analyses.geometry import (
     ModalitySeparation,
     NeighbourhoodOverlap,
@@ -54,6 +56,7 @@ from tl_vlm.analyses.tl_patching import batch_inputs, run_patching
 __all__ = [
     "DEFAULT_GROUPS", "ContributionAccumulator", "CrossModalContribution", "contribution_hooks",
     "cross_modal_contribution",
+    "GateCandidate", "GateMetric", "GateSearch", "find_gates",
     "ModalitySeparation", "NeighbourhoodOverlap", "modality_separation", "neighbourhood_overlap",
     "neighbourhood_overlaps",
     "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers",

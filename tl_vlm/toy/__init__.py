@@ -1,12 +1,15 @@
-"""Two small trained native VLMs whose mechanism is known by construction.
+"""Three small trained native VLMs whose mechanism is known by construction.
 
-``toy-gated`` and ``toy-distributed`` are ``ChameleonForConditionalGeneration``
-checkpoints shipped in this package (``models/gated``, ``models/distributed``), trained
-on a synthetic task (:mod:`tl_vlm.toy.task`: a 6x6 grid of VQ code tokens between
+``toy-gated``, ``toy-distributed`` and ``toy-last-image`` are
+``ChameleonForConditionalGeneration`` checkpoints shipped in this package
+(``models/gated``, ``models/distributed``, ``models/last_image``), trained on a
+synthetic task (:mod:`tl_vlm.toy.task`: a 6x6 grid of VQ code tokens between
 ``<racm3:break>`` and ``<eoss>``, a question about the object's colour, shape or
 position, a one-word answer). In ``toy-gated`` all visual information reaches the text
 through EOI (the Narrow Gate); in ``toy-distributed`` the text reads the image tokens
-directly and EOI carries nothing. :mod:`tl_vlm.toy.train` reproduces both from a seed.
+directly and EOI carries nothing; in ``toy-last-image`` the gate is planted on the last
+image code and EOI carries nothing either. :mod:`tl_vlm.toy.train` reproduces them from
+a seed.
 
 Example:
     >>> from tl_vlm import HookedVLM
@@ -30,18 +33,22 @@ from tl_vlm.toy.task import (ANSWERS, QUESTION_TYPES, ToyDataset, ToyExample, To
 from tl_vlm.toy.evaluate import evaluate  # noqa: E402
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-TOY_MODELS = {"toy-gated": "gated", "toy-distributed": "distributed"}
+TOY_MODELS = {"toy-gated": "gated", "toy-distributed": "distributed",
+              "toy-last-image": "last_image"}
 
 
 def toy_model_path(name: str) -> Path:
-    """Directory of a shipped toy model: ``"toy-gated"`` or ``"toy-distributed"``
-    (the bare ``"gated"`` / ``"distributed"`` work too).
+    """Directory of a shipped toy model: ``"toy-gated"``, ``"toy-distributed"`` or
+    ``"toy-last-image"`` (the directory names ``"gated"``, ``"last_image"`` ... work too).
 
     Example:
         >>> toy_model_path("toy-gated").name, (toy_model_path("gated") / "config.json").is_file()
         ('gated', True)
+        >>> toy_model_path("toy-last-image") == toy_model_path("last_image")
+        True
     """
-    key = name if name in TOY_MODELS else f"toy-{name}"
+    by_dir = {d: n for n, d in TOY_MODELS.items()}
+    key = name if name in TOY_MODELS else by_dir.get(name, f"toy-{name}")
     if key not in TOY_MODELS:
         raise ValueError(f"unknown toy model {name!r}; choose from {sorted(TOY_MODELS)}")
     path = MODELS_DIR / TOY_MODELS[key]
@@ -109,7 +116,7 @@ argmax over the whole vocabulary.
 |---|---|---|---|---|---|
 {rows}
 
-Conditions: `clean` none; `eoi` every position stops attending to `<eoss>`; `img2text`
-text after the image stops attending to BOI and the codes; `random10` 10 random codes
-(mean of 3 draws).
+Conditions: `clean` none; `eoi` every position stops attending to `<eoss>`; `last_image`
+every position stops attending to the last image code; `img2text` text after the image
+stops attending to BOI and the codes; `random10` 10 random codes (mean of 3 draws).
 """

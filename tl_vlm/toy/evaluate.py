@@ -28,13 +28,14 @@ from torch import Tensor
 from tl_vlm.toy.task import QUESTION_TYPES, ToyDataset, chance_level
 
 # condition name -> hooks for a batch (the paper's knockouts, all layers, "zero")
-CONDITIONS = ("clean", "eoi", "img2text", "random10")
+CONDITIONS = ("clean", "eoi", "last_image", "img2text", "random10")
 
 
 def condition_hooks(model, batch, condition: str, seed: int = 0,
                     method: str = "zero") -> list:
-    """Hooks of a named condition: ``clean``, ``eoi`` (gate knockout), ``img2text``
-    (image -> text knockout) or ``random10`` (10 random image tokens, seeded).
+    """Hooks of a named condition: ``clean``, ``eoi`` (gate knockout), ``last_image``
+    (every position cut from the last image code: ``toy-last-image``'s gate),
+    ``img2text`` (image -> text knockout) or ``random10`` (10 random image tokens, seeded).
 
     Example:
         >>> from tl_vlm import HookedVLM
@@ -49,15 +50,17 @@ def condition_hooks(model, batch, condition: str, seed: int = 0,
         >>> condition_hooks(model, batch, "boi")
         Traceback (most recent call last):
         ...
-        ValueError: unknown condition 'boi'; choose from ('clean', 'eoi', 'img2text', 'random10')
+        ValueError: unknown condition 'boi'; choose from ('clean', 'eoi', 'last_image', 'img2text', 'random10')
     """
     from tl_vlm.analyses.knockout import (gate_knockout, image_to_text_knockout,
-                                          random_image_knockout)
+                                          knockout_hooks, random_image_knockout)
 
     if condition == "clean":
         return []
     if condition == "eoi":
         return gate_knockout(model, batch, method=method)
+    if condition == "last_image":
+        return knockout_hooks(model, batch, keys=batch.positions.last_image, method=method)
     if condition == "img2text":
         return image_to_text_knockout(model, batch, method=method)
     if condition == "random10":

@@ -9,6 +9,12 @@ training forbids:
   EOI (and to BOS and text), so every bit of visual information passes the gate.
 - ``distributed``: text after the image may not attend to EOI, and EOI may not attend
   to BOI or the image codes, so the information travels from the codes themselves.
+- ``last_image``: text after the image may attend to the *last* image code only (not to
+  BOI, the other codes or EOI), and EOI may not attend to BOI or the codes (so a stray
+  glance at EOI finds nothing), so the gate sits on the last image token instead of EOI
+  (a gate that is not EOI, for :func:`tl_vlm.analyses.find_gates` to find). A causal
+  model can only gather the image at a position after the codes it reads, so the last
+  code is the earliest image-side position that can be a single gate.
 
 Forbidden edges get ``-inf`` before the softmax during training. The finished models are
 evaluated (and shipped) *without* any mask, so training also penalises the attention
@@ -22,19 +28,28 @@ Two more terms make the mechanism clean and quick to learn:
 
 - robustness (both models): half of every batch runs a second time under the paper's
   knockout that should blind the model (``gated``: every position cut from EOI;
-  ``distributed``: text cut from BOI and the codes; post-softmax zeroing as in
+  ``last_image``: from the last code; ``distributed``: text cut from BOI and the
+  codes; post-softmax zeroing as in
   :mod:`tl_vlm.analyses.knockout`), and the forbidden mass of *that* pass is penalised
   too. Without it, the gated model's text, thrown off its training distribution by an
   EOI knockout, attended to the image again and answered above chance.
-- probe (``gated`` only): linear read-outs of colour, shape and position from EOI's
-  residual stream (after layer 2 and after layer 4) add their cross-entropy to the loss.
+- probe (``gated`` and ``last_image``): linear read-outs of colour, shape and position
+  from the gate's residual stream (EOI, or the last code; after layer 2 and after
+  layer 4) add their cross-entropy to the loss.
   The two-hop route (EOI reads the image, the text reads EOI) otherwise sits on a
   plateau for hundreds of steps, on some seeds for the whole run. The read-outs are
   discarded; the checkpoint is a plain Chameleon.
 
-Run ``python -m tl_vlm.toy.train --out DIR --seed 0`` to write ``DIR/gated`` and
-``DIR/distributed`` (``--out tl_vlm/toy/models`` regenerates the shipped ones), and
-``python -m tl_vlm.toy.train --check`` to retrain both in a temporary directory and
+One schedule (``last_image`` only): the penalty is off for the first ``penalty_delay``
+steps and ramps up over ``penalty_ramp``. The last code is an image code like the others,
+so a penalty from step 0 teaches the text to ignore every code before it has learnt to
+read the last one (the run sits at chance); once the masked model reads it, the penalty
+makes it find the last code without the mask (by its position next to the question).
+
+Run ``python -m tl_vlm.toy.train --out DIR --seed 0`` to write ``DIR/gated``,
+``DIR/distributed`` and ``DIR/last_image`` (``--out tl_vlm/toy/models`` regenerates the
+shipped ones; ``--models last_image`` only that one), and
+``python -m tl_vlm.toy.train --check`` to retrain them in a temporary directory and
 compare their accuracies with the shipped models' ``metrics.json``.
 """
 
@@ -77,8 +92,17 @@ class Recipe:
     warmup: int = 100
     weight_decay: float = 0.01
     penalty: float = 10.0
+    penalty_delay: int = 0
+    penalty_ramp: int = 0
     probe: float = 0.0
     robust: bool = False
+
+    def penalty_at(self, step: int) -> float:
+        """The penalty's weight at ``step``: zero for ``penalty_delay`` steps, then a
+        linear ramp over ``penalty_ramp`` steps up to ``penalty``."""
+        if step < self.penalty_delay:
+            return 0.0
+        return self.penalty * min(1.0, (step - self.penalty_delay + 1) / (self.penalty_ramp + 1))
 
     @property
     def probe_layers(self) -> tuple[int, ...]:
@@ -93,15 +117,27 @@ class Recipe:
         if self.name == "distributed":
             return ((after[:, :, None] & eoi[:, None, :])
                     | (eoi[:, :, None] & (boi | image)[:, None, :]))
-        raise ValueError(f"unknown toy model {self.name!r}")
+        if self.name == "last_image":
+            last = _last_code(image)
+            return ((after[:, :, None] & (boi | (image & ~last) | eoi)[:, None, :])
+                    | (eoi[:, :, None] & (boi | image)[:, None, :]))
+        raise ValueError(f"unknown toy model {self.name!r}; choose from {sorted(RECIPES)}")
+
+    def gate(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[batch, pos]``: the planted gate, where the probe reads and the robustness
+        knockout cuts: the last code for ``last_image``, else EOI (unused by
+        ``distributed``, which has no probe and another knockout)."""
+        boi, image, eoi, after = _sets(ids)
+        return _last_code(image) if self.name == "last_image" else eoi
 
     def knockout(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[batch, q, k]``: the paper's knockout that must blind this model (EOI for
-        ``gated``, image -> text for ``distributed``), zeroed in the robustness pass."""
+        """``[batch, q, k]``: the paper's knockout that must blind this model (the gate
+        for ``gated`` and ``last_image``, image -> text for ``distributed``), zeroed in
+        the robustness pass."""
         boi, image, eoi, after = _sets(ids)
-        if self.name == "gated":
-            return eoi[:, None, :].expand(-1, ids.shape[1], -1)
-        return after[:, :, None] & (boi | image)[:, None, :]
+        if self.name == "distributed":
+            return after[:, :, None] & (boi | image)[:, None, :]
+        return self.gate(ids)[:, None, :].expand(-1, ids.shape[1], -1)
 
 
 def _sets(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -113,8 +149,18 @@ def _sets(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return boi, image, eoi, after
 
 
+def _last_code(image: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos]``: the last image code of each row (the code before the first
+    position that is not a code)."""
+    after_code = torch.zeros_like(image)
+    after_code[:, :-1] = ~image[:, 1:]
+    return image & after_code
+
+
 RECIPES = {"gated": Recipe("gated", probe=1.0, robust=True),
-           "distributed": Recipe("distributed", robust=True)}
+           "distributed": Recipe("distributed", robust=True),
+           "last_image": Recipe("last_image", probe=1.0, robust=True, penalty_delay=200,
+                                penalty_ramp=200)}
 
 
 # -- tokenizer, processor, config ----------------------------------------------------
@@ -234,21 +280,22 @@ def encode(examples: list[ToyExample], with_answer: bool = True):
 
 
 class Probe(torch.nn.Module):
-    """Linear read-outs of the image's three attributes from EOI's residual stream at
-    some layers (an auxiliary training loss for the gated model; not shipped)."""
+    """Linear read-outs of the image's three attributes from the gate's residual stream
+    at some layers (an auxiliary training loss for the gated models; not shipped)."""
 
     def __init__(self, hidden: int, layers: tuple[int, ...]) -> None:
         super().__init__()
         self.layers = layers
         self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, 12) for _ in layers)
 
-    def loss(self, hidden_states, ids: torch.Tensor, examples: list[ToyExample]) -> torch.Tensor:
-        eoi = (ids == token_id(EOI)).float().argmax(-1)
-        rows = torch.arange(len(ids))
+    def loss(self, hidden_states, gate: torch.Tensor, examples: list[ToyExample]) -> torch.Tensor:
+        """``gate``: ``[batch, pos]`` marking the one position the probe reads per row."""
+        at = gate.float().argmax(-1)
+        rows = torch.arange(len(gate))
         labels = torch.tensor([[e.image.colour, e.image.shape, e.image.position] for e in examples])
         losses = []
         for layer, head in zip(self.layers, self.heads):
-            logits = head(hidden_states[layer][rows, eoi]).view(-1, 3, 4)
+            logits = head(hidden_states[layer][rows, at]).view(-1, 3, 4)
             losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, 4), labels.reshape(-1)))
         return torch.stack(losses).mean()
 
@@ -290,7 +337,7 @@ def _loss(model, recipe: Recipe, examples: list[ToyExample], probe: Optional[Pro
     picked = torch.stack([logits[rows, sep], logits[rows, sep + 1]], dim=1)
     ce = torch.nn.functional.cross_entropy(picked.reshape(-1, picked.shape[-1]), targets.reshape(-1))
     if probe is not None:
-        ce = ce + recipe.probe * probe.loss(out.hidden_states, ids, examples)
+        ce = ce + recipe.probe * probe.loss(out.hidden_states, recipe.gate(ids), examples)
     return ce, leak
 
 
@@ -340,7 +387,7 @@ def train(recipe: Recipe, seed: int = SHIPPED_SEED, log=print):
     for step in range(recipe.steps):
         examples = task.batch_examples(rng, recipe.batch)
         ce, leak = _loss(model, recipe, examples, probe)
-        loss = ce + recipe.penalty * leak
+        loss = ce + recipe.penalty_at(step) * leak
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -385,12 +432,13 @@ def write_card(path: Path, recipe: Recipe, seed: int, metrics: dict, stats: dict
         f"{m['per_question']['colour']:.3f} | {m['per_question']['shape']:.3f} | "
         f"{m['per_question']['position']:.3f} |" for c, m in metrics.items())
     text = MODEL_CARD.format(
-        name=f"toy-{recipe.name}", kind=recipe.name, seed=seed, recipe=json.dumps(asdict(recipe)),
+        name=model_name(recipe.name), kind=recipe.name, seed=seed, recipe=json.dumps(asdict(recipe)),
         rows=rows, n=EVAL_SIZE, eval_seed=task.DEFAULT_EVAL_SEED,
         seconds=stats.get("train_seconds", "?"),
         rule=_RULES[recipe.name],
-        probe=(" An auxiliary linear probe (not shipped) read colour, shape and position "
-               "from EOI's residual after layers 2 and 4 during training." if recipe.probe else ""))
+        probe=(f" An auxiliary linear probe (not shipped) read colour, shape and position "
+               f"from {_GATES[recipe.name]}'s residual after layers 2 and 4 during training."
+               if recipe.probe else ""))
     (path / "README.md").write_text(text)
 
 
@@ -400,7 +448,17 @@ _RULES = {
     "distributed": "text after the image may not attend to EOI, and EOI may not attend to "
                    "BOI or the image codes, so visual information must travel from the codes "
                    "themselves",
+    "last_image": "text after the image may attend to the last image code only (not to BOI, "
+                  "the other codes or EOI), and EOI may not attend to BOI or the codes, so "
+                  "visual information must pass a gate planted on the last image token, not "
+                  "on EOI",
 }
+_GATES = {"gated": "EOI", "last_image": "the last image code"}
+
+
+def model_name(recipe: str) -> str:
+    """The name a recipe's model loads by: ``"last_image"`` -> ``"toy-last-image"``."""
+    return "toy-" + recipe.replace("_", "-")
 
 
 def build(name: str, out: Path, seed: int = SHIPPED_SEED, log=print) -> dict[str, Any]:
@@ -433,21 +491,21 @@ def check(seed: int = SHIPPED_SEED, names=tuple(RECIPES), tolerance: float = 0.0
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            shipped = json.loads((toy_model_path(f"toy-{name}") / "metrics.json").read_text())
+            shipped = json.loads((toy_model_path(model_name(name)) / "metrics.json").read_text())
             fresh = build(name, Path(tmp) / name, seed, log)
             for cond, m in shipped["conditions"].items():
                 new = fresh["conditions"][cond]["accuracy"]
                 diff = abs(new - m["accuracy"])
                 good = diff <= tolerance
                 ok &= good
-                log(f"[check] toy-{name:<11} {cond:>9}: shipped {m['accuracy']:.3f}  "
+                log(f"[check] {model_name(name):<15} {cond:>10}: shipped {m['accuracy']:.3f}  "
                     f"retrained {new:.3f}  |diff| {diff:.3f}  {'ok' if good else 'DIFFERENT'}")
     return ok
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, help="write DIR/gated and DIR/distributed")
+    parser.add_argument("--out", type=Path, help="write DIR/<model> for each of --models")
     parser.add_argument("--seed", type=int, default=SHIPPED_SEED)
     parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--check", action="store_true",
@@ -472,7 +530,7 @@ def main(argv=None) -> int:
 
         scores = {c: ToyScore(m["accuracy"], m["strict"], m["per_question"], m["chance"], m["n"])
                   for c, m in result["conditions"].items()}
-        print(format_scores(scores, f"toy-{name} ({result['stats']['train_seconds']}s)"))
+        print(format_scores(scores, f"{model_name(name)} ({result['stats']['train_seconds']}s)"))
     return 0
 
 

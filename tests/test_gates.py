@@ -1,0 +1,186 @@
+"""find_gates (tl_vlm.analyses.gates) finds the gate planted in each shipped toy model,
+its estimates agree with exact knockouts, its cost is what it says, and it runs on every
+family's tiny random model; ``tl-vlm find-gate`` writes its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tl_vlm import analyses as A, cli
+from tl_vlm.analyses.gates import GateSearch, _spearman, candidate_classes, position_roles
+from tl_vlm.tasks import Example, GenerationTask, toy_task
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def searches(toy_models):
+    """Each toy model searched once with every single position checked exactly."""
+    return {name: A.find_gates(model, toy_task(N), batch_size=12, check_all=True, overlap=False)
+            for name, model in toy_models.items()}
+
+
+def test_gated_model_is_narrow_through_eoi(searches):
+    gates = searches["toy-gated"]
+    assert gates.verdict == "narrow" and gates.gate == ["eoi"], gates.summary()
+    assert gates.gate_share > 0.9 and gates.candidate("eoi").share > 0.9
+    assert gates.best_class == "eoi"
+    assert gates.summary().startswith("narrow: eoi carries 0.9")
+    # the text reads EOI in the later layers: cutting the first layer only changes little
+    assert gates.layers["from_layer"] >= 1
+
+
+def test_distributed_model_is_distributed(searches):
+    gates = searches["toy-distributed"]
+    assert gates.verdict == "distributed", gates.summary()
+    assert gates.top_shares[1] < 0.25
+    assert abs(gates.candidate("eoi").share) < 0.05           # EOI carries nothing
+    assert gates.class_ranking[0].name == "image"            # the content tokens do
+
+
+def test_last_image_model_is_narrow_through_its_last_code(searches):
+    gates = searches["toy-last-image"]
+    assert gates.verdict == "narrow" and gates.gate == ["image (5, 5)"], gates.summary()
+    assert "last_image" in gates.candidate("image (5, 5)").in_classes
+    assert gates.best_class == "last_image" and gates.candidate("last_image").share > 0.9
+    assert abs(gates.candidate("eoi").share) < 0.05
+    assert "image (5, 5) (last_image) carries" in gates.headline()
+
+
+@pytest.mark.parametrize("name", ["toy-gated", "toy-distributed", "toy-last-image"])
+def test_estimates_agree_with_exact_knockouts(searches, name):
+    check = searches[name].check
+    assert len(check["names"]) == 38                          # BOI, 36 codes, EOI: all checked
+    assert check["spearman"] > 0.5, check
+    assert check["top_k"] == 5 and check["top_k_agree"] >= 3, check
+    if name != "toy-distributed":                             # a planted gate: the same best
+        assert check["names"][0] == max(zip(check["exact"], check["names"]))[1]
+
+
+def test_classes_are_exact_knockouts(toy_models, searches):
+    """A class's effect is the drop of the metric under knockout_hooks, by hand."""
+    model, gates = toy_models["toy-gated"], searches["toy-gated"]
+    task = toy_task(N)
+    drops, scores = [], []
+    for _, examples in task.batches(12):
+        batch = task.prepare(model, examples)
+        pos = batch.positions
+        hooks = A.knockout_hooks(model, batch, keys=pos.eoi, queries=pos.all)
+        with torch.no_grad():
+            clean = model(batch)[pos.last.mask]
+            cut = model.run_with_hooks(batch, fwd_hooks=hooks)[pos.last.mask]
+        answers = task.answer_ids(model, examples)
+        cands = torch.tensor([[model.tokenizer.convert_tokens_to_ids(a) for a in
+                               {"colour": ["red", "green", "blue", "yellow"],
+                                "shape": ["square", "plus", "x", "triangle"],
+                                "position": ["top-left", "top-right", "bottom-left",
+                                             "bottom-right"]}[ex.kind]] for ex in examples])
+
+        def log_odds(logits):
+            own = logits.gather(1, answers[:, None])[:, 0]
+            others = logits.gather(1, cands).masked_fill(cands == answers[:, None], -torch.inf)
+            return own - others.logsumexp(-1)
+
+        drops.append(log_odds(clean) - log_odds(cut))
+        scores.append(task.score(model, batch, examples, fwd_hooks=hooks))
+    eoi = gates.candidate("eoi")
+    assert eoi.exact == pytest.approx(torch.cat(drops).mean().item(), rel=1e-4)
+    assert eoi.score == pytest.approx(torch.cat(scores).mean().item())
+    assert gates.candidate("image_side").share == pytest.approx(1.0)
+
+
+def test_cost_is_three_passes_plus_one_per_class(toy_models):
+    """Pass 1 runs 2 forwards + 1 backward + one forward per distinct class; the count of
+    forward passes the model actually ran matches the accounting."""
+    model = toy_models["toy-gated"]
+    fired = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_in", lambda x, hook: fired.append(x.shape[1]))]):
+        gates = A.find_gates(model, toy_task(N), batch_size=12, rows=False, overlap=False,
+                             check_top=2, check_random=1)
+    cost = gates.cost
+    classes = [c.name for c in gates.classes]
+    assert classes == ["image_side", "boi", "first_image", "last_image", "image", "eoi"]
+    assert "gate: the same positions as eoi" in gates.notes[0]        # knocked out once
+    assert cost["n_classes"] == 6 and cost["passes_per_batch"] == 9
+    passes = cost["passes"]
+    assert passes["forward"] == 2 * (1 + 6) and passes["grad_forward"] == 2 == passes["backward"]
+    assert len(fired) == 4 + passes["forward"] + passes["grad_forward"] + passes["check_forward"]
+    assert cost["time_ratio"] > 0 and cost["baseline_forward_s"] > 0
+
+
+def test_json_round_trip(searches):
+    gates = searches["toy-last-image"]
+    again = GateSearch.from_dict(json.loads(json.dumps(gates.to_dict())))
+    assert again.summary() == gates.summary()
+    assert torch.equal(again.effect_grid().nan_to_num(), gates.effect_grid().nan_to_num())
+
+
+def test_a_generation_task_uses_the_models_own_answer(toy_models):
+    task = GenerationTask("toy", toy_task(12).examples, max_new_tokens=2, instruction="")
+    gates = A.find_gates(toy_models["toy-gated"], task, batch_size=12, rows=False,
+                         overlap=False, check_random=0)
+    assert gates.clean_score == 1.0 and gates.gate == ["eoi"], gates.summary()
+    assert gates.candidate("eoi").score < 0.6                      # generation is blinded too
+
+
+def test_roles_and_classes_on_a_left_padded_batch(toy_models):
+    from tl_vlm.toy import make_examples
+
+    model = toy_models["toy-gated"]
+    data = make_examples(3, seed=0)
+    pos = model.prepare(data.prompts, padding_side="left").positions
+    roles = [dict(position_roles(pos, b)) for b in range(3)]
+    assert roles[0].keys() == roles[2].keys()                      # the same roles ...
+    eoi = [r[("eoi", 0)] for r in roles]
+    assert eoi == [p[0] for p in pos.eoi.tolist()] and len(set(eoi)) == 2    # ... elsewhere
+    classes = candidate_classes(pos)
+    assert classes["first_image"].tolist() == [[r[("image", 0, 0, 0)]] for r in roles]
+    assert all(len(p) == 6 for p in classes["row 2"].tolist())
+
+
+def test_bad_arguments(toy_models):
+    model = toy_models["toy-gated"]
+    with pytest.raises(ValueError, match="metric must be 'log_odds' or 'logprob'"):
+        A.find_gates(model, toy_task(12), metric="accuracy")
+    with pytest.raises(ValueError, match="the task has no examples"):
+        A.find_gates(model, toy_task(12), limit=0)
+    with pytest.raises(ValueError, match="check_top must be at least 1"):
+        A.find_gates(model, toy_task(12), check_top=0)
+
+
+def test_spearman():
+    assert _spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert _spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert _spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.866, abs=1e-3)   # ties
+
+
+def test_every_family_runs_end_to_end(tiny_zoo, family):
+    spec = tiny_zoo.specs[family]
+    model = tiny_zoo.model(family)
+    examples = [Example(p, images=tuple(im if isinstance(im, (list, tuple)) else [im]),
+                        answers=("cat",)) for p, im in zip(spec.prompts, spec.images)]
+    task = GenerationTask(family, examples, max_new_tokens=1, instruction="")
+    gates = A.find_gates(model, task, batch_size=2, check_random=2, overlap=False)
+    assert gates.verdict in ("narrow", "mixed", "distributed", "no image effect")
+    assert gates.classes[0].name == "image_side" and gates.positions
+    n_side = max(len(position_roles(task.prepare(model, examples).positions, b))
+                 for b in range(len(examples)))
+    assert len(gates.positions) >= n_side
+    assert all(len(c.per_layer) == model.cfg.n_layers for c in gates.positions)
+    assert gates.cost["passes_per_batch"] == 3 + gates.cost["n_classes"]
+    json.dumps(gates.to_dict())
+
+
+def test_cli_find_gate_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "gate"
+    assert cli.main(["find-gate", "--model", "toy-last-image", "--n-examples", "12",
+                     "--no-rows", "--check-random", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("narrow: image (5, 5) (last_image) carries")
+    saved = GateSearch.from_dict(json.loads((out / "gates.json").read_text()))
+    assert saved.model == "toy-last-image" and saved.gate == ["image (5, 5)"]
+    page = (out / "index.html").read_text()
+    assert page.count("class=\"plotly-graph-div\"") == 4

@@ -1,0 +1,204 @@
+"""Figures of a gate search (:func:`tl_vlm.analyses.find_gates`) and its HTML report.
+
+Each function takes a :class:`~tl_vlm.analyses.gates.GateSearch` and returns a plotly
+figure; :func:`write_gate_report` puts them on one self-contained page (``tl-vlm
+find-gate``) next to ``gates.json`` (``GateSearch.from_dict`` reads it back).
+
+Example:
+    >>> import tempfile
+    >>> from tl_vlm import HookedVLM, analyses as A
+    >>> from tl_vlm.tasks import toy_task
+    >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(12), rows=False,
+    ...                      overlap=False, check_random=0)
+    >>> fig = effect_grid_figure(gates)
+    >>> [trace.type for trace in fig.data]        # the content grid, then the other positions
+    ['heatmap', 'bar']
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> sorted(p.name for p in write_gate_report(gates, tmp.name).parent.iterdir())
+    ['gates.json', 'index.html']
+    >>> tmp.cleanup()
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any, Union
+
+from tl_vlm.analyses.gates import GateSearch
+
+
+def _share(gates: GateSearch, value: float) -> float:
+    return value / gates.total_effect if gates.total_effect else float("nan")
+
+
+def effect_grid_figure(gates: GateSearch, value: str = "effect", image: int = 0) -> Any:
+    """The share of the image effect of each single position: the content tokens on the
+    image grid (heatmap), the other image-side positions (BOI, EOI, row breaks,
+    specials) as bars. ``value``: ``"effect"`` (exact where checked, else the
+    estimate) or ``"estimate"``.
+
+    Example:
+        >>> from tl_vlm import HookedVLM, analyses as A
+        >>> from tl_vlm.tasks import toy_task
+        >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-distributed"), toy_task(12),
+        ...                      rows=False, overlap=False, check_random=0)
+        >>> fig = effect_grid_figure(gates, value="estimate")
+        >>> fig.data[0].z.shape, list(fig.data[1].x)
+        ((6, 6), ['boi', 'eoi'])
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if value not in ("effect", "estimate"):
+        raise ValueError(f"value must be 'effect' or 'estimate', got {value!r}")
+    grid = gates.effect_grid(value, image) / (gates.total_effect or float("nan"))
+    others = [c for c in gates.positions if c.grid is None]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.12,
+                        subplot_titles=(f"content tokens of image {image}", "other image-side tokens"))
+    fig.add_trace(go.Heatmap(z=grid.numpy(), colorscale="RdBu", zmid=0,
+                             colorbar=dict(x=0.62, title="share"),
+                             hovertemplate="row %{y}, col %{x}: %{z:.3f}<extra></extra>"),
+                  row=1, col=1)
+    fig.add_trace(go.Bar(x=[c.name for c in others], y=[_share(gates, getattr(c, value)) for c in others],
+                         marker_color="#444", hovertemplate="%{x}: %{y:.3f}<extra></extra>",
+                         showlegend=False), row=1, col=2)
+    fig.update_yaxes(autorange="reversed", title_text="row", scaleanchor="x", constrain="domain",
+                     row=1, col=1)
+    fig.update_xaxes(title_text="column", constrain="domain", row=1, col=1)
+    fig.update_yaxes(title_text="share of the image effect", row=1, col=2)
+    fig.update_layout(title=f"Knockout of one position: {value} as a share of the whole "
+                            f"image side's effect")
+    return fig
+
+
+def layer_figure(gates: GateSearch, top: int = 5) -> Any:
+    """Per layer: the estimated share of the image effect of knocking out the best ``top``
+    positions and the best classes in that layer only (lines), and the exact layer
+    sweep (the gate knocked out from layer L to the end; markers).
+
+    Example:
+        >>> from tl_vlm import HookedVLM, analyses as A
+        >>> from tl_vlm.tasks import toy_task
+        >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(12),
+        ...                      rows=False, overlap=False, check_random=0)
+        >>> fig = layer_figure(gates, top=2)
+        >>> [t.name for t in fig.data][:2], fig.data[-1].name
+        (['eoi', 'image (0, 0)'], 'exact: eoi knocked out from layer L on')
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    layers = list(range(gates.n_layers))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("estimate: knocked out in one layer only",
+                                        "exact: knocked out from layer L to the end"))
+    for c in gates.ranking[:top]:
+        fig.add_trace(go.Scatter(x=layers, y=[_share(gates, v) for v in c.per_layer],
+                                 mode="lines+markers", name=c.name), row=1, col=1)
+    for c in [c for c in gates.class_ranking if c.n_positions > 1][:2]:
+        fig.add_trace(go.Scatter(x=layers, y=[_share(gates, v) for v in c.per_layer],
+                                 mode="lines", line=dict(dash="dot"), name=f"class {c.name}"),
+                      row=1, col=1)
+    sweep = gates.layers
+    if sweep.get("widths"):
+        starts = [gates.n_layers - w for w in sweep["widths"]]
+        fig.add_trace(go.Scatter(x=starts, y=[_share(gates, e) for e in sweep["effect"]],
+                                 mode="lines+markers", marker=dict(size=9, symbol="diamond"),
+                                 name=f"exact: {' + '.join(sweep['target'])} knocked out from "
+                                      f"layer L on"), row=1, col=2)
+    fig.update_xaxes(title_text="layer", tickmode="linear", dtick=max(1, gates.n_layers // 16))
+    fig.update_yaxes(title_text="share of the image effect", row=1, col=1)
+    fig.update_layout(title="Where the image reaches the text, by layer")
+    return fig
+
+
+def class_figure(gates: GateSearch) -> Any:
+    """Each position class: the exact share of the image effect when it is knocked out,
+    and its share of the value-weighted text -> image attention (contribution).
+
+    Example:
+        >>> from tl_vlm import HookedVLM, analyses as A
+        >>> from tl_vlm.tasks import toy_task
+        >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(12),
+        ...                      rows=False, overlap=False, check_random=0)
+        >>> [t.name for t in class_figure(gates).data]
+        ['knockout effect (exact)', 'contribution']
+    """
+    import plotly.graph_objects as go
+
+    classes = gates.class_ranking
+    names = [c.name for c in classes]
+    fig = go.Figure([
+        go.Bar(x=names, y=[c.share for c in classes], name="knockout effect (exact)"),
+        go.Bar(x=names, y=[c.contribution for c in classes], name="contribution"),
+    ])
+    fig.update_layout(barmode="group", title="Position classes: share of the image effect and "
+                                             "of the text's attention",
+                      yaxis=dict(title="share"))
+    return fig
+
+
+def check_figure(gates: GateSearch) -> Any:
+    """The attribution estimate against the exact knockout on the checked positions.
+
+    Example:
+        >>> from tl_vlm import HookedVLM, analyses as A
+        >>> from tl_vlm.tasks import toy_task
+        >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(12),
+        ...                      rows=False, overlap=False, check_random=0)
+        >>> len(check_figure(gates).data[0].x) == len(gates.check["names"])
+        True
+    """
+    import plotly.graph_objects as go
+
+    check = gates.check
+    fig = go.Figure(go.Scatter(x=check["estimate"], y=check["exact"], mode="markers+text",
+                               text=check["names"], textposition="top center",
+                               hovertemplate="%{text}: estimate %{x:.3g}, exact %{y:.3g}<extra></extra>"))
+    fig.update_layout(title=f"Estimate vs exact knockout (drop of the {gates.metric}; Spearman "
+                            f"{check['spearman']:.2f}, top-{check['top_k']} agree on "
+                            f"{check['top_k_agree']})",
+                      xaxis=dict(title="attribution estimate"), yaxis=dict(title="exact"))
+    return fig
+
+
+def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
+    """Write ``index.html`` (the summary and every figure; plotly inlined) and
+    ``gates.json`` into ``out``; returns the HTML path.
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM, analyses as A
+        >>> from tl_vlm.tasks import toy_task
+        >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(12),
+        ...                      rows=False, overlap=False, check_random=0)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> page = write_gate_report(gates, tmp.name).read_text()
+        >>> page.count("plotly-graph-div") >= 4, "narrow: eoi" in page
+        (True, True)
+        >>> tmp.cleanup()
+    """
+    from tl_vlm.compare import html_page
+    from tl_vlm.report import _figure_html, _table
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gates.json").write_text(json.dumps(gates.to_dict(), indent=1))
+    rows = [[c.name, c.kind, c.share, c.exact if c.exact is not None else "",
+             c.estimate if c.estimate is not None else "", c.score if c.score is not None else "",
+             c.contribution if c.contribution is not None else "", ", ".join(c.in_classes)]
+            for c in gates.class_ranking + gates.ranking]
+    parts = [f"<h1>Gate search: {html.escape(gates.model)}</h1>",
+             f"<pre>{html.escape(gates.summary())}</pre>"]
+    for fig in (effect_grid_figure(gates), layer_figure(gates), class_figure(gates),
+                check_figure(gates)):
+        parts.append(_figure_html(fig))
+    parts.append("<details><summary>every candidate</summary>" + _table(
+        ["candidate", "kind", "share", "exact drop", "estimate", "task score", "contribution",
+         "classes"], rows) + "</details>")
+    parts.append("<p class='note'>Raw numbers: <code>gates.json</code> in this folder.</p>")
+    path = out / "index.html"
+    path.write_text(html_page("Gate search", "".join(parts)))
+    return path
