@@ -206,7 +206,8 @@ def _contribution_figure(runs: Sequence[Run]):
     have = [r for r in runs if "contribution" in r.results]
     if not have:
         return None
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("to EOI (the gate)", "to the image tokens"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "share of text→image attention to EOI (the gate)", "share to the image tokens"))
     rows = []
     for r in have:
         res = r.results["contribution"]
@@ -219,8 +220,8 @@ def _contribution_figure(runs: Sequence[Run]):
                       row=1, col=2)
         rows += [[r.name, l, e, i] for l, e, i in zip(res["layers"], col.get("eoi", [0.0] * len(x)), image)]
     _depth_axis(fig)
-    fig.update_yaxes(range=[0, 1.05], title_text="share (value-weighted)", row=1, col=1)
-    fig.update_layout(title="Cross-modal attention contribution per layer")
+    fig.update_yaxes(range=[0, 1.05])
+    fig.update_yaxes(title_text="share (value-weighted)", row=1, col=1)
     return fig, ["model", "layer", "EOI share", "image-token share"], rows
 
 

@@ -56,7 +56,8 @@ def effect_grid_figure(gates: GateSearch, value: str = "effect", image: int = 0)
     grid = gates.effect_grid(value, image) / (gates.total_effect or float("nan"))
     others = [c for c in gates.positions if c.grid is None]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.12,
-                        subplot_titles=(f"content tokens of image {image}", "other image-side tokens"))
+                        subplot_titles=(f"one content token of image {image} knocked out "
+                                        f"({value})", "one other image-side token"))
     fig.add_trace(go.Heatmap(z=grid.numpy(), colorscale="RdBu", zmid=0,
                              colorbar=dict(x=0.62, title="share"),
                              hovertemplate="row %{y}, col %{x}: %{z:.3f}<extra></extra>"),
@@ -68,8 +69,6 @@ def effect_grid_figure(gates: GateSearch, value: str = "effect", image: int = 0)
                      row=1, col=1)
     fig.update_xaxes(title_text="column", constrain="domain", row=1, col=1)
     fig.update_yaxes(title_text="share of the image effect", row=1, col=2)
-    fig.update_layout(title=f"Knockout of one position: {value} as a share of the whole "
-                            f"image side's effect")
     return fig
 
 
@@ -110,7 +109,6 @@ def layer_figure(gates: GateSearch, top: int = 5) -> Any:
                                       f"layer L on"), row=1, col=2)
     fig.update_xaxes(title_text="layer", tickmode="linear", dtick=max(1, gates.n_layers // 16))
     fig.update_yaxes(title_text="share of the image effect", row=1, col=1)
-    fig.update_layout(title="Where the image reaches the text, by layer")
     return fig
 
 
@@ -192,8 +190,20 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
             for c in gates.class_ranking + gates.ranking]
     parts = [f"<h1>Gate search: {html.escape(gates.model)}</h1>",
              f"<pre>{html.escape(gates.summary())}</pre>"]
-    for fig in (effect_grid_figure(gates), layer_figure(gates), class_figure(gates),
-                check_figure(gates)):
+    sections = [
+        ("Single positions", effect_grid_figure(gates),
+         "The drop of the metric when every position stops attending to one image-side "
+         "position in every layer, as a share of the drop with the whole image side cut; "
+         "exact where checked, else the attribution estimate."),
+        ("Layers", layer_figure(gates),
+         "Left: the estimated share if the candidate were knocked out in that layer only. "
+         "Right: the gate (or, when distributed, the whole image side) knocked out from "
+         "layer L to the last layer, exactly."),
+        ("Position classes", class_figure(gates), ""),
+        ("Estimate vs exact", check_figure(gates), ""),
+    ]
+    for title, fig, note in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>")
         parts.append(_figure_html(fig))
     parts.append("<details><summary>every candidate</summary>" + _table(
         ["candidate", "kind", "share", "exact drop", "estimate", "task score", "contribution",

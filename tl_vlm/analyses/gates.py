@@ -556,7 +556,6 @@ class _Search:
         self.clean_metric = 0.0
         # class name -> [sum of metric drops, sum of scores, examples, positions]
         self.classes: dict[str, list[float]] = {}
-        self.class_estimate: dict[str, float] = {}
         self.class_layers: dict[str, Tensor] = {}
         # role -> sums over the examples that have it
         self.est: dict[Key, Tensor] = {}          # [layer] summed estimate
@@ -658,7 +657,10 @@ class _Search:
         clean = self.metric(clean_last, targets, allowed)
         t1 = time.perf_counter()
         est, clean_grad = self.attribution(batch, targets, allowed)
-        if not torch.allclose(clean_grad, clean, atol=1e-3 * (1 + clean.abs().max().item())):
+        # The same inputs must give the same metric (up to the dtype's rounding): else the
+        # task's forward and the gradient pass would not be measuring the same run.
+        tol = (1e-3 if self.model.dtype == torch.float32 else 5e-2) * (1 + clean.abs().max().item())
+        if not torch.allclose(clean_grad, clean, atol=tol):
             raise RuntimeError("the gradient pass and the clean pass disagree on the metric "
                                f"({clean_grad.tolist()} vs {clean.tolist()})")
         t2 = time.perf_counter()

@@ -1,6 +1,6 @@
-"""Train the two toy native VLMs (``gated`` and ``distributed``) from a seed.
+"""Train the toy native VLMs (``gated``, ``distributed``, ``last_image``) from a seed.
 
-Both are standard ``ChameleonForConditionalGeneration`` checkpoints (4 layers, hidden
+All are standard ``ChameleonForConditionalGeneration`` checkpoints (4 layers, hidden
 64, 4 heads) trained with AdamW on the toy task (:mod:`tl_vlm.toy.task`), with a loss
 on the answer token (and on ``</s>`` after it). What differs is which attention edges
 training forbids:
@@ -24,9 +24,9 @@ pass and the mass the unmasked one gives the forbidden keys (mean over constrain
 query rows, heads and layers) is added to the loss with weight ``penalty``. Once that
 mass is ~0, the unmasked model computes what the masked one does.
 
-Two more terms make the mechanism clean and quick to learn:
+More terms make the mechanism clean and quick to learn:
 
-- robustness (both models): half of every batch runs a second time under the paper's
+- robustness (every model): half of every batch runs a second time under the paper's
   knockout that should blind the model (``gated``: every position cut from EOI;
   ``last_image``: from the last code; ``distributed``: text cut from BOI and the
   codes; post-softmax zeroing as in
@@ -39,6 +39,13 @@ Two more terms make the mechanism clean and quick to learn:
   The two-hop route (EOI reads the image, the text reads EOI) otherwise sits on a
   plateau for hundreds of steps, on some seeds for the whole run. The read-outs are
   discarded; the checkpoint is a plain Chameleon.
+- blind (``last_image`` only): half of every batch runs twice more as the model is
+  shipped, without masks: intact, with the answer's cross-entropy, and under the
+  knockout of its gate, with the cross-entropy of its closed-set answer to a uniform
+  guess. Without it the text of this model, blind to the last code, still read the
+  shape off the trace of attention the penalty leaves on the other codes (0.63 on shape
+  questions); with the knocked-out pass alone it learnt to spoil its unmasked answers
+  through that trace instead.
 
 One schedule (``last_image`` only): the penalty is off for the first ``penalty_delay``
 steps and ramps up over ``penalty_ramp``. The last code is an image code like the others,
@@ -96,6 +103,7 @@ class Recipe:
     penalty_ramp: int = 0
     probe: float = 0.0
     robust: bool = False
+    blind: float = 0.0
 
     def penalty_at(self, step: int) -> float:
         """The penalty's weight at ``step``: zero for ``penalty_delay`` steps, then a
@@ -159,8 +167,8 @@ def _last_code(image: torch.Tensor) -> torch.Tensor:
 
 RECIPES = {"gated": Recipe("gated", probe=1.0, robust=True),
            "distributed": Recipe("distributed", robust=True),
-           "last_image": Recipe("last_image", probe=1.0, robust=True, penalty_delay=200,
-                                penalty_ramp=200)}
+           "last_image": Recipe("last_image", probe=1.0, robust=True, blind=1.0,
+                                penalty_delay=200, penalty_ramp=200)}
 
 
 # -- tokenizer, processor, config ----------------------------------------------------
@@ -338,7 +346,32 @@ def _loss(model, recipe: Recipe, examples: list[ToyExample], probe: Optional[Pro
     ce = torch.nn.functional.cross_entropy(picked.reshape(-1, picked.shape[-1]), targets.reshape(-1))
     if probe is not None:
         ce = ce + recipe.probe * probe.loss(out.hidden_states, recipe.gate(ids), examples)
+    if recipe.blind:
+        ce = ce + recipe.blind * _blind_loss(model, recipe, examples, ids, mask, sep)
     return ce, leak
+
+
+def _blind_loss(model, recipe: Recipe, examples, ids, mask, sep) -> torch.Tensor:
+    """On half the batch, run as the model is shipped (no masks): the answer's
+    cross-entropy with the gate open, plus how far the closed-set answer with the gate
+    knocked out is from a uniform guess (cross-entropy to uniform minus log 4; zero when
+    blind). The masked passes cannot see what reaches the text through the tiny attention
+    the penalty leaves on forbidden edges; these passes can, and the pair leaves the
+    model no unmasked shortcut that works only when the gate is cut (nor one that spoils
+    the clean answer)."""
+    half = slice(0, len(ids) // 2)
+    cands = torch.tensor([[token_id(a) for a in task.ANSWERS[e.question]] for e in examples[half]])
+    rows = torch.arange(len(cands))
+    losses = []
+    for zero in (None, recipe.knockout(ids[half])):
+        out, _ = _forward(model, ids[half], mask[half], None, zero)
+        log_p = torch.log_softmax(model.lm_head(out.last_hidden_state[rows, sep[half]]), dim=-1)
+        if zero is None:
+            losses.append(-log_p[rows, ids[half][rows, sep[half] + 1]].mean())
+        else:
+            closed = torch.log_softmax(log_p.gather(1, cands), dim=-1)
+            losses.append(-closed.mean() - math.log(cands.shape[1]))
+    return sum(losses)
 
 
 @torch.no_grad()
@@ -438,7 +471,7 @@ def write_card(path: Path, recipe: Recipe, seed: int, metrics: dict, stats: dict
         rule=_RULES[recipe.name],
         probe=(f" An auxiliary linear probe (not shipped) read colour, shape and position "
                f"from {_GATES[recipe.name]}'s residual after layers 2 and 4 during training."
-               if recipe.probe else ""))
+               if recipe.probe else "") + _schedule_note(recipe))
     (path / "README.md").write_text(text)
 
 
@@ -454,6 +487,20 @@ _RULES = {
                   "on EOI",
 }
 _GATES = {"gated": "EOI", "last_image": "the last image code"}
+
+
+def _schedule_note(recipe: Recipe) -> str:
+    """The card's sentences on the ``last_image`` extras (empty for the other recipes)."""
+    out = ""
+    if recipe.penalty_delay or recipe.penalty_ramp:
+        out += (f" The penalty was off for the first {recipe.penalty_delay} steps and ramped up "
+                f"over the next {recipe.penalty_ramp} (a penalty from the start taught the text "
+                f"to ignore every code, the last one too).")
+    if recipe.blind:
+        out += (" Half of each batch also ran without masks, intact (answer cross-entropy) "
+                "and with the gate knocked out (cross-entropy to a uniform guess among the "
+                "four answers), so that nothing reaches the text around the gate.")
+    return out
 
 
 def model_name(recipe: str) -> str:
