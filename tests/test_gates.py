@@ -54,7 +54,7 @@ def test_last_image_model_is_narrow_through_its_last_code(searches):
 def test_estimates_agree_with_exact_knockouts(searches, name):
     check = searches[name].check
     assert len(check["names"]) == 38                          # BOI, 36 codes, EOI: all checked
-    assert check["spearman"] > 0.5, check
+    assert check["spearman"] > 0.4, check                    # measured 0.50-0.77 (n=24)
     assert check["top_k"] == 5 and check["top_k_agree"] >= 3, check
     if name != "toy-distributed":                             # a planted gate: the same best
         assert check["names"][0] == max(zip(check["exact"], check["names"]))[1]

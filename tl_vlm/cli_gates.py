@@ -61,7 +61,21 @@ def add_commands(sub) -> None:
 
 
 def find_gate(args: argparse.Namespace) -> Path:
-    """Run :func:`tl_vlm.analyses.find_gates` and write its report; prints the summary."""
+    """Run :func:`tl_vlm.analyses.find_gates` and write its report; prints the summary.
+
+    Example:
+        >>> import argparse, tempfile
+        >>> parser = argparse.ArgumentParser(prog="tl-vlm")
+        >>> add_commands(parser.add_subparsers(dest="command", required=True))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> args = parser.parse_args(["find-gate", "--model", "toy-gated", "--n-examples", "12",
+        ...                           "--no-rows", "--check-random", "0", "--out", tmp.name])
+        >>> find_gate(args).name                          # doctest: +ELLIPSIS
+        narrow: eoi carries 0.92 of the image effect (from layer 1 on)
+        ...
+        'index.html'
+        >>> tmp.cleanup()
+    """
     import torch
 
     from tl_vlm import HookedVLM
@@ -86,7 +100,15 @@ def find_gate(args: argparse.Namespace) -> Path:
 
 
 def compare(args: argparse.Namespace) -> Path:
-    """Write the comparison of ``args.runs`` to ``args.out``."""
+    """Write the comparison of ``args.runs`` to ``args.out``.
+
+    Example:
+        >>> import argparse
+        >>> compare(argparse.Namespace(runs=["no-such-run"], out="cmp"))
+        Traceback (most recent call last):
+        ...
+        SystemExit: tl-vlm compare: no-such-run/results.json not found: give the output directory of a `tl-vlm narrow-gate` run
+    """
     from tl_vlm.compare import write_comparison
 
     try:

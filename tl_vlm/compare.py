@@ -55,6 +55,11 @@ class Run:
         results: step name -> result.
         native: the family's kind (native multimodal or adapted LLM); None if unknown.
         colour: its colour in every figure.
+
+    Example:
+        >>> run = Run("toy-gated", Path("runs/toy-gated"), {"layers": 4}, {}, native=True)
+        >>> run.n_layers, GROUPS[run.native]
+        (4, 'native')
     """
 
     name: str
@@ -269,8 +274,8 @@ def _overlap_figure(runs: Sequence[Run]):
             fig.add_trace(_line(r, x, reps["image_mean"], dash="dash", hover=" image mean"))
         rows += [[r.name, l, first, v] for l, v in zip(res["layers"], reps[first])]
     _depth_axis(fig)
-    fig.update_layout(title="Neighbourhood overlap χ with the class: gate (solid; the last image "
-                            "token without a gate), mean image token (dashed)",
+    fig.update_layout(title="Neighbourhood overlap χ: gate (solid; last image token if none), "
+                            "image mean (dashed)",
                       yaxis=dict(title="χ", range=[0, 1.05]))
     return fig, ["model", "layer", "representation", "χ"], rows
 

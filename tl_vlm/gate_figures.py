@@ -45,7 +45,7 @@ def effect_grid_figure(gates: GateSearch, value: str = "effect", image: int = 0)
         >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-distributed"), toy_task(12),
         ...                      rows=False, overlap=False, check_random=0)
         >>> fig = effect_grid_figure(gates, value="estimate")
-        >>> fig.data[0].z.shape, list(fig.data[1].x)
+        >>> fig.data[0].z.shape, sorted(fig.data[1].x)
         ((6, 6), ['boi', 'eoi'])
     """
     import plotly.graph_objects as go
@@ -55,11 +55,11 @@ def effect_grid_figure(gates: GateSearch, value: str = "effect", image: int = 0)
         raise ValueError(f"value must be 'effect' or 'estimate', got {value!r}")
     grid = gates.effect_grid(value, image) / (gates.total_effect or float("nan"))
     others = [c for c in gates.positions if c.grid is None]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.12,
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.22,
                         subplot_titles=(f"one content token of image {image} knocked out "
                                         f"({value})", "one other image-side token"))
     fig.add_trace(go.Heatmap(z=grid.numpy(), colorscale="RdBu", zmid=0,
-                             colorbar=dict(x=0.62, title="share"),
+                             colorbar=dict(x=0.6, title="share"),
                              hovertemplate="row %{y}, col %{x}: %{z:.3f}<extra></extra>"),
                   row=1, col=1)
     fig.add_trace(go.Bar(x=[c.name for c in others], y=[_share(gates, getattr(c, value)) for c in others],
