@@ -1,0 +1,106 @@
+"""The cost of find_gates' search over every single image-side position, in forwards.
+
+Model: a random Chameleon (default 8 decoder layers, hidden 256, 8 heads) whose VQ
+tokenizer turns a 64 px image into a 16 x 16 = 256-token grid; with BOI, EOI and ~30
+words of text after the image one example is ~290 tokens. Batch: 4 examples.
+
+Pass 1 of ``find_gates`` (what covers every single position) runs, per batch: the task's
+clean forward, one forward with gradients and its backward, and one forward per distinct
+position class, ``3 + n_classes`` passes. The script times pass 1 (``cost["seconds"]``:
+clean + gradient + classes) against one plain forward (median of ``--reps``), with and
+without the per-row classes, and prints the ratio next to the pass count. The checks
+(exact knockouts of chosen positions), the layer sweep and the neighbourhood overlap are
+extra passes that the ratio leaves out.
+
+Run: ``.venv/bin/python benchmarks/find_gates_cost.py [--layers 8] [--hidden 256] [--reps 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEXT = " ".join(["describe the image a cat"] * 6)   # 30 words after the image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    from tests.tiny import image
+    from tests.tiny.chameleon import build as build_chameleon
+    from tl_vlm import HookedVLM, analyses as A
+    from tl_vlm.tasks import Example, NextTokenTask
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        build_chameleon(Path(tmp), layers=args.layers, hidden=args.hidden, heads=8,
+                        image_size=args.image_size)
+        model = HookedVLM.from_pretrained(tmp, device=args.device)
+    n = args.batch * args.batches
+    task = NextTokenTask("bench", [Example(TEXT, images=(image(i, (args.image_size,) * 2),),
+                                           answers=("cat",)) for i in range(n)])
+    batch = task.prepare(model, task.examples[:args.batch])
+    seq = batch.input_ids.shape[1]
+    print(f"Chameleon, {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
+          f"{args.batches} batches of {args.batch} x {seq} tokens "
+          f"({(args.image_size // 4) ** 2} image tokens), device {args.device}, "
+          f"{torch.get_num_threads()} thread(s)")
+
+    def sync() -> None:
+        if str(args.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        for _ in range(2):
+            model(batch)
+        times = []
+        for _ in range(args.reps):
+            sync()
+            t0 = time.perf_counter()
+            model(batch)
+            sync()
+            times.append(time.perf_counter() - t0)
+    forward = statistics.median(times)
+    print(f"one forward: {forward * 1e3:.1f} ms (median of {args.reps})")
+    for rows in (False, True):
+        ratios = []
+        for _ in range(max(1, args.reps // 2)):
+            gates = A.find_gates(model, task, batch_size=args.batch, rows=rows, check_top=1,
+                                 check_random=0, layer_sweep=False, overlap=False)
+            seconds = sum(gates.cost["seconds"].values()) / gates.cost["batches"]
+            ratios.append(seconds / forward)
+        cost = gates.cost
+        print(f"rows={str(rows):5}: {cost['n_classes']} classes -> {cost['passes_per_batch']} "
+              f"passes per batch; measured {statistics.median(ratios):.1f} forwards per batch "
+              f"(median; find_gates' own baseline gives {cost['time_ratio']}); seconds per "
+              f"phase (all batches) {cost['seconds']}")
+
+
+if __name__ == "__main__":
+    main()
