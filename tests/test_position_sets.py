@@ -54,6 +54,11 @@ def test_derived_sets():
     assert pos.last.tolist() == [[10], [7]]
     assert pos.after_image.tolist() == [[9, 10], [7]]
     assert pos.last_image.tolist() == [[7], [5]]
+    assert pos.first_image.tolist() == [[4], [2]]
+    two = ImagePositions(**{**{f: getattr(pos, f) for f in ("boi", "image", "eoi", "row_breaks",
+                                                            "specials", "gate", "padding")},
+                            "grid": (torch.tensor([[0, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 1]]),) * 2})
+    assert two.first_image.tolist() == [[4, 6], [2, 4]] and two.last_image.tolist() == [[5, 7], [3, 5]]
     assert pos.image_side.tolist() == [[3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]]
     assert pos.all.counts.tolist() == [9, 8]
     assert pos.n_images(0) == 1

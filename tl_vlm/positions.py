@@ -216,6 +216,8 @@ class ImagePositions:
         [[0, 0, 0], [0, 0, 1], [0, 0, 2]]
         >>> pos.after_image[0].tolist(), pos.last_image[0].tolist(), pos.n_images(0)
         ([39, 40, 41, 42], [37], 1)
+        >>> pos.first_image[0].tolist()
+        [2]
         >>> (pos.image_side - pos.gate).counts[:3].tolist()     # BOI and the 36 codes
         [37, 37, 37]
         >>> pos.select([0, 1]).batch_size, pos.pad_to(50).seq_len
@@ -257,15 +259,27 @@ class ImagePositions:
     @property
     def last_image(self) -> PositionSet:
         """The last image content token of each image."""
+        return self._image_ends(last=True)
+
+    @property
+    def first_image(self) -> PositionSet:
+        """The first image content token of each image."""
+        return self._image_ends(last=False)
+
+    def _image_ends(self, last: bool) -> PositionSet:
         rows = []
         for b, grid in enumerate(self.grid):
             pos = self.image[b]
             if grid.numel() == 0:
                 rows.append([])
                 continue
-            last_of_image = torch.ones(len(pos), dtype=torch.bool)
-            last_of_image[:-1] = grid[1:, 0] != grid[:-1, 0]
-            rows.append(pos[last_of_image].tolist())
+            new_image = grid[1:, 0] != grid[:-1, 0]      # an image changes between neighbours
+            end = torch.ones(len(pos), dtype=torch.bool)
+            if last:
+                end[:-1] = new_image
+            else:
+                end[1:] = new_image
+            rows.append(pos[end.to(pos.device)].tolist())
         return PositionSet.from_lists(rows, self.image.seq_len)
 
     @property

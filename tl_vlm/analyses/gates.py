@@ -95,20 +95,6 @@ _IMAGE_SIDE = "image_side"
 
 
 # -- candidates --------------------------------------------------------------------------
-def _first_image(pos: ImagePositions) -> PositionSet:
-    """The first content token of each image."""
-    rows = []
-    for b, grid in enumerate(pos.grid):
-        content = pos.image[b]
-        if grid.numel() == 0:
-            rows.append([])
-            continue
-        first = torch.ones(len(content), dtype=torch.bool)
-        first[1:] = grid[1:, 0] != grid[:-1, 0]
-        rows.append(content[first.to(content.device)].tolist())
-    return PositionSet.from_lists(rows, pos.seq_len)
-
-
 def _image_row(pos: ImagePositions, row: int) -> PositionSet:
     """The content tokens in grid row ``row`` of every image."""
     rows = []
@@ -136,7 +122,7 @@ def candidate_classes(pos: ImagePositions, rows: bool = True) -> dict[str, Posit
         [32, 33, 34, 35, 36, 37]
     """
     pos = pos.to("cpu")
-    named = {_IMAGE_SIDE: pos.image_side, "boi": pos.boi, "first_image": _first_image(pos),
+    named = {_IMAGE_SIDE: pos.image_side, "boi": pos.boi, "first_image": pos.first_image,
              "last_image": pos.last_image, "image": pos.image, "eoi": pos.eoi,
              "gate": pos.gate, "row_breaks": pos.row_breaks, "specials": pos.specials}
     if rows:
@@ -1055,10 +1041,10 @@ def _layer_sweep(search: _Search, chunks, target: Optional[list], total: float, 
 def _contribution_groups() -> dict[str, Callable[[ImagePositions], PositionSet]]:
     """A partition of the image side fine enough to read every class's share off it."""
     def first_only(p: ImagePositions) -> PositionSet:
-        return _first_image(p) - p.gate
+        return p.first_image - p.gate
 
     def last_only(p: ImagePositions) -> PositionSet:
-        return p.last_image - _first_image(p) - p.gate
+        return p.last_image - p.first_image - p.gate
 
     return {
         "eoi": lambda p: p.eoi,
@@ -1066,7 +1052,7 @@ def _contribution_groups() -> dict[str, Callable[[ImagePositions], PositionSet]]
         "boi": lambda p: p.boi - p.gate,
         "first_image": first_only,
         "last_image": last_only,
-        "image_rest": lambda p: p.image - _first_image(p) - p.last_image - p.gate,
+        "image_rest": lambda p: p.image - p.first_image - p.last_image - p.gate,
         "row_breaks": lambda p: p.row_breaks - p.gate,
         "specials_rest": lambda p: p.specials - p.gate - p.eoi - p.boi - p.row_breaks,
     }
