@@ -184,3 +184,17 @@ def test_cli_find_gate_writes_the_report(tmp_path, capsys):
     assert saved.model == "toy-last-image" and saved.gate == ["image (5, 5)"]
     page = (out / "index.html").read_text()
     assert page.count("class=\"plotly-graph-div\"") == 4
+
+
+def test_contribution_and_overlap_per_class(toy_models):
+    pytest.importorskip("dadapy")
+    gates = A.find_gates(toy_models["toy-gated"], toy_task(N), batch_size=12, rows=True,
+                         overlap=True, check_random=0)
+    eoi, image = gates.candidate("eoi"), gates.candidate("image")
+    assert eoi.contribution > 0.99 and image.contribution < 0.01        # the text reads EOI
+    assert gates.candidate("image_side").contribution == pytest.approx(1.0)
+    assert len(eoi.contribution_per_layer) == 4
+    assert sum(gates.candidate(f"row {r}").contribution for r in range(6)) \
+        == pytest.approx(image.contribution, abs=1e-6)
+    assert len(eoi.overlap) == 5 and gates.candidate("row 0").overlap is None   # not a probe
+    assert gates.cost["passes"]["overlap_forward"] == 2

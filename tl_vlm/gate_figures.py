@@ -24,7 +24,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from tl_vlm.analyses.gates import GateSearch
 
@@ -138,6 +138,35 @@ def class_figure(gates: GateSearch) -> Any:
     return fig
 
 
+def overlap_figure(gates: GateSearch) -> Optional[Any]:
+    """Neighbourhood overlap with the examples' labels per layer, for the classes that
+    have it (None when the search computed none).
+
+    Example:
+        >>> from tl_vlm import HookedVLM, analyses as A
+        >>> from tl_vlm.tasks import toy_task
+        >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(24),
+        ...                      rows=False, overlap=True, check_random=0)
+        >>> [t.name for t in overlap_figure(gates).data]
+        ['boi', 'first_image', 'last_image', 'image', 'eoi']
+        >>> overlap_figure(A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(12),
+        ...                             rows=False, overlap=False, check_random=0)) is None
+        True
+    """
+    import plotly.graph_objects as go
+
+    have = [c for c in gates.classes if c.overlap]
+    if not have:
+        return None
+    fig = go.Figure([go.Scatter(x=list(range(len(c.overlap))), y=c.overlap, mode="lines+markers",
+                                name=c.name) for c in have])
+    fig.update_layout(title="Neighbourhood overlap χ with the examples' labels (the mean "
+                            "residual over each class's positions)",
+                      xaxis=dict(title="layer (input of block; the last: the output)"),
+                      yaxis=dict(title="χ", range=[0, 1.05]))
+    return fig
+
+
 def check_figure(gates: GateSearch) -> Any:
     """The attribution estimate against the exact knockout on the checked positions.
 
@@ -174,8 +203,8 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
         ...                      rows=False, overlap=False, check_random=0)
         >>> tmp = tempfile.TemporaryDirectory()
         >>> page = write_gate_report(gates, tmp.name).read_text()
-        >>> page.count("plotly-graph-div") >= 4, "narrow: eoi" in page
-        (True, True)
+        >>> page.count('class="plotly-graph-div"'), "narrow: eoi" in page     # no overlap figure
+        (4, True)
         >>> tmp.cleanup()
     """
     from tl_vlm.compare import html_page
@@ -184,10 +213,12 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gates.json").write_text(json.dumps(gates.to_dict(), indent=1))
-    rows = [[c.name, c.kind, c.share, c.exact if c.exact is not None else "",
-             c.estimate if c.estimate is not None else "", c.score if c.score is not None else "",
-             c.contribution if c.contribution is not None else "", ", ".join(c.in_classes)]
-            for c in gates.class_ranking + gates.ranking]
+    def cell(v: Optional[float]) -> Any:
+        return "" if v is None else v
+
+    rows = [[c.name, c.kind, c.share, cell(c.exact), cell(c.estimate), cell(c.score),
+             cell(c.contribution), cell(max(c.overlap) if c.overlap else None),
+             ", ".join(c.in_classes)] for c in gates.class_ranking + gates.ranking]
     parts = [f"<h1>Gate search: {html.escape(gates.model)}</h1>",
              f"<pre>{html.escape(gates.summary())}</pre>"]
     sections = [
@@ -200,14 +231,15 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
          "Right: the gate (or, when distributed, the whole image side) knocked out from "
          "layer L to the last layer, exactly."),
         ("Position classes", class_figure(gates), ""),
+        ("Semantic probing", overlap_figure(gates), ""),
         ("Estimate vs exact", check_figure(gates), ""),
     ]
-    for title, fig, note in sections:
+    for title, fig, note in [s for s in sections if s[1] is not None]:
         parts.append(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>")
         parts.append(_figure_html(fig))
     parts.append("<details><summary>every candidate</summary>" + _table(
         ["candidate", "kind", "share", "exact drop", "estimate", "task score", "contribution",
-         "classes"], rows) + "</details>")
+         "max overlap", "classes"], rows) + "</details>")
     parts.append("<p class='note'>Raw numbers: <code>gates.json</code> in this folder.</p>")
     path = out / "index.html"
     path.write_text(html_page("Gate search", "".join(parts)))
