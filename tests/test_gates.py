@@ -183,7 +183,11 @@ def test_cli_find_gate_writes_the_report(tmp_path, capsys):
     saved = GateSearch.from_dict(json.loads((out / "gates.json").read_text()))
     assert saved.model == "toy-last-image" and saved.gate == ["image (5, 5)"]
     page = (out / "index.html").read_text()
-    assert page.count("class=\"plotly-graph-div\"") == 4
+    import importlib.util
+
+    with_overlap = importlib.util.find_spec("dadapy") is not None    # the optional extra
+    assert page.count("class=\"plotly-graph-div\"") == 4 + with_overlap
+    assert (saved.candidate("eoi").overlap is not None) == with_overlap
 
 
 def test_contribution_and_overlap_per_class(toy_models):
