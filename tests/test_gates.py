@@ -149,6 +149,8 @@ def test_bad_arguments(toy_models):
         A.find_gates(model, toy_task(12), limit=0)
     with pytest.raises(ValueError, match="check_top must be at least 1"):
         A.find_gates(model, toy_task(12), check_top=0)
+    with pytest.raises(TypeError, match="find_gates needs a tl_vlm.tasks.Task"):
+        A.find_gates(model, [model.prepare(["what is this"])])
 
 
 def test_spearman():

@@ -594,6 +594,7 @@ class _Search:
         self.alias_of: dict[str, set] = {}          # class -> classes with the same positions
         self.class_forwards = 0
         self.batches = 0
+        self.clean_of: dict[int, tuple] = {}       # batch start -> (metric, targets, allowed)
         self.cost = Counter()
         self.seconds = Counter()
 
@@ -684,7 +685,8 @@ class _Search:
         return torch.stack([per_layer[l] for l in range(self.n_layers)]), m.detach().cpu()
 
     # one batch -------------------------------------------------------------------------
-    def add(self, batch: VLMBatch, examples, contribution: Optional[ContributionAccumulator]) -> None:
+    def add(self, start: int, batch: VLMBatch, examples,
+            contribution: Optional[ContributionAccumulator]) -> None:
         pos = batch.positions.to("cpu")
         t0 = time.perf_counter()
         extra = []
@@ -693,6 +695,7 @@ class _Search:
         scores, clean_last = self.scored(batch, examples, extra)
         targets, allowed = self.targets(examples, clean_last)
         clean = self.metric(clean_last, targets, allowed)
+        self.clean_of[start] = (clean, targets, allowed)    # the later passes' baseline
         t1 = time.perf_counter()
         est, clean_grad = self.attribution(batch, targets, allowed)
         # At alpha = 1 the gradient pass is the clean run: the same inputs must give the
@@ -856,6 +859,10 @@ def find_gates(
     if queries not in ("all", "text"):
         raise ValueError(f"queries must be 'all' (every position, the paper's knockout) or "
                          f"'text', got {queries!r}")
+    if not all(hasattr(task, a) for a in ("batches", "prepare", "score", "examples")):
+        raise TypeError(f"find_gates needs a tl_vlm.tasks.Task (its examples, batching and "
+                        f"score), got {type(task).__name__}; wrap your examples in a "
+                        f"NextTokenTask or GenerationTask")
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1] (1: the gradient at the clean run), got {alpha}")
     if check_top < 1:
@@ -878,7 +885,7 @@ def find_gates(
     baseline = _baseline_forward(model, task.prepare(model, chunks[0][1]))
     say(f"[find_gates] one forward: {baseline:.3f}s; pass 1 over {len(chunks)} batches")
     for start, examples in chunks:
-        search.add(task.prepare(model, examples), examples, acc)
+        search.add(start, task.prepare(model, examples), examples, acc)
     contrib = acc.result() if acc is not None and acc.n_examples else None
     if contribution and contrib is None:
         notes.append("no contribution: no example has text after the image")
@@ -983,20 +990,13 @@ def _exact_positions(search: _Search, chunks, keys: Sequence, say, together: boo
         batch = search.task.prepare(search.model, examples)
         pos = batch.positions.to("cpu")
         roles = [dict(position_roles(pos, b)) for b in range(len(examples))]
-        clean_last = None
+        clean, targets, allowed = search.clean_of[start]
         for key in keys:
             wanted = key if together else (key,)
             rows = [[r[w] for w in wanted if w in r] for r in roles]
             present = torch.tensor([len(r) > 0 for r in rows])
             if not present.any():
                 continue
-            if clean_last is None:
-                with torch.no_grad():
-                    logits = search.model.run_with_hooks(batch, fwd_hooks=[], output_attentions=False)
-                clean_last = search.transform(logits[pos.last.mask.to(logits.device)]).float().cpu()
-                search.cost["check_forward"] += 1
-                targets, allowed = search.targets(examples, clean_last)
-                clean = search.metric(clean_last, targets, allowed)
             hooks = search.knockout(batch, PositionSet.from_lists(rows, pos.seq_len))
             drop = clean - search.metric_under(batch, hooks, targets, allowed)
             sums[key] += drop[present].sum().item()
@@ -1018,12 +1018,7 @@ def _layer_sweep(search: _Search, chunks, target: Optional[list], total: float, 
         else:
             roles = [dict(position_roles(pos, b)) for b in range(len(examples))]
             keys = PositionSet.from_lists([[r[t] for t in target if t in r] for r in roles], pos.seq_len)
-        with torch.no_grad():
-            logits = search.model.run_with_hooks(batch, fwd_hooks=[], output_attentions=False)
-        clean_last = search.transform(logits[pos.last.mask.to(logits.device)]).float().cpu()
-        search.cost["check_forward"] += 1
-        targets, allowed = search.targets(examples, clean_last)
-        clean = search.metric(clean_last, targets, allowed)
+        clean, targets, allowed = search.clean_of[start]
         for i, w in enumerate(widths):
             layers = list(range(search.n_layers - w, search.n_layers))
             drop = clean - search.metric_under(batch, search.knockout(batch, keys, layers), targets,
