@@ -223,6 +223,5 @@ FAMILY = Family(
     adapter=ChameleonAdapter,
     layout=ChameleonLayout,
     example_ids=("facebook/chameleon-7b", "facebook/chameleon-30b"),
-    tl_has_adapter=False,
     final_logits=mask_image_vocabulary,
 )

@@ -116,5 +116,4 @@ FAMILY = Family(
     adapter=JanusAdapter,
     layout=JanusLayout,
     example_ids=("deepseek-community/Janus-Pro-1B", "deepseek-community/Janus-Pro-7B"),
-    tl_has_adapter=False,
 )

@@ -141,5 +141,4 @@ FAMILY = Family(
     adapter=Qwen2VLAdapter,
     layout=Qwen2VLLayout,
     example_ids=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
-    tl_has_adapter=False,
 )
