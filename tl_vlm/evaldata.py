@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
+from tl_vlm.prompts import CAPTION_INSTRUCTION
 from tl_vlm.tasks import Example
 
 if TYPE_CHECKING:  # datasets is imported on first use: importing tl_vlm stays light
@@ -96,7 +97,21 @@ class SourceSpec:
 
 
 class ScriptDatasetError(RuntimeError):
-    """The source is a dataset loading script, which ``datasets`` >= 4 cannot run."""
+    """The source is a dataset loading script, which ``datasets`` >= 4 cannot run.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> repo = pathlib.Path(tmp.name) / "VQAv2"
+        >>> repo.mkdir()
+        >>> _ = (repo / "VQAv2.py").write_text("import datasets")   # a loading script
+        >>> try:
+        ...     load_rows(SourceSpec("HuggingFaceM4/VQAv2", "validation"), override=str(repo))
+        ... except ScriptDatasetError as err:
+        ...     print(str(err).split("instead, ")[-1])
+        use SourceSpec("lmms-lab/VQAv2", "validation") (same features)
+        >>> tmp.cleanup()
+    """
 
 
 # Parquet sources for script-based repositories (the paper loaded these two by script).
@@ -207,15 +222,15 @@ def load_rows(src: SourceSpec, override: Optional[str] = None) -> "datasets.Data
         if "scripts are no longer supported" not in str(err):
             raise
         raise ScriptDatasetError(
-            f"{target} is a dataset loading script ({err}); datasets>=4 cannot run "
-            f"scripts and tl_vlm never passes trust_remote_code. "
+            f"{target} is a dataset loading script ({err}). datasets>=4 cannot run "
+            f"scripts and tl_vlm never passes trust_remote_code; instead, "
             f"{_parquet_hint(src.hub_id, src.split, src.config)}") from err
     except datasets.exceptions.DataFilesNotFoundError as err:
         scripts = sorted(p.name for p in Path(target).glob("*.py")) if kind == "local-dir" else []
         if scripts:
             raise ScriptDatasetError(
                 f"{target} holds a loading script ({', '.join(scripts)}) and no data "
-                f"files; datasets>=4 cannot run scripts. "
+                f"files. datasets>=4 cannot run scripts; instead, "
                 f"{_parquet_hint(src.hub_id, src.split, src.config)}") from err
         raise FileNotFoundError(
             f"{target} holds no data files for {src.describe()}: expected "
@@ -465,11 +480,25 @@ def source_record(src: SourceSpec, ds: "datasets.Dataset", override: Optional[st
 # COCO images
 # --------------------------------------------------------------------------------------
 class ImageFetchError(OSError):
-    """An image URL could not be resolved to a local file."""
+    """An image URL could not be resolved to a local file.
+
+    Example:
+        >>> ImageResolver().resolve("ftp://example.org/a.jpg")
+        Traceback (most recent call last):
+        ...
+        tl_vlm.evaldata.ImageFetchError: cannot resolve image URL 'ftp://example.org/a.jpg': expected http(s):// or file://
+    """
 
 
 def default_image_cache() -> Path:
-    """``$TL_VLM_IMAGE_CACHE``, else ``~/.cache/tl_vlm/images``."""
+    """``$TL_VLM_IMAGE_CACHE``, else ``~/.cache/tl_vlm/images``.
+
+    Example:
+        >>> import os
+        >>> default_image_cache() == (Path(os.environ["TL_VLM_IMAGE_CACHE"])
+        ...     if os.environ.get("TL_VLM_IMAGE_CACHE") else Path.home() / ".cache/tl_vlm/images")
+        True
+    """
     return Path(os.environ.get("TL_VLM_IMAGE_CACHE")
                 or Path.home() / ".cache" / "tl_vlm" / "images")
 
@@ -610,9 +639,6 @@ def _check_image_bytes(url: str, data: bytes) -> None:
 # --------------------------------------------------------------------------------------
 # Rows -> Examples
 # --------------------------------------------------------------------------------------
-CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
-
-
 def imagenet_class_name(label: Any, synset: Optional[str] = None,
                         names: Optional[Sequence[str]] = None) -> str:
     """The class name used as the answer: the first lemma of ``label``, ``_`` -> space.
