@@ -225,7 +225,8 @@ def load_rows(src: SourceSpec, override: Optional[str] = None) -> "datasets.Data
             f"{target} is a dataset loading script ({err}). datasets>=4 cannot run "
             f"scripts and tl_vlm never passes trust_remote_code; instead, "
             f"{_parquet_hint(src.hub_id, src.split, src.config)}") from err
-    except datasets.exceptions.DataFilesNotFoundError as err:
+    except (datasets.exceptions.DataFilesNotFoundError,
+            datasets.data_files.EmptyDatasetError) as err:
         scripts = sorted(p.name for p in Path(target).glob("*.py")) if kind == "local-dir" else []
         if scripts:
             raise ScriptDatasetError(
