@@ -118,6 +118,11 @@ def test_missing_paths_say_what_was_expected(tmp_path, tiny_data):
         load_rows(SourceSpec("lmms-lab/VQAv2", "test"), override=str(tiny_data.path("vqav2")))
 
 
+def test_hub_source_offline_says_to_pass_an_override():
+    with pytest.raises(ConnectionError, match="pass a local copy as override"):
+        load_rows(SOURCES["coco"].spec)                     # conftest: HF_HUB_OFFLINE=1
+
+
 def test_wrong_dataset_names_the_missing_columns(tiny_data):
     imagenet_files = str(tiny_data.path("imagenet") / "data" / "*.parquet")
     with pytest.raises(ValueError, match=r"lack column\(s\) \['question'"):

@@ -240,6 +240,11 @@ def load_rows(src: SourceSpec, override: Optional[str] = None) -> "datasets.Data
         if "Unknown split" not in str(err):
             raise
         raise ValueError(f"{src.describe()}: {err} (loaded from {target})") from err
+    except ConnectionError as err:  # offline mode, or no route to the hub
+        raise ConnectionError(
+            f"could not reach the hub for {src.describe()} ({err}). On a machine without "
+            f"hub access, pass a local copy as override (a directory laid out as "
+            f"<dir>/data/{src.split}-*.parquet, or a parquet glob).") from err
 
 
 # --------------------------------------------------------------------------------------
