@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
@@ -149,3 +151,25 @@ def toy_models() -> dict:
     from tl_vlm.toy import TOY_MODELS
 
     return {name: HookedVLM.from_pretrained(name) for name in TOY_MODELS}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache(tmp_path_factory):
+    """``load_dataset`` caches what it reads: keep the tests' tiny sets out of the user's
+    ``~/.cache/huggingface/datasets``."""
+    path = tmp_path_factory.mktemp("hf_datasets_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_DATASETS_CACHE", str(path))
+    if "datasets" in sys.modules:  # imported already: its config read the old value
+        patch.setattr(sys.modules["datasets"].config, "HF_DATASETS_CACHE", path)
+    yield path
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The paper's evaluation sets in miniature (tests/tinydata): ``tiny_data.path(name)``
+    is a directory to pass as ``override`` to ``load_rows``; each is built once."""
+    from tests.tinydata import TinyData
+
+    return TinyData(tmp_path_factory.mktemp("tiny_data"))

@@ -33,9 +33,9 @@ from __future__ import annotations
 import abc
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -60,11 +60,21 @@ class Example:
             defaults to the first answer.
         kind: the question type (e.g. ``"colour"``); examples of one kind share their
             set of possible answers, which sets the chance level.
+        id: the example's id in its dataset (VQAv2 ``question_id``, Flickr30k
+            ``img_id``, COCO ``cocoid``, ImageNet row index); None for ad-hoc examples.
+        references: what a metric compares the output with: all ten VQA answers in
+            annotator order (duplicates kept), or a caption's reference captions.
+        meta: further dataset fields worth keeping with a prediction (not compared by
+            hash; equal examples still compare their meta).
 
     Example:
         >>> ex = Example("How many dogs?", images=("dogs.jpg",), answers=("2", "two", "2"))
         >>> ex.klass, Example("Which colour?", answers=("red",), label="warm").klass
         ('2', 'warm')
+        >>> ex = Example("What is it?", answers=("cat",), id=42, references=("cat", "cat"),
+        ...              meta={"answer_type": "other"})
+        >>> ex.id, ex.references, ex.meta["answer_type"]
+        (42, ('cat', 'cat'), 'other')
     """
 
     prompt: str
@@ -72,6 +82,9 @@ class Example:
     answers: tuple[str, ...] = ()
     label: Optional[str] = None
     kind: Optional[str] = None
+    id: Optional[Union[int, str]] = None
+    references: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def klass(self) -> str:
