@@ -1,137 +1,671 @@
 """``tl-vlm``: the command line.
 
-``tl-vlm narrow-gate`` runs the whole Narrow Gate study on a model and writes an HTML
-report with the raw numbers. Without ``--model`` it runs on the shipped toy model with
-a planted gate (``toy-gated``), offline, in a few minutes on a laptop CPU.
+Every flag is checked before a model is loaded (layer ranges against the checkpoint's
+config, read without its weights); a mistake is one line saying what to do, and Ctrl-C
+says how to resume. Commands are registered in :data:`COMMANDS`, so another module can
+add one with a single line (``COMMANDS.append(register)``).
 
-Examples::
-
-    tl-vlm narrow-gate --out report/                                    # toy-gated
-    tl-vlm narrow-gate --model toy-distributed --out report-distributed/
-    tl-vlm narrow-gate --model facebook/chameleon-7b --dataset vqa.jsonl \\
-        --n-examples 2000 --device cuda --dtype bfloat16 --out report-chameleon/
-
-An interrupted run resumes when the same command is run again.
+Example:
+    >>> main(["narrow-gate", "--batch-size", "0"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from tl_vlm.study import STEPS
+DESCRIPTION = """\
+tl-vlm: TransformerLens for vision-language models. Runs the Narrow Gate study
+(Serra et al., arXiv 2412.06646) on a model and writes an HTML report: task scores
+under attention knockout, progressive knockout, cross-modal attention contribution,
+modality separation, neighbourhood overlap, steering by patching the gate."""
+
+EXAMPLES = """\
+examples:
+  tl-vlm narrow-gate --out report/                      # the toy model with a planted gate
+  tl-vlm narrow-gate --model facebook/chameleon-7b --task vqav2 --dtype bfloat16 \\
+      --device cuda --out runs/c7b-vqa
+  tl-vlm narrow-gate --model toy-gated --task vqav2 --data path/to/vqav2 --n-examples 50
+  tl-vlm table --models facebook/chameleon-7b,mistral-community/pixtral-12b \\
+      --tasks vqav2,flickr30k,coco,imagenet --conditions none,gate,img_to_text,random \\
+      --dtype bfloat16 --device cuda --out runs/table
+  tl-vlm narrow-gate ... --shard auto                    # one task of a SLURM array
+  tl-vlm merge runs/c7b-vqa                               # after every shard finished
+  tl-vlm rescore runs/c7b-vqa --cider ptb-approx          # no model needed
+
+An interrupted command resumes when it is run again with the same settings."""
 
 TOY_MODELS = ("toy-gated", "toy-distributed")
+CONDITION_CHOICES = ("none", "gate", "img_to_text", "random")
 
 
-def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
-    """``"0,4,8"`` or ``"0:32:4"`` -> layer indices."""
-    if spec is None:
-        return None
+class CLIError(Exception):
+    """A user error: printed as one line, no traceback."""
+
+
+# -- argument types ------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """An int >= 1 (argparse type)."""
     try:
-        if ":" in spec:
-            return tuple(range(*[int(p) for p in spec.split(":")]))
-        return tuple(int(p) for p in spec.split(","))
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def layer_spec(text: str) -> tuple[int, ...]:
+    """``"0,4,8"`` or ``"start:stop[:step]"`` -> layer indices (argparse type).
+
+    Example:
+        >>> layer_spec("0:8:4"), layer_spec("1,3")
+        ((0, 4), (1, 3))
+        >>> layer_spec("2:1")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: '2:1' selects no layer (start:stop takes start < stop, e.g. 0:32:4)
+    """
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] < 1):
+                raise ValueError
+            layers = tuple(range(*parts))
+        else:
+            layers = tuple(int(p) for p in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--patch-layers takes '0,4,8' or 'start:stop:step', got {spec!r}") from None
+            f"takes '0,4,8' or 'start:stop[:step]' with step >= 1, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} selects no layer (start:stop takes start < stop, e.g. 0:32:4)")
+    if min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"layers are counted from 0, got {text!r}")
+    return layers
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl-vlm", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("narrow-gate", help="run the Narrow Gate study and write an HTML report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def name_list(choices: Optional[Sequence[str]] = None, what: str = "name") -> Callable:
+    """A comma-separated list, each item among ``choices`` (argparse type)."""
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}s")
+        bad = [s for s in items if choices is not None and s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from "
+                                             f"{', '.join(choices)}")
+        return items
+    return parse
+
+
+def shard_spec(text: str):
+    from tl_vlm.shards import Shard
+
+    if text == "auto":
+        return text   # resolved from the environment once the command runs
+    try:
+        return Shard.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--shard {text}: ")) from None
+
+
+# -- parser --------------------------------------------------------------------------
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written; a default shown once, only where it says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings and action.nargs != 0):
+            default = (",".join(map(str, action.default))
+                       if isinstance(action.default, (tuple, list)) else action.default)
+            text += f" (default: {default})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line that points at ``--help``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --n-devices (shared by the commands that load models)."""
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cpu; under torchrun: cuda:LOCAL_RANK "
+                        "when CUDA is available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights and activations (the paper: bfloat16)")
+    p.add_argument("--n-devices", type=positive_int, default=None,
+                   help="split each model over this many GPUs (a block per rank under torchrun)")
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """Data, prompt and decoding flags of the dataset tasks."""
+    p.add_argument("--n-examples", type=positive_int, default=None,
+                   help="examples per task: the first N of the paper's selection (default: "
+                        "all of it; toy: 240)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="examples per batch; fixes padding and so the numerics: keep it when "
+                        "resuming or sharding")
+    p.add_argument("--coco-root", default=None,
+                   help="folder holding the COCO images as <filepath>/<filename> (val2014/...)")
+    p.add_argument("--image-cache", default=None,
+                   help="cache of downloaded COCO images (default: $TL_VLM_IMAGE_CACHE or "
+                        "~/.cache/tl_vlm/images)")
+    p.add_argument("--prompt-style", default=None, choices=("paper", "clean", "chat"),
+                   help="the authors' templates (paper, the default), the same without their "
+                        "stray quotes (clean), or the checkpoint's chat template (chat)")
+    p.add_argument("--vqa-mode", default="zero-shot", choices=("zero-shot", "prompt"),
+                   help="VQA instruction: the short one or the authors' long block")
+    p.add_argument("--random-k", type=positive_int, default=10,
+                   help="image tokens knocked out per random draw")
+    p.add_argument("--random-draws", type=positive_int, default=None,
+                   help="random knockout draws (default: 5 for VQA and ImageNet, 3 for "
+                        "captions and the toy task)")
+
+
+def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
+    """How recorded predictions are scored (no model needed to change them)."""
+    p.add_argument("--vqa-normalise", default="always", choices=("always", "official"),
+                   help="VQA answer normalisation: always (the paper) or as the official "
+                        "script (only when the answers differ)")
+    p.add_argument("--cider", default="raw", choices=("raw", "ptb-approx", "ptb"),
+                   help="CIDEr tokenisation: raw whitespace tokens (the paper), ptb-approx "
+                        "(pure Python PTB), ptb (Java; else ptb-approx)")
+    p.add_argument("--extract", default="full", choices=("full", "first_line"),
+                   help="which part of a generated answer is scored")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", type=shard_spec, default=None,
+                   help="compute shard K of N (K/N, K from 0), or 'auto' from "
+                        "SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE; merge "
+                        "with `tl-vlm merge OUT` (the last shard to finish merges by itself)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard what OUT holds (a shard: only its own records) and start over")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _narrow_gate_parser(sub) -> None:
+    from tl_vlm.study import STEPS
+    from tl_vlm.taskset import TASK_NAMES
+
+    p = sub.add_parser(
+        "narrow-gate", formatter_class=_Formatter,
+        help="run the Narrow Gate study on one model and task; write an HTML report",
+        description="Run the Narrow Gate study on one model and one task, resumably, and "
+                    "write OUT/index.html and OUT/results.json.",
+        epilog="examples:\n"
+               "  tl-vlm narrow-gate --out report/\n"
+               "  tl-vlm narrow-gate --model facebook/chameleon-7b --task vqav2 --dtype "
+               "bfloat16 --device cuda --out runs/c7b-vqa\n"
+               "  tl-vlm narrow-gate --model toy-gated --task vqav2 --data path/to/vqav2 "
+               "--n-examples 50 --out runs/toy-vqa\n"
+               "  tl-vlm narrow-gate --model M --task imagenet --shard auto --out runs/m-in")
     p.add_argument("--model", default="toy-gated",
                    help=f"{' or '.join(TOY_MODELS)} (shipped), a local checkpoint or a hub id")
-    p.add_argument("--dataset", default=None,
-                   help="'toy' (the toy task; default for toy models) or a JSONL file of "
-                        "{image, question, answers[, label, kind]} lines (required otherwise)")
+    p.add_argument("--task", default=None,
+                   help=f"{', '.join(TASK_NAMES)}, or a JSONL file of {{image, question, "
+                        f"answers}} lines (default: toy for the toy models)")
+    p.add_argument("--data", default=None,
+                   help="a local copy of the task's dataset: a directory laid out as "
+                        "<dir>/data/<split>-*.parquet, a parquet file or a glob (default: "
+                        "the hub)")
     p.add_argument("--out", default="narrow-gate-report", help="output directory (resumable)")
-    p.add_argument("--n-examples", type=int, default=None,
-                   help="examples to evaluate (toy default 240; JSONL default: all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of steps")
-    p.add_argument("--patch-layers", type=_layers, default=None,
-                   help="layers for the patching sweep: '0,4,8' or '0:32:4' (default: all)")
-    p.add_argument("--n-pairs", type=int, default=128, help="source/target pairs for patching")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--fresh", action="store_true", help="discard a previous run in --out")
+    p.add_argument("--steps", type=name_list(STEPS, "step"), default=None,
+                   help=f"comma-separated subset of {','.join(STEPS)} (default: the steps "
+                        f"that apply to the task; all of them for the toy task)")
+    p.add_argument("--conditions", type=name_list(CONDITION_CHOICES, "condition"),
+                   default=CONDITION_CHOICES, help="knockout conditions of the accuracy step")
+    add_task_arguments(p)
+    p.add_argument("--patch-layers", type=layer_spec, default=None,
+                   help="layers of the patching sweep: '0,4,8' or '0:32:4' (default: all)")
+    p.add_argument("--patch-streams", type=name_list(("resid_pre", "attn_in"), "stream"),
+                   default=("resid_pre", "attn_in"), help="patched activations")
+    p.add_argument("--n-pairs", type=positive_int, default=128,
+                   help="source/target pairs for patching")
+    p.add_argument("--geometry-layers", type=layer_spec, default=None,
+                   help="residual layers kept for separation and overlap, as --patch-layers "
+                        "(default: all; the last block's output is always kept)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="patching pairs, the separation step's token draws, the toy task's "
+                        "held-out set")
+    add_model_arguments(p)
+    add_scoring_arguments(p)
+    add_run_arguments(p)
+    p.set_defaults(run=narrow_gate)
+
+
+def _merge_parser(sub) -> None:
+    p = sub.add_parser("merge", formatter_class=_Formatter,
+                       help="merge the shards of a run (or of a table) and write the report",
+                       description="Merge the shards of OUT: refuses a missing or unfinished "
+                                   "shard, other settings or versions, and records that "
+                                   "disagree; loads no model.")
+    p.add_argument("out", help="the run (or table) directory the shards wrote to")
+    add_scoring_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.set_defaults(run=merge)
+
+
+def _rescore_parser(sub) -> None:
+    p = sub.add_parser("rescore", formatter_class=_Formatter,
+                       help="score a finished run's recorded predictions again (no model)",
+                       description="Recompute the accuracy and progressive steps of OUT "
+                                   "from their recorded predictions with other scoring "
+                                   "options, and rewrite the report (or the table).")
+    p.add_argument("out", help="a run or table directory")
+    add_scoring_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.set_defaults(run=rescore)
+
+
+def _table_parser(sub) -> None:
+    from tl_vlm.table import add_table_parser
+
+    add_table_parser(sub, _Formatter)
+
+
+# Each entry adds one subcommand to the parser (``sub.add_parser(...)``) and sets
+# ``run=`` to the function that runs it. Other modules append theirs here.
+COMMANDS: list[Callable[[Any], None]] = [_narrow_gate_parser, _table_parser, _merge_parser,
+                                         _rescore_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tl-vlm", description=DESCRIPTION, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    for register in COMMANDS:
+        register(sub)
     return parser
 
 
-def _task(args: argparse.Namespace):
-    from tl_vlm.tasks import GenerationTask
+# -- checks before loading ------------------------------------------------------------
+def checkpoint_layers(model: str) -> Optional[int]:
+    """The decoder layers of ``model`` from its config alone (no weights); None when the
+    config cannot be read here (a hub id offline: the load will say why).
 
-    dataset = args.dataset or ("toy" if args.model in TOY_MODELS else None)
-    if dataset is None:
-        raise SystemExit("tl-vlm: --dataset is required for a model other than the toy models "
-                         "(a JSONL file of {image, question, answers} lines)")
-    if dataset == "toy":
-        from tl_vlm.tasks import toy_task
+    Example:
+        >>> checkpoint_layers("toy-gated")
+        4
+    """
+    from tl_vlm.model import resolve_model_name
 
-        return dataset, toy_task(n=args.n_examples or 240, seed=args.seed)
-    if not Path(dataset).exists():
-        raise SystemExit(f"tl-vlm: dataset {dataset!r} is neither 'toy' nor an existing file")
-    return dataset, GenerationTask.from_jsonl(dataset, limit=args.n_examples)
+    path = Path(resolve_model_name(model))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CLIError(f"{model}: no config.json in {path}; expected a checkpoint "
+                           f"directory (save_pretrained output)")
+        config = json.loads((path / "config.json").read_text())
+    else:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model).to_dict()
+        except Exception:  # offline or unknown: from_pretrained reports it properly
+            return None
+    for key in ("text_config", "language_config", "llm_config"):
+        if isinstance(config.get(key), dict) and "num_hidden_layers" in config[key]:
+            return int(config[key]["num_hidden_layers"])
+    return int(config["num_hidden_layers"]) if "num_hidden_layers" in config else None
 
 
-def narrow_gate(args: argparse.Namespace) -> Path:
+def check_layers(flag: str, layers: Optional[Sequence[int]], n_layers: Optional[int],
+                 model: str) -> None:
+    if layers is None or n_layers is None:
+        return
+    outside = [l for l in layers if l >= n_layers]
+    if outside:
+        raise CLIError(f"{flag} asks for layer(s) {outside[:5]}, but {model} has {n_layers} "
+                       f"layers (0-{n_layers - 1}); e.g. {flag} 0:{n_layers}")
+
+
+def check_device(device: Optional[str], n_devices: Optional[int]) -> None:
     import torch
 
-    from tl_vlm import HookedVLM
-    from tl_vlm.report import write_report
-    from tl_vlm.runstore import RunStore
-    from tl_vlm.study import StudySettings, run_study
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise CLIError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") \
+                from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise CLIError(f"--device {device}: CUDA is not available on this machine "
+                               f"(torch {torch.__version__}); use --device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise CLIError(f"--device {device}: this machine has "
+                               f"{torch.cuda.device_count()} GPU(s) (cuda:0..)")
+    if n_devices and n_devices > 1:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available < n_devices:
+            raise CLIError(f"--n-devices {n_devices} needs {n_devices} GPUs; this machine has "
+                           f"{available}")
+        if device is not None:
+            raise CLIError("--device and --n-devices together: give one device, or split "
+                           "the model over --n-devices GPUs")
 
-    steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
-    bad = [s for s in steps if s not in STEPS]
-    if bad:
-        raise SystemExit(f"tl-vlm: unknown steps {bad}; choose from {', '.join(STEPS)}")
+
+def check_model_name(model: str) -> None:
+    from tl_vlm.model import resolve_model_name
+
+    try:
+        resolve_model_name(model)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
+
+
+def check_geometry(steps: Sequence[str]) -> None:
     if {"separation", "overlap"} & set(steps):
         try:
             import dadapy  # noqa: F401
+            import sklearn  # noqa: F401
         except ImportError:
-            raise SystemExit('tl-vlm: the separation and overlap steps need DADApy: pip install '
-                             '"tl-vlm[geometry]", or leave them out with --steps') from None
-    dataset, task = _task(args)
-    settings = StudySettings(model=args.model, dataset=dataset, n_examples=len(task),
-                             batch_size=args.batch_size, seed=args.seed, steps=steps,
-                             patch_layers=args.patch_layers, n_pairs=args.n_pairs)
-    # Which steps run is not a setting of the results: a rerun may add steps.
-    store = RunStore(args.out, {k: v for k, v in settings.to_dict().items() if k != "steps"},
-                     fresh=args.fresh)
-    t0 = time.time()
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = HookedVLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                      device=args.device)
-    results = run_study(model, task, store, settings,
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
-    meta = {"model": args.model, "family": model.family.name,
-            "gate": model.layout.gate_description, "dataset": dataset,
-            "examples": len(task), "layers": model.cfg.n_layers, "heads": model.cfg.n_heads,
-            "device": str(model.cfg.device), "dtype": args.dtype,
-            "this run (s)": round(time.time() - t0, 1)}
-    path = write_report(results, args.out, meta)
-    print(f"report: {path}", file=sys.stderr)
+            raise CLIError('the separation and overlap steps need DADApy: pip install '
+                           '"tl-vlm[geometry]", or leave them out with --steps') from None
+
+
+def resolve_shard(spec: Any):
+    """``--shard`` as a :class:`~tl_vlm.shards.Shard` (``auto``: from the environment).
+
+    torchrun's ``WORLD_SIZE`` is removed once read, so that the libraries loading the
+    model do not set up distributed execution of their own (VLMEvalKit does the same).
+    """
+    from tl_vlm.shards import Shard
+
+    if spec != "auto":
+        return spec
+    try:
+        shard = Shard.parse("auto")
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    os.environ.pop("WORLD_SIZE", None)
+    return shard
+
+
+def rank_device(args: argparse.Namespace) -> Optional[str]:
+    """Under torchrun/accelerate with CUDA: this rank's GPU (``cuda:LOCAL_RANK``), or its
+    block of ``--n-devices`` GPUs (made the only visible ones)."""
+    import torch
+
+    local = os.environ.get("LOCAL_RANK")
+    if args.device is not None or local is None or not torch.cuda.is_available():
+        return args.device
+    if args.n_devices and args.n_devices > 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        block = ids[int(local) * args.n_devices:(int(local) + 1) * args.n_devices]
+        if len(block) < args.n_devices:
+            raise CLIError(f"rank {local} needs GPUs {int(local) * args.n_devices}.."
+                           f"{(int(local) + 1) * args.n_devices - 1} (--n-devices "
+                           f"{args.n_devices}) but only {len(ids)} are visible")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(block)
+        return None
+    return f"cuda:{local}"
+
+
+# -- narrow-gate -----------------------------------------------------------------------
+def _task_defaults(args: argparse.Namespace) -> str:
+    from tl_vlm.taskset import DEFAULT_STEPS, task_kind
+
+    task = args.task or ("toy" if args.model in TOY_MODELS else None)
+    if task is None:
+        raise CLIError("--task is required for a model other than the toy models: one of "
+                       "vqav2, flickr30k, coco, imagenet, steering, or a JSONL file")
+    try:
+        kind = task_kind(task)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
+    if args.data is not None:
+        if kind in ("toy", "jsonl"):
+            raise CLIError(f"--data gives a local copy of a dataset task; the {kind} task "
+                           f"has its own data")
+        from tl_vlm.evaldata import SOURCES, resolve_source
+
+        try:
+            resolve_source(SOURCES[kind].spec, str(args.data))
+        except FileNotFoundError as err:
+            raise CLIError(f"--data: {err}") from None
+    if args.coco_root is not None and not Path(args.coco_root).is_dir():
+        raise CLIError(f"--coco-root {args.coco_root}: not a directory; expected the folder "
+                       f"holding val2014/")
+    if args.prompt_style is not None and kind == "toy":
+        raise CLIError("--prompt-style applies to the dataset tasks; the toy task writes its "
+                       "own prompts")
+    args.task = task
+    args.steps = args.steps or DEFAULT_STEPS[kind]
+    return kind
+
+
+def _check_chat_template(args: argparse.Namespace) -> Any:
+    """With ``--prompt-style chat``: the processor, checked for a chat template now."""
+    if args.prompt_style != "chat":
+        return None
+    from transformers import AutoProcessor
+
+    from tl_vlm.model import resolve_model_name
+
+    processor = AutoProcessor.from_pretrained(resolve_model_name(args.model))
+    if not getattr(processor, "chat_template", None):
+        raise CLIError(f"--prompt-style chat needs the checkpoint's chat template, but "
+                       f"{args.model}'s processor has none; use --prompt-style paper or clean")
+    return processor
+
+
+def validate_narrow_gate(args: argparse.Namespace) -> None:
+    """Every check that needs no model weights (config and processor files only)."""
+    check_model_name(args.model)
+    _task_defaults(args)
+    check_geometry(args.steps)
+    check_device(args.device, args.n_devices)
+    n_layers = checkpoint_layers(args.model)
+    check_layers("--patch-layers", args.patch_layers, n_layers, args.model)
+    check_layers("--geometry-layers", args.geometry_layers, n_layers, args.model)
+
+
+def prepare_run(args: argparse.Namespace, model_name: str, task_name: str,
+                data: Optional[str], out: Path, steps: Sequence[str], shard,
+                log: Callable[[str], None]):
+    """Load the task (data, before any model) and open the run directory."""
+    from tl_vlm.runstore import RunStore, dumps, write_atomic
+    from tl_vlm.study import StudySettings
+    from tl_vlm.taskset import RANDOM_DRAWS, load_task, prefetch_images, task_kind
+
+    task, source = load_task(task_name, data=data, n=args.n_examples,
+                             seed=getattr(args, "seed", 0), coco_root=args.coco_root,
+                             image_cache=args.image_cache,
+                             prompt_style=args.prompt_style or "paper", vqa_mode=args.vqa_mode)
+    from tl_vlm.evaldata import selection_hash
+
+    settings = StudySettings(
+        model=model_name, task=task.name, n_examples=len(task), batch_size=args.batch_size,
+        seed=getattr(args, "seed", 0), random_k=args.random_k,
+        random_draws=args.random_draws or RANDOM_DRAWS.get(task_kind(task_name), 3),
+        steps=tuple(steps), conditions=tuple(args.conditions),
+        patch_layers=getattr(args, "patch_layers", None),
+        patch_streams=tuple(getattr(args, "patch_streams", ("resid_pre", "attn_in"))),
+        n_pairs=getattr(args, "n_pairs", 128),
+        geometry_layers=getattr(args, "geometry_layers", None), dtype=args.dtype,
+        task_settings=task.settings(),
+        selection_hash=selection_hash([ex.id for ex in task.examples]))
+    store = RunStore(out, settings.run_settings(), fresh=args.fresh,
+                     shard=None if shard is None else (shard.index, shard.count))
+    write_atomic(out / "source.json", dumps(source))
+    owned = [ex for j, (_, chunk) in enumerate(task.batches(args.batch_size))
+             if shard is None or shard.owns(j) for ex in chunk]
+    if prefetch_images(owned):
+        log(f"images of {len(owned)} examples found")
+    return task, settings, store
+
+
+def load_model(name: str, args: argparse.Namespace, processor: Any = None):
+    import torch
+
+    from tl_vlm import HookedVLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
+    device = rank_device(args)
+    if args.n_devices and args.n_devices > 1:
+        kwargs["n_devices"] = args.n_devices
+    else:
+        kwargs["device"] = device
+    if processor is not None:
+        kwargs["processor"] = processor
+    return HookedVLM.from_pretrained(name, **kwargs)
+
+
+def run_meta(store, settings) -> dict[str, Any]:
+    """What heads the report and ``results.json`` (settings-level: equal for every run
+    and merge of the same settings)."""
+    import json as _json
+
+    from tl_vlm.shards import versions
+
+    info = _json.loads((store.out / "model.json").read_text())
+    return {"model": settings["model"], "family": info["family"], "gate": info["gate"],
+            "task": settings["task"], "examples": settings["n_examples"],
+            "layers": info["layers"], "heads": info["heads"], "dtype": settings["dtype"],
+            "prompts": settings["task_settings"].get("prompt_style"),
+            "tl_vlm": versions()["tl_vlm"]}
+
+
+def write_run_report(store, header: Optional[dict] = None, log=print) -> Optional[Path]:
+    """``index.html`` + ``results.json`` of a run whose planned steps are all finished."""
+    from tl_vlm.report import write_report
+    from tl_vlm.study import study_results
+
+    results = study_results(store)
+    path = write_report(results, store.out, run_meta(store, store.settings), header=header)
+    log(f"report: {path}")
     return path
 
 
+def narrow_gate(args: argparse.Namespace) -> int:
+    from tl_vlm.study import run_study
+    from tl_vlm.tasks import Scoring
+
+    log = _log
+    validate_narrow_gate(args)
+    processor = _check_chat_template(args)
+    shard = resolve_shard(args.shard)
+    out = Path(args.out)
+    task, settings, store = prepare_run(args, args.model, args.task, args.data, out, args.steps,
+                                        shard, log)
+    t0 = time.time()
+    log(f"loading {args.model} ...")
+    model = load_model(args.model, args, processor)
+    scoring = Scoring(args.vqa_normalise, args.cider, args.extract)
+    run_study(model, task, store, settings, log=log, scoring=scoring, shard=shard)
+    if all(store.done(s) for s in settings.steps):
+        write_run_report(store, header={"device": str(model.cfg.device),
+                                        "this run (s)": round(time.time() - t0, 1)}, log=log)
+    else:
+        log(f"shard {shard.index}/{shard.count} done; the last shard to finish (or "
+            f"`tl-vlm merge {out}`) writes the report")
+    return 0
+
+
+# -- merge and rescore -------------------------------------------------------------------
+def _scoring(args: argparse.Namespace):
+    from tl_vlm.tasks import Scoring
+
+    return Scoring(args.vqa_normalise, args.cider, args.extract)
+
+
+def merge(args: argparse.Namespace) -> int:
+    from tl_vlm.runstore import RunStore
+    from tl_vlm.shards import merge_run
+
+    out = Path(args.out)
+    if (out / "table-run.json").exists():
+        from tl_vlm.table import merge_table
+
+        merge_table(out, _scoring(args), log=_log)
+        return 0
+    merge_run(out, _scoring(args), log=_log)
+    store = RunStore(out, json.loads((out / "run.json").read_text()))
+    write_run_report(store, log=_log)
+    return 0
+
+
+def rescore(args: argparse.Namespace) -> int:
+    from tl_vlm.runstore import RunStore
+    from tl_vlm.study import finalize_step
+
+    out = Path(args.out)
+    if (out / "table-run.json").exists():
+        from tl_vlm.table import rescore_table
+
+        rescore_table(out, _scoring(args), log=_log)
+        return 0
+    if not (out / "run.json").exists():
+        raise CLIError(f"{out} holds no run.json: expected a tl-vlm run directory")
+    store = RunStore(out, json.loads((out / "run.json").read_text()))
+    steps = [s for s in ("accuracy", "progressive") if store.done(s)
+             and store.load(s).get("skipped") is not True]
+    if not steps:
+        raise CLIError(f"{out} has no finished accuracy or progressive step to rescore")
+    for step in steps:
+        finalize_step(store, step, _scoring(args))
+        _log(f"[{step}] rescored")
+    write_run_report(store, log=_log)
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that mean the input was wrong, not the code: one line, no traceback."""
+    from tl_vlm.adapters import UnsupportedModelError
+    from tl_vlm.answers import AnswerTokenError
+    from tl_vlm.evaldata import ImageFetchError, ScriptDatasetError
+    from tl_vlm.layout import LayoutError
+    from tl_vlm.prompts import PromptError
+    from tl_vlm.runstore import RecordConflictError, RunSettingsError
+    from tl_vlm.shards import MergeError
+
+    return (CLIError, RunSettingsError, RecordConflictError, MergeError, FileNotFoundError,
+            ConnectionError, ImageFetchError, ScriptDatasetError, PromptError,
+            AnswerTokenError, LayoutError, UnsupportedModelError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.model in TOY_MODELS or Path(args.model).exists():
+    """Run ``tl-vlm``; returns the exit status (user errors exit with 2, Ctrl-C 130)."""
+    args = build_parser().parse_args(argv)
+    model = getattr(args, "model", None)
+    if model in TOY_MODELS or (model and Path(model).exists()):
         # Local files only: never wait on network time-outs.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if args.command == "narrow-gate":
-        narrow_gate(args)
-    return 0
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        _log(f"\ntl-vlm: interrupted. Finished batches are saved{f' in {out}' if out else ''}; "
+             f"run the same command again to resume.")
+        return 130
+    except _user_errors() as err:
+        if getattr(args, "debug", False):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        _log(f"tl-vlm {args.command}: error: {message} (--debug shows the traceback)")
+        return 2
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from tl_vlm.prompts import CAPTION_INSTRUCTION
-from tl_vlm.tasks import Example
+from tl_vlm.tasks import Example, LazyImage
 
 if TYPE_CHECKING:  # datasets is imported on first use: importing tl_vlm stays light
     import datasets
@@ -691,6 +691,57 @@ def steering_pairs(root_labels: Sequence[str]) -> list[tuple[str, str]]:
     return [(labels[i], labels[i + 1]) for i in range(0, len(labels), 2)]
 
 
+class RowImage(LazyImage):
+    """The image of one dataset row, decoded only when a batch needs it.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from PIL import Image
+        >>> ds = Dataset.from_dict({"image": [Image.new("RGB", (4, 4), "red")]})
+        >>> RowImage(ds, 0).load().getpixel((0, 0))
+        (255, 0, 0)
+    """
+
+    def __init__(self, rows: "datasets.Dataset", index: int, column: str = "image") -> None:
+        self.rows, self.index, self.column = rows, int(index), column
+
+    def load(self) -> "PILImage.Image":
+        image = self.rows[self.index][self.column]
+        return image.convert("RGB") if image.mode != "RGB" else image
+
+    def __repr__(self) -> str:
+        return f"RowImage(row {self.index}, column {self.column!r})"
+
+
+class UrlImage(LazyImage):
+    """A COCO row's image, resolved by an :class:`ImageResolver` when first needed.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from PIL import Image
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> Image.new("RGB", (4, 4), "blue").save(f"{tmp.name}/b.png")
+        >>> url = pathlib.Path(f"{tmp.name}/b.png").as_uri()
+        >>> UrlImage(ImageResolver(cache_dir=tmp.name), {"url": url}).load().getpixel((0, 0))
+        (0, 0, 255)
+        >>> tmp.cleanup()
+    """
+
+    def __init__(self, resolver: "ImageResolver", row: Mapping[str, Any]) -> None:
+        self.resolver = resolver
+        self.row = {k: row.get(k) for k in ("url", "filepath", "filename")}
+
+    def resolve(self) -> Path:
+        """The local file (downloaded into the cache if needed)."""
+        return self.resolver.resolve_row(self.row)
+
+    def load(self) -> "PILImage.Image":
+        return self.resolver.open(self.row)
+
+    def __repr__(self) -> str:
+        return f"UrlImage({self.row['url']!r})"
+
+
 def _vqa_example(row: Mapping[str, Any], index: int) -> Example:
     answers = tuple(a["answer"] for a in row["answers"])
     meta = {k: row[k] for k in ("question_type", "answer_type", "image_id",
@@ -706,10 +757,12 @@ def _flickr_example(row: Mapping[str, Any], index: int) -> Example:
                    references=captions, meta={"row": index, "filename": row["filename"]})
 
 
-def _coco_example(row: Mapping[str, Any], index: int, resolver: ImageResolver) -> Example:
+def _coco_example(row: Mapping[str, Any], index: int, resolver: ImageResolver,
+                  lazy: bool = False) -> Example:
     captions = tuple(row["sentences"])
     meta = {"row": index, "imgid": row["imgid"], "url": row["url"], "filename": row["filename"]}
-    return Example(CAPTION_INSTRUCTION, (resolver.resolve_row(row),), captions,
+    image = UrlImage(resolver, row) if lazy else resolver.resolve_row(row)
+    return Example(CAPTION_INSTRUCTION, (image,), captions,
                    id=row["cocoid"], references=captions, meta=meta)
 
 
@@ -723,7 +776,8 @@ def _imagenet_example(row: Mapping[str, Any], index: int, kind: str,
 
 def to_examples(source: Union[str, EvalSource], ds: "datasets.Dataset",
                 indices: Optional[Sequence[int]] = None,
-                resolver: Optional[ImageResolver] = None) -> list[Example]:
+                resolver: Optional[ImageResolver] = None,
+                lazy_images: bool = False) -> list[Example]:
     """Examples of the rows at ``indices`` (all rows by default), in that order.
 
     The prompt is the row's own text (VQA: the question; captions: the paper's caption
@@ -733,6 +787,10 @@ def to_examples(source: Union[str, EvalSource], ds: "datasets.Dataset",
     Captions keep their reference captions. ImageNet answers with the class name (first
     lemma of ``label``) and labels with ``root_label`` (the patching pairs' class), all
     rows of one ``kind`` so that a closed-set task compares every class.
+
+    With ``lazy_images`` no image is read now: examples hold :class:`RowImage` (or, for
+    COCO, :class:`UrlImage`) references that a batch loads when it needs them (10k
+    decoded photos take several GB).
 
     Example:
         >>> from datasets import Dataset
@@ -751,13 +809,17 @@ def to_examples(source: Union[str, EvalSource], ds: "datasets.Dataset",
     if source.name == "coco":
         resolver = resolver or ImageResolver()
     names = getattr(ds.features.get("label"), "names", None)
+    lazy = lazy_images and "image" in ds.column_names
+    text_rows = ds.remove_columns(["image"]) if lazy else ds   # reading them decodes nothing
     out = []
     for i in indices:
-        row = ds[int(i)]
+        row = text_rows[int(i)]
+        if lazy:
+            row["image"] = RowImage(ds, int(i))
         if source.task == "vqa":
             out.append(_vqa_example(row, int(i)))
         elif source.name == "coco":
-            out.append(_coco_example(row, int(i), resolver))
+            out.append(_coco_example(row, int(i), resolver, lazy=lazy_images))
         elif source.task == "caption":
             out.append(_flickr_example(row, int(i)))
         else:
@@ -801,10 +863,11 @@ class EvalSelection:
     record: dict[str, Any] = field(repr=False)
 
     def examples(self, positions: Optional[Sequence[int]] = None,
-                 resolver: Optional[ImageResolver] = None) -> list[Example]:
+                 resolver: Optional[ImageResolver] = None,
+                 lazy_images: bool = False) -> list[Example]:
         """Examples at ``positions`` of the selection (all by default)."""
         chosen = self.indices if positions is None else [self.indices[p] for p in positions]
-        return to_examples(self.source, self.rows, chosen, resolver)
+        return to_examples(self.source, self.rows, chosen, resolver, lazy_images)
 
 
 def open_eval_set(name: Union[str, EvalSource], override: Optional[str] = None,

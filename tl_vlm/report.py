@@ -60,16 +60,21 @@ def _accuracy(res: dict) -> tuple[str, str]:
 
     conds = res["conditions"]
     names = list(conds)
+    metric = res.get("metric", "accuracy")
+    top = max([1.0] + [conds[n]["mean"] + conds[n].get("std", 0.0) for n in names])
     fig = go.Figure(go.Bar(x=[CONDITION_NAMES.get(n, n) for n in names],
                            y=[conds[n]["mean"] for n in names],
+                           error_y=dict(type="data", array=[conds[n].get("std", 0.0) for n in names]),
                            text=[f"{conds[n]['mean']:.2f}" for n in names], textposition="outside"))
     if res.get("chance") is not None:
         fig.add_hline(y=res["chance"], line_dash="dash", annotation_text="chance")
-    fig.update_layout(title="Task accuracy under attention knockout (all layers)",
-                      yaxis=dict(title="accuracy", range=[0, 1.1]))
-    rows = [[CONDITION_NAMES.get(n, n), conds[n]["mean"], conds[n]["n"]] for n in names]
-    rows += [[f"{n}: skipped", why, ""] for n, why in res.get("skipped", {}).items()]
-    return _figure_html(fig), _table(["condition", "accuracy", "examples"], rows)
+    fig.update_layout(title=f"Task {metric} under attention knockout (all layers)",
+                      yaxis=dict(title=metric, range=[0, 1.1 * top]))
+    rows = [[CONDITION_NAMES.get(n, n), conds[n]["mean"], conds[n].get("std", 0.0),
+             conds[n].get("draws", 1), conds[n]["n"]] for n in names]
+    rows += [[f"{n}: skipped", why, "", "", ""] for n, why in res.get("skipped", {}).items()]
+    return _figure_html(fig), _table(["condition", metric, "std over draws", "draws",
+                                      "examples"], rows)
 
 
 def _progressive(res: dict) -> tuple[str, str]:
@@ -205,11 +210,14 @@ td,th{border:1px solid #ddd;padding:.2em .6em;text-align:right}th{background:#f4
 
 
 def write_report(results: dict[str, Any], out: Union[str, Path],
-                 meta: Optional[dict[str, Any]] = None) -> Path:
+                 meta: Optional[dict[str, Any]] = None,
+                 header: Optional[dict[str, Any]] = None) -> Path:
     """Write ``index.html`` and ``results.json`` into ``out``; returns the HTML path.
 
     ``results`` maps step names (see :data:`SECTIONS`) to their results; ``meta`` (the
-    settings, say) heads the page and ``results.json``.
+    settings, say) heads the page and ``results.json``; ``header`` (the device, the time
+    taken: what differs between runs of the same settings) heads the page only, so that
+    ``results.json`` is the same for every run and merge of the same settings.
 
     Example:
         >>> import json, tempfile
@@ -228,9 +236,11 @@ def write_report(results: dict[str, Any], out: Union[str, Path],
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = meta or {}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1)
+                                      + "\n")
     parts = [f"<h1>Narrow Gate study: {html.escape(str(meta.get('model', '')))}</h1>"]
-    info = [[k, v] for k, v in meta.items() if not isinstance(v, (dict, list))]
+    info = [[k, v] for k, v in {**meta, **(header or {})}.items()
+            if not isinstance(v, (dict, list))]
     parts.append(_table(["setting", "value"], info))
     for step, title, render, note in SECTIONS:
         if step not in results:
@@ -240,9 +250,28 @@ def write_report(results: dict[str, Any], out: Union[str, Path],
         parts.append(figs)
         parts.append(f"<details><summary>numbers</summary>{table}</details>")
     parts.append("<p class='note'>Raw numbers: <code>results.json</code> in this folder.</p>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Narrow Gate study</title>"
-            f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head>"
-            f"<body>{''.join(parts)}</body></html>")
     path = out / "index.html"
-    path.write_text(page)
+    path.write_text(html_page("Narrow Gate study", parts, scripts=get_plotlyjs()))
     return path
+
+
+def html_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A table in the report's style (floats to 3 significant digits, text escaped).
+
+    Example:
+        >>> html_table(["model", "VQAv2"], [["chameleon-7b", 0.51234]])
+        '<table><thead><tr><th>model</th><th>VQAv2</th></tr></thead><tbody><tr><td>chameleon-7b</td><td>0.512</td></tr></tbody></table>'
+    """
+    return _table(header, rows)
+
+
+def html_page(title: str, parts: list[str], scripts: str = "") -> str:
+    """A self-contained page in the report's style around ``parts`` (HTML snippets).
+
+    Example:
+        >>> html_page("Table", ["<p>hi</p>"]).startswith("<!DOCTYPE html>")
+        True
+    """
+    script = f"<script>{scripts}</script>" if scripts else ""
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{_CSS}</style>{script}</head><body>{''.join(parts)}</body></html>")
