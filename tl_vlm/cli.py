@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,21 +39,26 @@ examples:
       --tasks vqav2,flickr30k,coco,imagenet --conditions none,gate,img_to_text,random \\
       --dtype bfloat16 --device cuda --out runs/table
   tl-vlm narrow-gate ... --shard auto                    # one task of a SLURM array
-  tl-vlm merge runs/c7b-vqa                               # after every shard finished
-  tl-vlm rescore runs/c7b-vqa --cider ptb-approx          # no model needed
+  tl-vlm _merge runs/c7b-vqa                               # after every shard finished
+  tl-vlm _rescore runs/c7b-vqa --cider ptb-approx          # no model needed
 
 An interrupted command resumes when it is run again with the same settings."""
 
-TOY_MODELS = ("toy-gated", "toy-distributed")
-CONDITION_CHOICES = ("none", "gate", "img_to_text", "random")
+from tl_vlm.names import CONDITIONS as CONDITION_CHOICES
+from tl_vlm.names import TOY_MODELS
 
 
 class CLIError(Exception):
-    """A user error: printed as one line, no traceback."""
+    """A user error: printed as one line, no traceback.
+
+    Example:
+        >>> main(["narrow-gate", "--model", "toy_gated"])
+        2
+    """
 
 
 # -- argument types ------------------------------------------------------------------
-def positive_int(text: str) -> int:
+def _positive_int(text: str) -> int:
     """An int >= 1 (argparse type)."""
     try:
         value = int(text)
@@ -93,7 +99,7 @@ def layer_spec(text: str) -> tuple[int, ...]:
     return layers
 
 
-def name_list(choices: Optional[Sequence[str]] = None, what: str = "name") -> Callable:
+def _name_list(choices: Optional[Sequence[str]] = None, what: str = "name") -> Callable:
     """A comma-separated list, each item among ``choices`` (argparse type)."""
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
@@ -107,7 +113,7 @@ def name_list(choices: Optional[Sequence[str]] = None, what: str = "name") -> Ca
     return parse
 
 
-def shard_spec(text: str):
+def _shard_spec(text: str):
     from tl_vlm.shards import Shard
 
     if text == "auto":
@@ -139,23 +145,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--device, --dtype, --n-devices (shared by the commands that load models)."""
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cpu; under torchrun: cuda:LOCAL_RANK "
                         "when CUDA is available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights and activations (the paper: bfloat16)")
-    p.add_argument("--n-devices", type=positive_int, default=None,
+    p.add_argument("--n-devices", type=_positive_int, default=None,
                    help="split each model over this many GPUs (a block per rank under torchrun)")
 
 
-def add_task_arguments(p: argparse.ArgumentParser) -> None:
+def _add_task_arguments(p: argparse.ArgumentParser) -> None:
     """Data, prompt and decoding flags of the dataset tasks."""
-    p.add_argument("--n-examples", type=positive_int, default=None,
+    p.add_argument("--n-examples", type=_positive_int, default=None,
                    help="examples per task: the first N of the paper's selection (default: "
                         "all of it; toy: 240)")
-    p.add_argument("--batch-size", type=positive_int, default=32,
+    p.add_argument("--batch-size", type=_positive_int, default=32,
                    help="examples per batch; fixes padding and so the numerics: keep it when "
                         "resuming or sharding")
     p.add_argument("--coco-root", default=None,
@@ -168,14 +174,14 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
                         "stray quotes (clean), or the checkpoint's chat template (chat)")
     p.add_argument("--vqa-mode", default="zero-shot", choices=("zero-shot", "prompt"),
                    help="VQA instruction: the short one or the authors' long block")
-    p.add_argument("--random-k", type=positive_int, default=10,
+    p.add_argument("--random-k", type=_positive_int, default=10,
                    help="image tokens knocked out per random draw")
-    p.add_argument("--random-draws", type=positive_int, default=None,
+    p.add_argument("--random-draws", type=_positive_int, default=None,
                    help="random knockout draws (default: 5 for VQA and ImageNet, 3 for "
                         "captions and the toy task)")
 
 
-def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
+def _add_scoring_arguments(p: argparse.ArgumentParser) -> None:
     """How recorded predictions are scored (no model needed to change them)."""
     p.add_argument("--vqa-normalise", default="always", choices=("always", "official"),
                    help="VQA answer normalisation: always (the paper) or as the official "
@@ -187,19 +193,18 @@ def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
                    help="which part of a generated answer is scored")
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shard", type=shard_spec, default=None,
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", type=_shard_spec, default=None,
                    help="compute shard K of N (K/N, K from 0), or 'auto' from "
-                        "SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE; merge "
-                        "with `tl-vlm merge OUT` (the last shard to finish merges by itself)")
+                        "SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE; _merge "
+                        "with `tl-vlm _merge OUT` (the last shard to finish merges by itself)")
     p.add_argument("--fresh", action="store_true",
                    help="discard what OUT holds (a shard: only its own records) and start over")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 
 def _narrow_gate_parser(sub) -> None:
-    from tl_vlm.study import STEPS
-    from tl_vlm.taskset import TASK_NAMES
+    from tl_vlm.names import STEPS, TASK_NAMES
 
     p = sub.add_parser(
         "narrow-gate", formatter_class=_Formatter,
@@ -223,17 +228,17 @@ def _narrow_gate_parser(sub) -> None:
                         "<dir>/data/<split>-*.parquet, a parquet file or a glob (default: "
                         "the hub)")
     p.add_argument("--out", default="narrow-gate-report", help="output directory (resumable)")
-    p.add_argument("--steps", type=name_list(STEPS, "step"), default=None,
+    p.add_argument("--steps", type=_name_list(STEPS, "step"), default=None,
                    help=f"comma-separated subset of {','.join(STEPS)} (default: the steps "
                         f"that apply to the task; all of them for the toy task)")
-    p.add_argument("--conditions", type=name_list(CONDITION_CHOICES, "condition"),
+    p.add_argument("--conditions", type=_name_list(CONDITION_CHOICES, "condition"),
                    default=CONDITION_CHOICES, help="knockout conditions of the accuracy step")
-    add_task_arguments(p)
+    _add_task_arguments(p)
     p.add_argument("--patch-layers", type=layer_spec, default=None,
                    help="layers of the patching sweep: '0,4,8' or '0:32:4' (default: all)")
-    p.add_argument("--patch-streams", type=name_list(("resid_pre", "attn_in"), "stream"),
+    p.add_argument("--patch-streams", type=_name_list(("resid_pre", "attn_in"), "stream"),
                    default=("resid_pre", "attn_in"), help="patched activations")
-    p.add_argument("--n-pairs", type=positive_int, default=128,
+    p.add_argument("--n-pairs", type=_positive_int, default=128,
                    help="source/target pairs for patching")
     p.add_argument("--geometry-layers", type=layer_spec, default=None,
                    help="residual layers kept for separation and overlap, as --patch-layers "
@@ -241,22 +246,22 @@ def _narrow_gate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="patching pairs, the separation step's token draws, the toy task's "
                         "held-out set")
-    add_model_arguments(p)
-    add_scoring_arguments(p)
-    add_run_arguments(p)
-    p.set_defaults(run=narrow_gate)
+    _add_model_arguments(p)
+    _add_scoring_arguments(p)
+    _add_run_arguments(p)
+    p.set_defaults(run=_narrow_gate)
 
 
 def _merge_parser(sub) -> None:
     p = sub.add_parser("merge", formatter_class=_Formatter,
-                       help="merge the shards of a run (or of a table) and write the report",
+                       help="_merge the shards of a run (or of a table) and write the report",
                        description="Merge the shards of OUT: refuses a missing or unfinished "
                                    "shard, other settings or versions, and records that "
                                    "disagree; loads no model.")
     p.add_argument("out", help="the run (or table) directory the shards wrote to")
-    add_scoring_arguments(p)
+    _add_scoring_arguments(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.set_defaults(run=merge)
+    p.set_defaults(run=_merge)
 
 
 def _rescore_parser(sub) -> None:
@@ -266,15 +271,15 @@ def _rescore_parser(sub) -> None:
                                    "from their recorded predictions with other scoring "
                                    "options, and rewrite the report (or the table).")
     p.add_argument("out", help="a run or table directory")
-    add_scoring_arguments(p)
+    _add_scoring_arguments(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.set_defaults(run=rescore)
+    p.set_defaults(run=_rescore)
 
 
 def _table_parser(sub) -> None:
-    from tl_vlm.table import add_table_parser
+    from tl_vlm.table import _add_table_parser
 
-    add_table_parser(sub, _Formatter)
+    _add_table_parser(sub, _Formatter)
 
 
 # Each entry adds one subcommand to the parser (``sub.add_parser(...)``) and sets
@@ -284,6 +289,13 @@ COMMANDS: list[Callable[[Any], None]] = [_narrow_gate_parser, _table_parser, _me
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tl-vlm`` parser with every registered command.
+
+    Example:
+        >>> args = build_parser().parse_args(["narrow-gate", "--patch-layers", "0:4:2"])
+        >>> args.model, args.patch_layers, args.batch_size
+        ('toy-gated', (0, 2), 32)
+    """
     parser = _Parser(prog="tl-vlm", description=DESCRIPTION, epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -294,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- checks before loading ------------------------------------------------------------
+def _checkpoint_dir(model: str) -> Optional[Path]:
+    """The local directory of ``model`` (a toy model's or a path), None for a hub id."""
+    if model in TOY_MODELS:
+        return Path(__file__).resolve().parent / "toy" / "models" / TOY_MODELS[model]
+    path = Path(model).expanduser()
+    return path if path.exists() else None
+
+
 def checkpoint_layers(model: str) -> Optional[int]:
     """The decoder layers of ``model`` from its config alone (no weights); None when the
     config cannot be read here (a hub id offline: the load will say why).
@@ -302,10 +322,8 @@ def checkpoint_layers(model: str) -> Optional[int]:
         >>> checkpoint_layers("toy-gated")
         4
     """
-    from tl_vlm.model import resolve_model_name
-
-    path = Path(resolve_model_name(model))
-    if path.is_dir():
+    path = _checkpoint_dir(model)
+    if path is not None:
         if not (path / "config.json").is_file():
             raise CLIError(f"{model}: no config.json in {path}; expected a checkpoint "
                            f"directory (save_pretrained output)")
@@ -323,7 +341,7 @@ def checkpoint_layers(model: str) -> Optional[int]:
     return int(config["num_hidden_layers"]) if "num_hidden_layers" in config else None
 
 
-def check_layers(flag: str, layers: Optional[Sequence[int]], n_layers: Optional[int],
+def _check_layers(flag: str, layers: Optional[Sequence[int]], n_layers: Optional[int],
                  model: str) -> None:
     if layers is None or n_layers is None:
         return
@@ -333,52 +351,60 @@ def check_layers(flag: str, layers: Optional[Sequence[int]], n_layers: Optional[
                        f"layers (0-{n_layers - 1}); e.g. {flag} 0:{n_layers}")
 
 
-def check_device(device: Optional[str], n_devices: Optional[int]) -> None:
-    import torch
+def _cuda_driver_present() -> bool:
+    """Whether an NVIDIA driver is installed (without importing torch: no driver, no CUDA)."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists() \
+        or sys.platform not in ("linux",)
 
-    if device is not None:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise CLIError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") \
-                from None
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise CLIError(f"--device {device}: CUDA is not available on this machine "
-                               f"(torch {torch.__version__}); use --device cpu")
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise CLIError(f"--device {device}: this machine has "
-                               f"{torch.cuda.device_count()} GPU(s) (cuda:0..)")
-    if n_devices and n_devices > 1:
+
+def _check_device(device: Optional[str], n_devices: Optional[int]) -> None:
+    wants_cuda = (device or "").startswith("cuda") or (n_devices or 0) > 1
+    if not wants_cuda:
+        if device is not None and device.split(":")[0] not in ("cpu", "mps", "xpu", "meta"):
+            raise CLIError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
+        return
+    if n_devices and n_devices > 1 and device is not None:
+        raise CLIError("--device and --n-devices together: give one device, or split the "
+                       "model over --n-devices GPUs")
+    available = 0
+    if _cuda_driver_present():
+        import torch
+
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if available < n_devices:
-            raise CLIError(f"--n-devices {n_devices} needs {n_devices} GPUs; this machine has "
-                           f"{available}")
-        if device is not None:
-            raise CLIError("--device and --n-devices together: give one device, or split "
-                           "the model over --n-devices GPUs")
+    what = f"--device {device}" if device else f"--n-devices {n_devices}"
+    if available == 0:
+        raise CLIError(f"{what}: CUDA is not available on this machine (no NVIDIA driver or "
+                       f"a CPU-only torch); use --device cpu")
+    index = int(device.split(":")[1]) if device and ":" in device else 0
+    needed = max(index + 1, n_devices or 1)
+    if needed > available:
+        raise CLIError(f"{what}: this machine has {available} GPU(s) (cuda:0..{available - 1})")
 
 
-def check_model_name(model: str) -> None:
-    from tl_vlm.model import resolve_model_name
-
-    try:
-        resolve_model_name(model)
-    except (ValueError, FileNotFoundError) as err:
-        raise CLIError(str(err)) from None
-
-
-def check_geometry(steps: Sequence[str]) -> None:
-    if {"separation", "overlap"} & set(steps):
-        try:
-            import dadapy  # noqa: F401
-            import sklearn  # noqa: F401
-        except ImportError:
-            raise CLIError('the separation and overlap steps need DADApy: pip install '
-                           '"tl-vlm[geometry]", or leave them out with --steps') from None
+def _check_model_name(model: str) -> None:
+    """The checks of :func:`tl_vlm.model.resolve_model_name`, without importing torch:
+    a toy name misspelt, a local path that does not exist."""
+    if model in TOY_MODELS or Path(model).expanduser().exists():
+        return
+    close = [t for t in TOY_MODELS if t.replace("-", "") == model.replace("_", "").replace("-", "")]
+    if close:
+        raise CLIError(f"no model {model!r}: did you mean the shipped toy model {close[0]!r}?")
+    if model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        raise CLIError(f"no checkpoint directory {model!r} (resolved to "
+                       f"{os.path.abspath(os.path.expanduser(model))}); pass an existing "
+                       f"directory or a hub id of the form 'org/name'")
 
 
-def resolve_shard(spec: Any):
+def _check_geometry(steps: Sequence[str]) -> None:
+    import importlib.util
+
+    if {"separation", "overlap"} & set(steps) and not all(
+            importlib.util.find_spec(m) for m in ("dadapy", "sklearn")):
+        raise CLIError('the separation and overlap steps need DADApy: pip install '
+                       '"tl-vlm[geometry]", or leave them out with --steps')
+
+
+def _resolve_shard(spec: Any):
     """``--shard`` as a :class:`~tl_vlm.shards.Shard` (``auto``: from the environment).
 
     torchrun's ``WORLD_SIZE`` is removed once read, so that the libraries loading the
@@ -396,7 +422,7 @@ def resolve_shard(spec: Any):
     return shard
 
 
-def rank_device(args: argparse.Namespace) -> Optional[str]:
+def _rank_device(args: argparse.Namespace) -> Optional[str]:
     """Under torchrun/accelerate with CUDA: this rank's GPU (``cuda:LOCAL_RANK``), or its
     block of ``--n-devices`` GPUs (made the only visible ones)."""
     import torch
@@ -433,12 +459,7 @@ def _task_defaults(args: argparse.Namespace) -> str:
         if kind in ("toy", "jsonl"):
             raise CLIError(f"--data gives a local copy of a dataset task; the {kind} task "
                            f"has its own data")
-        from tl_vlm.evaldata import SOURCES, resolve_source
-
-        try:
-            resolve_source(SOURCES[kind].spec, str(args.data))
-        except FileNotFoundError as err:
-            raise CLIError(f"--data: {err}") from None
+        _check_data_path(str(args.data))
     if args.coco_root is not None and not Path(args.coco_root).is_dir():
         raise CLIError(f"--coco-root {args.coco_root}: not a directory; expected the folder "
                        f"holding val2014/")
@@ -450,33 +471,41 @@ def _task_defaults(args: argparse.Namespace) -> str:
     return kind
 
 
+def _check_data_path(path: str) -> None:
+    import glob
+
+    expanded = os.path.expanduser(path)
+    if not (os.path.exists(expanded) or (glob.has_magic(expanded) and glob.glob(expanded))):
+        raise CLIError(f"--data {path}: no such directory, file or files; expected a "
+                       f"directory laid out as <dir>/data/<split>-*.parquet, a parquet file "
+                       f"or a glob of them")
+
+
 def _check_chat_template(args: argparse.Namespace) -> Any:
     """With ``--prompt-style chat``: the processor, checked for a chat template now."""
     if args.prompt_style != "chat":
         return None
     from transformers import AutoProcessor
 
-    from tl_vlm.model import resolve_model_name
-
-    processor = AutoProcessor.from_pretrained(resolve_model_name(args.model))
+    processor = AutoProcessor.from_pretrained(str(_checkpoint_dir(args.model) or args.model))
     if not getattr(processor, "chat_template", None):
         raise CLIError(f"--prompt-style chat needs the checkpoint's chat template, but "
                        f"{args.model}'s processor has none; use --prompt-style paper or clean")
     return processor
 
 
-def validate_narrow_gate(args: argparse.Namespace) -> None:
+def _validate_narrow_gate(args: argparse.Namespace) -> None:
     """Every check that needs no model weights (config and processor files only)."""
-    check_model_name(args.model)
+    _check_model_name(args.model)
     _task_defaults(args)
-    check_geometry(args.steps)
-    check_device(args.device, args.n_devices)
+    _check_geometry(args.steps)
+    _check_device(args.device, args.n_devices)
     n_layers = checkpoint_layers(args.model)
-    check_layers("--patch-layers", args.patch_layers, n_layers, args.model)
-    check_layers("--geometry-layers", args.geometry_layers, n_layers, args.model)
+    _check_layers("--patch-layers", args.patch_layers, n_layers, args.model)
+    _check_layers("--geometry-layers", args.geometry_layers, n_layers, args.model)
 
 
-def prepare_run(args: argparse.Namespace, model_name: str, task_name: str,
+def _prepare_run(args: argparse.Namespace, model_name: str, task_name: str,
                 data: Optional[str], out: Path, steps: Sequence[str], shard,
                 log: Callable[[str], None]):
     """Load the task (data, before any model) and open the run directory."""
@@ -511,13 +540,13 @@ def prepare_run(args: argparse.Namespace, model_name: str, task_name: str,
     return task, settings, store
 
 
-def load_model(name: str, args: argparse.Namespace, processor: Any = None):
+def _load_model(name: str, args: argparse.Namespace, processor: Any = None):
     import torch
 
     from tl_vlm import HookedVLM
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
-    device = rank_device(args)
+    device = _rank_device(args)
     if args.n_devices and args.n_devices > 1:
         kwargs["n_devices"] = args.n_devices
     else:
@@ -527,9 +556,9 @@ def load_model(name: str, args: argparse.Namespace, processor: Any = None):
     return HookedVLM.from_pretrained(name, **kwargs)
 
 
-def run_meta(store, settings) -> dict[str, Any]:
+def _run_meta(store, settings) -> dict[str, Any]:
     """What heads the report and ``results.json`` (settings-level: equal for every run
-    and merge of the same settings)."""
+    and _merge of the same settings)."""
     import json as _json
 
     from tl_vlm.shards import versions
@@ -542,74 +571,74 @@ def run_meta(store, settings) -> dict[str, Any]:
             "tl_vlm": versions()["tl_vlm"]}
 
 
-def write_run_report(store, header: Optional[dict] = None, log=print) -> Optional[Path]:
+def _write_run_report(store, header: Optional[dict] = None, log=print) -> Optional[Path]:
     """``index.html`` + ``results.json`` of a run whose planned steps are all finished."""
     from tl_vlm.report import write_report
     from tl_vlm.study import study_results
 
     results = study_results(store)
-    path = write_report(results, store.out, run_meta(store, store.settings), header=header)
+    path = write_report(results, store.out, _run_meta(store, store.settings), header=header)
     log(f"report: {path}")
     return path
 
 
-def narrow_gate(args: argparse.Namespace) -> int:
+def _narrow_gate(args: argparse.Namespace) -> int:
+    log = _log
+    _validate_narrow_gate(args)        # before anything heavy is imported or loaded
     from tl_vlm.study import run_study
     from tl_vlm.tasks import Scoring
 
-    log = _log
-    validate_narrow_gate(args)
     processor = _check_chat_template(args)
-    shard = resolve_shard(args.shard)
+    shard = _resolve_shard(args.shard)
     out = Path(args.out)
-    task, settings, store = prepare_run(args, args.model, args.task, args.data, out, args.steps,
+    task, settings, store = _prepare_run(args, args.model, args.task, args.data, out, args.steps,
                                         shard, log)
     t0 = time.time()
     log(f"loading {args.model} ...")
-    model = load_model(args.model, args, processor)
+    model = _load_model(args.model, args, processor)
     scoring = Scoring(args.vqa_normalise, args.cider, args.extract)
     run_study(model, task, store, settings, log=log, scoring=scoring, shard=shard)
     if all(store.done(s) for s in settings.steps):
-        write_run_report(store, header={"device": str(model.cfg.device),
+        _write_run_report(store, header={"device": str(model.cfg.device),
                                         "this run (s)": round(time.time() - t0, 1)}, log=log)
     else:
         log(f"shard {shard.index}/{shard.count} done; the last shard to finish (or "
-            f"`tl-vlm merge {out}`) writes the report")
+            f"`tl-vlm _merge {out}`) writes the report")
     return 0
 
 
-# -- merge and rescore -------------------------------------------------------------------
+# -- _merge and _rescore -------------------------------------------------------------------
 def _scoring(args: argparse.Namespace):
     from tl_vlm.tasks import Scoring
 
     return Scoring(args.vqa_normalise, args.cider, args.extract)
 
 
-def merge(args: argparse.Namespace) -> int:
+def _merge(args: argparse.Namespace) -> int:
     from tl_vlm.runstore import RunStore
     from tl_vlm.shards import merge_run
 
     out = Path(args.out)
     if (out / "table-run.json").exists():
-        from tl_vlm.table import merge_table
+        from tl_vlm.table import _merge_table
 
-        merge_table(out, _scoring(args), log=_log)
+        _merge_table(out, _scoring(args), log=_log)
         return 0
     merge_run(out, _scoring(args), log=_log)
     store = RunStore(out, json.loads((out / "run.json").read_text()))
-    write_run_report(store, log=_log)
+    _write_run_report(store, log=_log)
     return 0
 
 
-def rescore(args: argparse.Namespace) -> int:
+def _rescore(args: argparse.Namespace) -> int:
     from tl_vlm.runstore import RunStore
     from tl_vlm.study import finalize_step
 
     out = Path(args.out)
     if (out / "table-run.json").exists():
-        from tl_vlm.table import rescore_table
+        from tl_vlm.table import _rescore_table
 
-        rescore_table(out, _scoring(args), log=_log)
+        _rescore_table(out, _scoring(args), log=_log)
         return 0
     if not (out / "run.json").exists():
         raise CLIError(f"{out} holds no run.json: expected a tl-vlm run directory")
@@ -617,11 +646,11 @@ def rescore(args: argparse.Namespace) -> int:
     steps = [s for s in ("accuracy", "progressive") if store.done(s)
              and store.load(s).get("skipped") is not True]
     if not steps:
-        raise CLIError(f"{out} has no finished accuracy or progressive step to rescore")
+        raise CLIError(f"{out} has no finished accuracy or progressive step to _rescore")
     for step in steps:
         finalize_step(store, step, _scoring(args))
         _log(f"[{step}] rescored")
-    write_run_report(store, log=_log)
+    _write_run_report(store, log=_log)
     return 0
 
 
@@ -630,23 +659,34 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _user_errors() -> tuple[type, ...]:
-    """Exceptions that mean the input was wrong, not the code: one line, no traceback."""
-    from tl_vlm.adapters import UnsupportedModelError
-    from tl_vlm.answers import AnswerTokenError
-    from tl_vlm.evaldata import ImageFetchError, ScriptDatasetError
-    from tl_vlm.layout import LayoutError
-    from tl_vlm.prompts import PromptError
-    from tl_vlm.runstore import RecordConflictError, RunSettingsError
-    from tl_vlm.shards import MergeError
+# Exceptions that mean the input was wrong, not the code: one line, no traceback. Looked
+# up only in modules already imported (an error raised before torch loads stays fast).
+_USER_ERRORS = {
+    "tl_vlm.runstore": ("RunSettingsError", "RecordConflictError"),
+    "tl_vlm.shards": ("MergeError",),
+    "tl_vlm.evaldata": ("ImageFetchError", "ScriptDatasetError"),
+    "tl_vlm.prompts": ("PromptError",),
+    "tl_vlm.answers": ("AnswerTokenError",),
+    "tl_vlm.layout": ("LayoutError",),
+    "tl_vlm.adapters": ("UnsupportedModelError",),
+}
 
-    return (CLIError, RunSettingsError, RecordConflictError, MergeError, FileNotFoundError,
-            ConnectionError, ImageFetchError, ScriptDatasetError, PromptError,
-            AnswerTokenError, LayoutError, UnsupportedModelError)
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, (CLIError, FileNotFoundError, ConnectionError)):
+        return True
+    return any(isinstance(err, getattr(sys.modules[module], name))
+               for module, names in _USER_ERRORS.items() if module in sys.modules
+               for name in names)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``tl-vlm``; returns the exit status (user errors exit with 2, Ctrl-C 130)."""
+    """Run ``tl-vlm``; returns the exit status (user errors exit with 2, Ctrl-C 130).
+
+    Example:
+        >>> main(["rescore", "/no/such/run"])
+        2
+    """
     args = build_parser().parse_args(argv)
     model = getattr(args, "model", None)
     if model in TOY_MODELS or (model and Path(model).exists()):
@@ -660,11 +700,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _log(f"\ntl-vlm: interrupted. Finished batches are saved{f' in {out}' if out else ''}; "
              f"run the same command again to resume.")
         return 130
-    except _user_errors() as err:
-        if getattr(args, "debug", False):
+    except Exception as err:
+        if getattr(args, "debug", False) or not _is_user_error(err):
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        _log(f"tl-vlm {args.command}: error: {message} (--debug shows the traceback)")
+        hint = "" if isinstance(err, CLIError) else " (--debug shows the traceback)"
+        _log(f"tl-vlm {args.command}: error: {message}{hint}")
         return 2
 
 

@@ -39,18 +39,28 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch only when tensors are saved: the CLI checks flags without it
+    from torch import Tensor
 
 
 class RunSettingsError(ValueError):
-    """The output directory holds a run with other settings."""
+    """The output directory holds a run with other settings (see :class:`RunStore`).
+
+    Example:
+        >>> issubclass(RunSettingsError, ValueError)
+        True
+    """
 
 
 class RecordConflictError(ValueError):
-    """Two records of the same chunk and key disagree."""
+    """Two records of the same chunk and key disagree (see :func:`sorted_unique`).
+
+    Example:
+        >>> issubclass(RecordConflictError, ValueError)
+        True
+    """
 
 
 def write_atomic(path: Path, data: Union[str, bytes]) -> None:
@@ -79,7 +89,17 @@ def write_atomic(path: Path, data: Union[str, bytes]) -> None:
 
 
 def dumps(value: Any) -> str:
-    """The one JSON form of results and settings files (stable bytes for equal values)."""
+    """The one JSON form of results and settings files (stable bytes for equal values).
+
+    Example:
+        >>> print(dumps({"a": [1, 2]}))
+        {
+         "a": [
+          1,
+          2
+         ]
+        }
+    """
     return json.dumps(value, indent=1)
 
 
@@ -176,7 +196,7 @@ class RunStore:
         >>> RunStore(tmp.name, {"model": "toy-gated", "n": 48})
         Traceback (most recent call last):
         ...
-        tl_vlm.runstore.RunSettingsError: ... holds a run with other settings (differs in ['n']) ...
+        tl_vlm.runstore.RunSettingsError: ... holds a run with other settings (differs in ['n'])...
         >>> list(RunStore(tmp.name, {"model": "toy-gated", "n": 48}, fresh=True))
         []
         >>> tmp.cleanup()
@@ -236,7 +256,7 @@ class RunStore:
         return read_records(self.records_dir / f"{step}.jsonl")
 
     def record(self, step: str, record: dict[str, Any],
-               tensors: Optional[dict[str, Tensor]] = None) -> None:
+               tensors: Optional[dict[str, "Tensor"]] = None) -> None:
         """Append one record (and save its tensors first: the line is the commit)."""
         if "chunk" not in record:
             raise ValueError(f"a record needs the index of its chunk, got keys {sorted(record)}")
@@ -266,7 +286,7 @@ class RunStore:
             write_atomic(path, text)
         return records
 
-    def tensors(self, step: str, record: dict[str, Any]) -> dict[str, Tensor]:
+    def tensors(self, step: str, record: dict[str, Any]) -> dict[str, "Tensor"]:
         """The tensors saved with a record of ``steps/`` (empty when it has none)."""
         if "tensors" not in record:
             return {}

@@ -43,7 +43,14 @@ from tl_vlm.runstore import (RecordConflictError, RunStore, dumps, read_records,
 
 
 class MergeError(RuntimeError):
-    """The shards cannot be merged (missing, unfinished, or inconsistent)."""
+    """The shards cannot be merged (missing, unfinished, or inconsistent).
+
+    Example:
+        >>> shard_count("/no/such/run")
+        Traceback (most recent call last):
+        ...
+        tl_vlm.shards.MergeError: /no/such/run holds no shards (no /no/such/run/shards/K-of-N): nothing to merge. Was it run with --shard?
+    """
 
 
 @dataclass(frozen=True)
@@ -231,13 +238,13 @@ def _command_for(states: dict[int, dict], k: int, n: int) -> str:
     return "`tl-vlm " + " ".join(args[1:]) + "`"
 
 
-def load_states(out, n: int) -> dict[int, Optional[dict]]:
+def _load_states(out, n: int) -> dict[int, Optional[dict]]:
     """Each shard's ``shard.json`` (None for a shard that never started)."""
     paths = {k: Path(out) / "shards" / f"{k}-of-{n}" / "shard.json" for k in range(n)}
     return {k: json.loads(p.read_text()) if p.exists() else None for k, p in paths.items()}
 
 
-def check_shards(out, step: str, states: dict[int, Optional[dict]],
+def _check_shards(out, step: str, states: dict[int, Optional[dict]],
                  settings: dict[str, Any]) -> dict[str, Any]:
     """The plan and model the shards agree on for ``step`` (all must have finished it);
     :class:`MergeError` when their settings, versions, model or plan differ."""
@@ -301,7 +308,7 @@ def merge_step(store: RunStore, step: str, scoring=None, log: Callable[[str], No
         >>> merge_step(store, "accuracy", require=True)
         Traceback (most recent call last):
         ...
-        tl_vlm.shards.MergeError: accuracy: shards [0, 1] of 2 have not finished it (missing: [1]); ...
+        tl_vlm.shards.MergeError: accuracy: shards [0, 1] of 2 have not finished it (missing: [0, 1]); ...
         >>> tmp.cleanup()
     """
     from tl_vlm.study import finalize_step
@@ -309,7 +316,7 @@ def merge_step(store: RunStore, step: str, scoring=None, log: Callable[[str], No
 
     out = store.out
     n = count or (store.shard[1] if store.shard else shard_count(out))
-    states = load_states(out, n)
+    states = _load_states(out, n)
     missing = [k for k, st in states.items() if st is None]
     pending = [k for k, st in states.items()
                if st is not None and not st.get("steps", {}).get(step, {}).get("done")]
@@ -321,7 +328,7 @@ def merge_step(store: RunStore, step: str, scoring=None, log: Callable[[str], No
                              f"finished it (missing: {missing}); run them first ({hints})")
         log(f"[{step}] waiting for shard(s) {sorted(missing + pending)} of {n}")
         return None
-    checked = check_shards(out, step, states, store.settings)
+    checked = _check_shards(out, step, states, store.settings)
     lock = out / "steps" / f".merge-{step}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -361,7 +368,7 @@ def merge_step(store: RunStore, step: str, scoring=None, log: Callable[[str], No
         lock.unlink(missing_ok=True)
 
 
-def merged_steps(out) -> list[str]:
+def _merged_steps(out) -> list[str]:
     """The steps any shard of ``out`` has planned, in study order."""
     from tl_vlm.study import STEPS
 
@@ -392,7 +399,7 @@ def merge_run(out, scoring=None, log: Callable[[str], None] = print) -> dict[str
     settings = json.loads((out / "run.json").read_text())
     n = shard_count(out)
     store = RunStore(out, settings)
-    steps = merged_steps(out)
+    steps = _merged_steps(out)
     if not steps:
         raise MergeError(f"no shard of {out} has started a step yet; nothing to merge")
     for step in steps:

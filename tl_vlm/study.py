@@ -59,8 +59,8 @@ from tl_vlm.runstore import RunStore, dumps, write_atomic
 from tl_vlm.tasks import (CaptionTask, Example, GenerationTask, NextTokenTask, Predictions,
                           Scoring, Task, overlap_k)
 
-STEPS = ("accuracy", "progressive", "contribution", "separation", "overlap", "patching")
-CONDITIONS = ("none", "gate", "img_to_text", "random")
+from tl_vlm.names import CONDITIONS, STEPS  # noqa: F401  (re-exported)
+
 TASK_CLASSES = {cls.__name__: cls for cls in (NextTokenTask, GenerationTask, CaptionTask)}
 
 
@@ -136,7 +136,7 @@ def model_info(model, task: Task) -> dict[str, Any]:
             "heads": model.cfg.n_heads}
 
 
-def examples_text(examples: Sequence[Example]) -> str:
+def _examples_text(examples: Sequence[Example]) -> str:
     """``examples.jsonl``: what scoring needs of each example, one line each."""
     import json
 
@@ -144,7 +144,18 @@ def examples_text(examples: Sequence[Example]) -> str:
 
 
 def load_examples(store: RunStore) -> list[Example]:
-    """The examples of a run directory (without images), for scoring without a model."""
+    """The examples of a run directory (without images), for scoring without a model.
+
+    Example:
+        >>> import tempfile
+        >>> from tl_vlm.tasks import toy_task
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, {})
+        >>> store.write_once("examples.jsonl", _examples_text(toy_task(3).examples), "examples")
+        >>> [(ex.id, ex.answers) for ex in load_examples(store)]
+        [(0, ('red',)), (1, ('square',)), (2, ('top-left',))]
+        >>> tmp.cleanup()
+    """
     import json
 
     path = store.out / "examples.jsonl"
@@ -153,7 +164,7 @@ def load_examples(store: RunStore) -> list[Example]:
     return [Example.from_record(json.loads(line)) for line in path.read_text().splitlines()]
 
 
-def scoring_task(settings: dict[str, Any], examples: list[Example]) -> Task:
+def _scoring_task(settings: dict[str, Any], examples: list[Example]) -> Task:
     """A task that can score the run's predictions (its kind, its examples; no data)."""
     kind = settings["task_settings"].get("kind", "NextTokenTask")
     return TASK_CLASSES[kind](settings["task"], examples)
@@ -163,7 +174,12 @@ def scoring_task(settings: dict[str, Any], examples: list[Example]) -> Task:
 @dataclass
 class Plan:
     """A step's share of work: ``n_chunks`` chunks, each recorded once per key; or the
-    reason the step does not apply to this model."""
+    reason the step does not apply to this model.
+
+    Example:
+        >>> Plan(3, ["none", "gate"]).to_dict()
+        {'chunks': 3, 'keys': ['none', 'gate'], 'skipped': None}
+    """
 
     n_chunks: int
     keys: list[str]
@@ -173,7 +189,7 @@ class Plan:
         return {"chunks": self.n_chunks, "keys": self.keys, "skipped": self.skipped}
 
 
-class Context:
+class _Context:
     """What a step's model pass needs: the model, the task, the store, the settings and
     the shard this process computes."""
 
@@ -190,15 +206,15 @@ class Context:
         return list(self.task.batches(self.settings.batch_size))
 
 
-class Step:
+class _Step:
     """One analysis: how it plans, records and finishes (subclasses below)."""
 
     name = ""
 
-    def plan(self, ctx: Context) -> Plan:
+    def plan(self, ctx: _Context) -> Plan:
         return Plan(ctx.settings.n_chunks, [""])
 
-    def produce(self, ctx: Context, plan: Plan, log: Callable[[str], None]) -> None:
+    def produce(self, ctx: _Context, plan: Plan, log: Callable[[str], None]) -> None:
         raise NotImplementedError
 
     def finalize(self, records: list[dict], store: RunStore, settings: dict[str, Any],
@@ -214,7 +230,7 @@ class Step:
         return plan.keys if plan else []
 
 
-def _batches_to_do(ctx: Context, step: str, keys: Sequence[str], chunks):
+def _batches_to_do(ctx: _Context, step: str, keys: Sequence[str], chunks):
     """The owned chunks with a key not yet recorded, and the recorded ``(chunk, key)``."""
     done = {(r["chunk"], r.get("key", "")) for r in ctx.store.records(step)}
     todo = [(j, c) for j, c in ctx.owned(chunks) if any((j, k) not in done for k in keys)]
@@ -230,13 +246,13 @@ def _by_key(records: list[dict]) -> dict[str, list[dict]]:
             if sorted(r["chunk"] for r in rs) == list(range(rs[0]["of"]))}
 
 
-class _PredictionStep(Step):
+class _PredictionStep(_Step):
     """Shared by ``accuracy`` and ``progressive``: the task's predictions under hooks."""
 
-    def hooks(self, ctx: Context, batch, keys: Sequence[str]) -> dict[str, list]:
+    def hooks(self, ctx: _Context, batch, keys: Sequence[str]) -> dict[str, list]:
         raise NotImplementedError
 
-    def produce(self, ctx: Context, plan: Plan, log) -> None:
+    def produce(self, ctx: _Context, plan: Plan, log) -> None:
         chunks = ctx.example_chunks()
         todo, done = _batches_to_do(ctx, self.name, plan.keys, chunks)
         for j, (start, examples) in progress(todo, len(todo), self.name, "batches"):
@@ -253,7 +269,7 @@ class _PredictionStep(Step):
     def evaluate(self, store: RunStore, settings: dict[str, Any], scoring: Scoring,
                  records: list[dict]) -> tuple[Task, dict[str, Any]]:
         """Evaluation of each complete key, from its records in chunk order."""
-        task = scoring_task(settings, load_examples(store))
+        task = _scoring_task(settings, load_examples(store))
         out = {}
         for key, recs in _by_key(records).items():
             said = Predictions.concat([
@@ -263,10 +279,10 @@ class _PredictionStep(Step):
         return task, out
 
 
-class AccuracyStep(_PredictionStep):
+class _AccuracyStep(_PredictionStep):
     name = "accuracy"
 
-    def plan(self, ctx: Context) -> Plan:
+    def plan(self, ctx: _Context) -> Plan:
         keys = self.condition_keys(ctx.settings.conditions, ctx.settings.random_draws,
                                    ctx.info["has_gate"])
         return Plan(ctx.settings.n_chunks, keys)
@@ -281,7 +297,7 @@ class AccuracyStep(_PredictionStep):
                 keys.append(name)
         return keys
 
-    def hooks(self, ctx: Context, batch, keys: Sequence[str]) -> dict[str, list]:
+    def hooks(self, ctx: _Context, batch, keys: Sequence[str]) -> dict[str, list]:
         model, s = ctx.model, ctx.settings
         out = {}
         for key in keys:
@@ -314,7 +330,7 @@ class AccuracyStep(_PredictionStep):
                 "mean": sum(values) / len(values), "n": len(draws[0].scores),
                 "draws": len(draws), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "per_draw": values, "metrics": metrics}
-        info = load_model_info(store)
+        info = _load_model_info(store)
         details = next(iter(evaluations.values())).details
         result = {"metric": task.metric, "scoring": scoring.to_dict(), "conditions": conditions,
                   "chance": details.get("chance"), "skipped": {},
@@ -324,7 +340,7 @@ class AccuracyStep(_PredictionStep):
         return result
 
 
-class ProgressiveStep(_PredictionStep):
+class _ProgressiveStep(_PredictionStep):
     name = "progressive"
 
     @staticmethod
@@ -333,12 +349,12 @@ class ProgressiveStep(_PredictionStep):
                                                               3 / 4, 7 / 8, 1)}
                       | ({*range(1, n_layers + 1)} if n_layers <= 8 else set()))
 
-    def plan(self, ctx: Context) -> Plan:
+    def plan(self, ctx: _Context) -> Plan:
         if not ctx.info["has_gate"]:
             return Plan(ctx.settings.n_chunks, [], skipped="no gate token")
         return Plan(ctx.settings.n_chunks, [str(w) for w in self.widths(ctx.info["layers"])])
 
-    def hooks(self, ctx: Context, batch, keys: Sequence[str]) -> dict[str, list]:
+    def hooks(self, ctx: _Context, batch, keys: Sequence[str]) -> dict[str, list]:
         return {k: A.gate_knockout(ctx.model, batch, layers=A.last_layers(ctx.model, int(k)))
                 for k in keys}
 
@@ -353,14 +369,14 @@ class ProgressiveStep(_PredictionStep):
                 "metric": task.metric, "scoring": scoring.to_dict(), "chance": chance}
 
 
-class ContributionStep(Step):
+class _ContributionStep(_Step):
     """Per chunk, a fresh :class:`~tl_vlm.analyses.ContributionAccumulator`'s totals;
     the result folds them in chunk order (float64), so shards merge exactly."""
 
     name = "contribution"
     SUMS = ("map_totals", "value_map_totals", "map_counts")
 
-    def produce(self, ctx: Context, plan: Plan, log) -> None:
+    def produce(self, ctx: _Context, plan: Plan, log) -> None:
         model, n = ctx.model, ctx.info["layers"]
         chunks = ctx.example_chunks()
         todo, _ = _batches_to_do(ctx, self.name, [""], chunks)
@@ -456,17 +472,17 @@ def _nonempty(positions, what: str, j: int):
     return positions
 
 
-class _GeometryStep(Step):
-    def points(self, ctx: Context) -> list[tuple[int, str]]:
+class _GeometryStep(_Step):
+    def points(self, ctx: _Context) -> list[tuple[int, str]]:
         from tl_vlm.analyses.geometry import residual_points
 
         layers = ctx.settings.geometry_layers
         return residual_points(ctx.model, "all" if layers is None else list(layers))
 
-    def picks(self, ctx: Context, batch, j: int) -> dict[str, tuple[Tensor, str]]:
+    def picks(self, ctx: _Context, batch, j: int) -> dict[str, tuple[Tensor, str]]:
         raise NotImplementedError
 
-    def produce(self, ctx: Context, plan: Plan, log) -> None:
+    def produce(self, ctx: _Context, plan: Plan, log) -> None:
         chunks = ctx.example_chunks()
         points = self.points(ctx)
         todo, _ = _batches_to_do(ctx, self.name, [""], chunks)
@@ -484,7 +500,7 @@ class _GeometryStep(Step):
                                    for k in parts[0]}
 
 
-class SeparationStep(_GeometryStep):
+class _SeparationStep(_GeometryStep):
     """One random text token (after the image) and one random image token per example,
     drawn per chunk with ``seed + chunk`` (the draws of
     :func:`~tl_vlm.analyses.modality_separation` over the same batches)."""
@@ -492,7 +508,7 @@ class SeparationStep(_GeometryStep):
     name = "separation"
     K, Z, METRIC, DENSITY = 16, 1.65, "cosine", "PAk"
 
-    def picks(self, ctx: Context, batch, j: int) -> dict[str, tuple[Tensor, str]]:
+    def picks(self, ctx: _Context, batch, j: int) -> dict[str, tuple[Tensor, str]]:
         pos, seed = batch.positions, ctx.settings.seed + j
         text = _nonempty(pos.check(pos.after_image, "text_tokens"), "text_tokens", j)
         image = _nonempty(pos.check(pos.image, "image_tokens"), "image_tokens", j)
@@ -519,10 +535,11 @@ def separation_from_vectors(text: np.ndarray, image: np.ndarray, layers: Sequenc
     Example:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
-        >>> text, image = rng.normal(size=(1, 40, 6)) + 5, rng.normal(size=(1, 40, 6)) - 5
+        >>> shift = np.r_[10.0, np.zeros(4)]             # text and image on opposite sides
+        >>> text, image = rng.normal(size=(1, 60, 5)) + shift, rng.normal(size=(1, 60, 5)) - shift
         >>> d = separation_from_vectors(text, image, [0], k=8)
-        >>> d["homogeneity"], round(d["cos_median"][0], 2) > 0.5
-        ([1.0], True)
+        >>> d["homogeneity"], d["n_clusters"]             # each cluster holds one modality
+        ([1.0], [2])
     """
     from sklearn.metrics import homogeneity_score
 
@@ -556,13 +573,13 @@ def separation_from_vectors(text: np.ndarray, image: np.ndarray, layers: Sequenc
                       "params": dict(k=k, Z=Z, metric=metric, density=density, seed=seed)})
 
 
-class OverlapStep(_GeometryStep):
+class _OverlapStep(_GeometryStep):
     """The gate (if any), last-image and mean-image residual per example; the label
     overlap per layer at the end (k = :func:`~tl_vlm.tasks.overlap_k`)."""
 
     name = "overlap"
 
-    def picks(self, ctx: Context, batch, j: int) -> dict[str, tuple[Tensor, str]]:
+    def picks(self, ctx: _Context, batch, j: int) -> dict[str, tuple[Tensor, str]]:
         from tl_vlm.analyses.geometry import representation_selector
 
         names = ("gate", "last_image", "image_mean")[0 if ctx.info["has_gate"] else 1:]
@@ -624,20 +641,20 @@ def patching_pairs(task: Task, n_pairs: int, seed: int) -> list[tuple[Example, E
     return pairs
 
 
-class PatchingStep(Step):
+class _PatchingStep(_Step):
     name = "patching"
 
-    def pair_chunks(self, ctx: Context) -> list[list[tuple[Example, Example]]]:
+    def pair_chunks(self, ctx: _Context) -> list[list[tuple[Example, Example]]]:
         pairs = patching_pairs(ctx.task, ctx.settings.n_pairs, ctx.settings.seed)
         bs = ctx.settings.batch_size
         return [pairs[i:i + bs] for i in range(0, len(pairs), bs)]
 
-    def plan(self, ctx: Context) -> Plan:
+    def plan(self, ctx: _Context) -> Plan:
         if not ctx.info["has_gate"]:
             return Plan(0, [], skipped="no gate token")
         return Plan(len(self.pair_chunks(ctx)), list(ctx.settings.patch_streams))
 
-    def produce(self, ctx: Context, plan: Plan, log) -> None:
+    def produce(self, ctx: _Context, plan: Plan, log) -> None:
         from tl_vlm.answers import answer_token_ids
 
         model, s = ctx.model, ctx.settings
@@ -675,13 +692,13 @@ class PatchingStep(Step):
         return {"streams": streams, "n_pairs": int(flipped.shape[1])}
 
 
-STEP_CLASSES: dict[str, Step] = {s.name: s for s in (
-    AccuracyStep(), ProgressiveStep(), ContributionStep(), SeparationStep(), OverlapStep(),
-    PatchingStep())}
+STEP_CLASSES: dict[str, _Step] = {s.name: s for s in (
+    _AccuracyStep(), _ProgressiveStep(), _ContributionStep(), _SeparationStep(), _OverlapStep(),
+    _PatchingStep())}
 
 
 # -- running and finishing --------------------------------------------------------------
-def load_model_info(store: RunStore) -> dict[str, Any]:
+def _load_model_info(store: RunStore) -> dict[str, Any]:
     import json
 
     return json.loads((store.out / "model.json").read_text())
@@ -693,6 +710,21 @@ def finalize_step(store: RunStore, step: str, scoring: Scoring = Scoring(),
 
     ``plan`` (a :meth:`Plan.to_dict`) is what the records must cover; without one the
     complete keys found are used (re-scoring a finished run).
+
+    Example (a finished run re-scored; the model is not needed):
+        >>> import tempfile
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.tasks import toy_task
+        >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(12)
+        >>> settings = StudySettings("toy-gated", "toy", 12, batch_size=6, steps=("accuracy",),
+        ...                          conditions=("none",), task_settings=task.settings())
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, settings.run_settings())
+        >>> _ = run_study(model, task, store, settings, log=lambda m: None)
+        >>> del model
+        >>> finalize_step(store, "accuracy")["conditions"]["none"]["mean"]
+        1.0
+        >>> tmp.cleanup()
     """
     if plan is not None and plan.get("skipped"):
         return store.save(step, {"skipped": True, "reason": plan["skipped"]})
@@ -710,7 +742,20 @@ def finalize_step(store: RunStore, step: str, scoring: Scoring = Scoring(),
 
 def study_results(store: RunStore, steps: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The finished steps' results (skipped ones left out), in study order; the
-    progressive curve gets the clean accuracy as its reference line."""
+    progressive curve gets the clean accuracy as its reference line.
+
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = RunStore(tmp.name, {})
+        >>> _ = store.save("accuracy", {"conditions": {"none": {"mean": 0.9}}})
+        >>> _ = store.save("progressive", {"widths": [1], "accuracy": [0.3]})
+        >>> _ = store.save("patching", {"skipped": True, "reason": "no gate token"})
+        >>> results = study_results(store)
+        >>> sorted(results), results["progressive"]["clean"]
+        (['accuracy', 'progressive'], 0.9)
+        >>> tmp.cleanup()
+    """
     saved = store.results()
     out = {s: saved[s] for s in STEPS if s in saved and (steps is None or s in steps)
            and saved[s].get("skipped") is not True}
@@ -757,14 +802,14 @@ def run_study(model, task: Task, store: RunStore, settings: StudySettings,
     unknown = [s for s in settings.steps if s not in STEP_CLASSES]
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {list(STEP_CLASSES)}")
-    store.write_once("examples.jsonl", examples_text(task.examples), "examples")
+    store.write_once("examples.jsonl", _examples_text(task.examples), "examples")
     info = model_info(model, task)
     state = ShardState(store.out, shard) if shard is not None else None
     if state is None:
         write_atomic(store.out / "model.json", dumps(info))
     else:
         state.start(store.settings, info)
-    ctx = Context(model, task, store, settings, info,
+    ctx = _Context(model, task, store, settings, info,
                   None if shard is None else (shard.index, shard.count))
     for name in settings.steps:
         step = STEP_CLASSES[name]

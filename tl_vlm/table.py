@@ -74,6 +74,12 @@ def model_slug(model: str) -> str:
 
 
 def cell_dir(out, model: str, task: str) -> Path:
+    """The run directory of one cell of the table.
+
+    Example:
+        >>> cell_dir("runs/table", "toy-gated", "toy").as_posix()
+        'runs/table/cells/toy-gated/toy'
+    """
     return Path(out) / "cells" / model_slug(model) / task
 
 
@@ -103,7 +109,7 @@ def parse_data(text: Optional[str], tasks: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def add_table_parser(sub, formatter) -> None:
+def _add_table_parser(sub, formatter) -> None:
     from tl_vlm import cli
     from tl_vlm.taskset import TASK_NAMES
 
@@ -117,27 +123,27 @@ def add_table_parser(sub, formatter) -> None:
                "mistral-community/pixtral-12b --tasks vqav2,flickr30k,coco,imagenet \\\n"
                "      --conditions none,gate,img_to_text,random --dtype bfloat16 --device cuda "
                "--out runs/table")
-    p.add_argument("--models", type=cli.name_list(what="model"), required=True,
+    p.add_argument("--models", type=cli._name_list(what="model"), required=True,
                    help="comma-separated model names (toy models, local checkpoints, hub ids)")
-    p.add_argument("--tasks", type=cli.name_list(TASK_NAMES, "task"), default=TABLE_TASKS,
+    p.add_argument("--tasks", type=cli._name_list(TASK_NAMES, "task"), default=TABLE_TASKS,
                    help="comma-separated tasks")
-    p.add_argument("--conditions", type=cli.name_list(cli.CONDITION_CHOICES, "condition"),
+    p.add_argument("--conditions", type=cli._name_list(cli.CONDITION_CHOICES, "condition"),
                    default=cli.CONDITION_CHOICES, help="knockout conditions")
     p.add_argument("--data", default=None,
                    help="local copies of the datasets: task=PATH,task=PATH (a directory "
                         "<dir>/data/<split>-*.parquet, a parquet file or a glob)")
     p.add_argument("--out", default="tl-vlm-table", help="output directory (resumable)")
-    cli.add_task_arguments(p)
+    cli._add_task_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="the toy task's held-out set")
-    cli.add_model_arguments(p)
-    cli.add_scoring_arguments(p)
-    cli.add_run_arguments(p)
-    p.set_defaults(run=run_table)
+    cli._add_model_arguments(p)
+    cli._add_scoring_arguments(p)
+    cli._add_run_arguments(p)
+    p.set_defaults(run=_run_table)
 
 
 def _cell_status(store: RunStore, settings, scoring) -> str:
     """``"done"``, ``"rescore"`` (no model needed) or ``"run"``."""
-    from tl_vlm.study import AccuracyStep
+    from tl_vlm.study import STEP_CLASSES
 
     if not store.done("accuracy"):
         return "run"
@@ -145,23 +151,23 @@ def _cell_status(store: RunStore, settings, scoring) -> str:
     asked = set(settings.conditions) - set(saved.get("skipped", {}))
     if not asked <= set(saved["conditions"]):
         return "run"
-    return "done" if AccuracyStep().satisfied(saved, settings, scoring) else "rescore"
+    return "done" if STEP_CLASSES["accuracy"].satisfied(saved, settings, scoring) else "rescore"
 
 
-def validate_table(args: argparse.Namespace) -> dict[str, str]:
+def _validate_table(args: argparse.Namespace) -> dict[str, str]:
     from tl_vlm import cli
-    from tl_vlm.evaldata import SOURCES, resolve_source
+    from tl_vlm.taskset import DATASET_TASKS
 
     for model in args.models:
-        cli.check_model_name(model)
+        cli._check_model_name(model)
     try:
         data = parse_data(args.data, args.tasks)
-        for task, path in data.items():
-            if task not in SOURCES:
-                raise ValueError(f"--data {task}=...: the {task} task has its own data")
-            resolve_source(SOURCES[task].spec, path)
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         raise cli.CLIError(str(err)) from None
+    for task, path in data.items():
+        if task not in DATASET_TASKS:
+            raise cli.CLIError(f"--data {task}=...: the {task} task has its own data")
+        cli._check_data_path(path)
     toy_only = [m for m in args.models if m not in cli.TOY_MODELS]
     if "toy" in args.tasks and toy_only:
         raise cli.CLIError(f"the toy task is for the toy models; {toy_only} cannot read its "
@@ -169,17 +175,18 @@ def validate_table(args: argparse.Namespace) -> dict[str, str]:
     if args.prompt_style == "chat":
         raise cli.CLIError("--prompt-style chat: run `tl-vlm narrow-gate` per model (each "
                            "checkpoint's chat template is checked there)")
-    cli.check_device(args.device, args.n_devices)
+    cli._check_device(args.device, args.n_devices)
     return data
 
 
-def run_table(args: argparse.Namespace) -> int:
+def _run_table(args: argparse.Namespace) -> int:
     from tl_vlm import cli
+
+    data = _validate_table(args)        # before anything heavy is imported or loaded
     from tl_vlm.study import finalize_step, run_study
     from tl_vlm.tasks import Scoring
 
-    data = validate_table(args)
-    shard = cli.resolve_shard(args.shard)
+    shard = cli._resolve_shard(args.shard)
     scoring = Scoring(args.vqa_normalise, args.cider, args.extract)
     out = Path(args.out)
     write_atomic(out / "table-run.json", dumps({"models": list(args.models),
@@ -189,7 +196,7 @@ def run_table(args: argparse.Namespace) -> int:
         pending = []
         for task_name in args.tasks:
             args.seed = getattr(args, "seed", 0)
-            task, settings, store = cli.prepare_run(args, model_name, task_name,
+            task, settings, store = cli._prepare_run(args, model_name, task_name,
                                                     data.get(task_name),
                                                     cell_dir(out, model_name, task_name),
                                                     ("accuracy",), shard, cli._log)
@@ -204,7 +211,7 @@ def run_table(args: argparse.Namespace) -> int:
         if not pending:
             continue
         cli._log(f"loading {model_name} ...")
-        model = cli.load_model(model_name, args)
+        model = cli._load_model(model_name, args)
         for task_name, task, settings, store in pending:
             cli._log(f"[{model_name} / {task_name}]")
             run_study(model, task, store, settings, log=cli._log, scoring=scoring, shard=shard)
@@ -222,7 +229,7 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def collect(out, models: Sequence[str], tasks: Sequence[str]) -> dict[str, Any]:
+def _collect(out, models: Sequence[str], tasks: Sequence[str]) -> dict[str, Any]:
     """The finished cells' accuracy results, by model and task (missing ones left out)."""
     cells: dict[str, dict[str, Any]] = {}
     for model in models:
@@ -247,7 +254,7 @@ def _cell_text(result: Optional[dict], condition: str, paper: Optional[float]) -
     return ours if paper is None else f"{ours} [paper {paper:.2f}]"
 
 
-def table_rows(cells: dict, models: Sequence[str], task: str,
+def _table_rows(cells: dict, models: Sequence[str], task: str,
                conditions: Sequence[str]) -> list[list[str]]:
     return [[model] + [_cell_text(cells.get(model, {}).get(task), c,
                                   PAPER.get(model, {}).get(task, {}).get(c))
@@ -268,11 +275,21 @@ def _task_heading(task: str, cells: dict, models: Sequence[str]) -> str:
 
 def write_table(out, models: Sequence[str], tasks: Sequence[str], conditions: Sequence[str],
                 log: Callable[[str], None] = print) -> Path:
-    """``table.json``, ``table.md`` and ``index.html`` from the finished cells."""
+    """``table.json``, ``table.md`` and ``index.html`` from the finished cells.
+
+    Example (no cell finished yet: the paper's numbers and dashes):
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = write_table(tmp.name, ["facebook/chameleon-7b"], ["vqav2"], ["none", "gate"],
+        ...                    log=lambda m: None)
+        >>> print((path.parent / "table.md").read_text().splitlines()[-1])
+        | facebook/chameleon-7b | – [paper 0.51] | – [paper 0.25] |
+        >>> tmp.cleanup()
+    """
     from tl_vlm.report import html_page, html_table
 
     out = Path(out)
-    cells = collect(out, models, tasks)
+    cells = _collect(out, models, tasks)
     header = ["model"] + [CONDITION_TITLES.get(c, c) for c in conditions]
     md = ["# The Narrow Gate table", "",
           "Mean over examples (random: mean ± std over draws); [paper] is the published "
@@ -282,7 +299,7 @@ def write_table(out, models: Sequence[str], tasks: Sequence[str], conditions: Se
              "the published v1 value. n/a: the model has no gate token. –: not computed "
              "yet. Numbers: <code>table.json</code>.</p>"]
     for task in tasks:
-        rows = table_rows(cells, models, task, conditions)
+        rows = _table_rows(cells, models, task, conditions)
         heading = _task_heading(task, cells, models)
         md += [f"## {heading}", "", "| " + " | ".join(header) + " |",
                "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
@@ -304,7 +321,7 @@ def _table_request(out) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def merge_table(out, scoring=None, log: Callable[[str], None] = print) -> Path:
+def _merge_table(out, scoring=None, log: Callable[[str], None] = print) -> Path:
     """``tl-vlm merge`` for a table: merge each cell's shards, then write the table."""
     from tl_vlm.shards import merge_run
 
@@ -316,7 +333,7 @@ def merge_table(out, scoring=None, log: Callable[[str], None] = print) -> Path:
     return write_table(out, request["models"], request["tasks"], request["conditions"], log)
 
 
-def rescore_table(out, scoring, log: Callable[[str], None] = print) -> Path:
+def _rescore_table(out, scoring, log: Callable[[str], None] = print) -> Path:
     """``tl-vlm rescore`` for a table: score every finished cell again (no model)."""
     from tl_vlm.study import finalize_step
 

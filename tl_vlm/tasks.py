@@ -33,8 +33,8 @@ Example:
     ...     batch = task.prepare(model, examples)
     ...     predicted = task.predict(model, batch, examples)
     ...     print(start, predicted.outputs[:3], task.evaluate(examples, predicted).value)
-    0 ['red', 'square', 'top-left'] 1.0
-    12 ['blue', 'circle', 'bottom-right'] 1.0
+    0 ['red', 'x', 'bottom-left'] 1.0
+    12 ['green', 'square', 'top-right'] 1.0
 
     VQAv2 on a real checkpoint (the paper's 2000 questions, see :mod:`tl_vlm.taskset`):
 
@@ -547,14 +547,14 @@ class GenerationTask(Task):
     Example (the toy model answers with one word, then ``</s>``):
         >>> from tl_vlm import HookedVLM
         >>> model = HookedVLM.from_pretrained("toy-gated")
-        >>> task = GenerationTask("toy", toy_task(4).examples, max_new_tokens=3, prompt_kind=None)
-        >>> batch = task.prepare(model, task.examples)
-        >>> said = task.predict(model, batch, task.examples)
-        >>> said.outputs, task.evaluate(task.examples, said).scores
-        (['red', 'square', 'top-left', 'top-left'], [0.3333333333333333, 0.3333333333333333, 0.3333333333333333, 0.3333333333333333])
+        >>> examples = [replace(ex, references=ex.answers * 3)     # three annotators agree
+        ...             for ex in toy_task(4).examples]
+        >>> task = GenerationTask("toy", examples, max_new_tokens=3, prompt_kind=None)
+        >>> said = task.predict(model, task.prepare(model, examples), examples)
+        >>> said.outputs, task.evaluate(examples, said).scores
+        (['red', 'square', 'top-left', 'green'], [1.0, 1.0, 1.0, 1.0])
 
-    (One reference answer scores at most 1/3, as in the VQA metric.) From a JSONL file
-    (image paths relative to the file):
+    From a JSONL file (image paths relative to the file):
 
         >>> import json, pathlib, tempfile
         >>> from PIL import Image
@@ -645,7 +645,7 @@ class CaptionTask(GenerationTask):
         >>> said = task.predict(model, task.prepare(model, examples), examples)
         >>> result = task.evaluate(examples, said)
         >>> result.metric, round(result.value, 3), sorted(result.metrics)
-        ('cider', 4.963, ['cider_ptb-approx', 'cider_raw'])
+        ('cider', 2.483, ['cider_ptb-approx', 'cider_raw'])
     """
 
     max_new_tokens: int = 60

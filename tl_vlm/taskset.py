@@ -39,26 +39,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from tl_vlm.tasks import CaptionTask, Example, GenerationTask, NextTokenTask, Task, toy_task
+from tl_vlm.names import DEFAULT_STEPS, RANDOM_DRAWS, TASK_NAMES  # noqa: F401  (re-exported)
 
-TASK_NAMES = ("toy", "vqav2", "flickr30k", "coco", "imagenet", "steering")
+if TYPE_CHECKING:  # torch comes with the tasks: importing this module stays light
+    from tl_vlm.tasks import Example, Task
+
 DATASET_TASKS = TASK_NAMES[1:]
-# The paper's random-knockout draws: 5 for VQA, 3 for captions (cheap forward-only
-# tasks follow VQA).
-RANDOM_DRAWS = {"vqav2": 5, "flickr30k": 3, "coco": 3, "imagenet": 5, "steering": 5, "toy": 3}
-# What the main job runs by default on each task (the study's steps that mean something
-# there: overlap needs class labels, patching pairs of classes).
-DEFAULT_STEPS = {
-    "toy": ("accuracy", "progressive", "contribution", "separation", "overlap", "patching"),
-    "vqav2": ("accuracy", "contribution"),
-    "flickr30k": ("accuracy", "contribution", "separation"),
-    "coco": ("accuracy", "contribution"),
-    "imagenet": ("accuracy", "overlap"),
-    "steering": ("accuracy", "patching"),
-    "jsonl": ("accuracy", "progressive", "contribution", "separation", "overlap", "patching"),
-}
 
 
 def task_kind(name: str) -> str:
@@ -66,8 +54,12 @@ def task_kind(name: str) -> str:
     that lists the choices otherwise (checked before anything is loaded).
 
     Example:
-        >>> task_kind("coco"), task_kind("questions.jsonl")
-        ('coco', 'jsonl')
+        >>> task_kind("coco")
+        'coco'
+        >>> task_kind("questions.jsonl")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: task file 'questions.jsonl' does not exist: expected a JSONL file of {image, question, answers} lines
     """
     if name in TASK_NAMES:
         return name
@@ -101,7 +93,7 @@ def _selection(source, n_rows: int, n: Optional[int]) -> list[int]:
 def load_task(name: str, data: Optional[Union[str, Path]] = None, n: Optional[int] = None, *,
               seed: int = 0, coco_root: Optional[Union[str, Path]] = None,
               image_cache: Optional[Union[str, Path]] = None, prompt_style: str = "paper",
-              vqa_mode: str = "zero-shot") -> tuple[Task, dict[str, Any]]:
+              vqa_mode: str = "zero-shot") -> tuple["Task", dict[str, Any]]:
     """The task called ``name`` and a record of where its examples came from.
 
     Args:
@@ -126,6 +118,8 @@ def load_task(name: str, data: Optional[Union[str, Path]] = None, n: Optional[in
         >>> task.name, task.prompt_kind, source["n_examples"]
         ('q', 'vqa', 1)
     """
+    from tl_vlm.tasks import GenerationTask, toy_task
+
     kind = task_kind(str(name))
     style = dict(prompt_style=prompt_style, vqa_mode=vqa_mode)
     if kind == "toy":
@@ -138,7 +132,8 @@ def load_task(name: str, data: Optional[Union[str, Path]] = None, n: Optional[in
     return _dataset_task(kind, data, n, coco_root, image_cache, style)
 
 
-def _dataset_task(name: str, data, n, coco_root, image_cache, style) -> tuple[Task, dict]:
+def _dataset_task(name: str, data, n, coco_root, image_cache, style) -> tuple["Task", dict]:
+    from tl_vlm.tasks import CaptionTask, GenerationTask, NextTokenTask
     from tl_vlm.evaldata import (SOURCES, ImageResolver, load_rows, row_ids, source_record,
                                  steering_pairs, to_examples)
 
@@ -181,11 +176,12 @@ def root_label_name(root_label: str) -> str:
     return root_label.split(".")[0].replace("_", " ").strip()
 
 
-def prefetch_images(examples: list[Example]) -> int:
+def prefetch_images(examples: list["Example"]) -> int:
     """Resolve every URL image of ``examples`` now (download into the cache if needed),
     so that a missing image fails before the model is loaded. Returns how many.
 
     Example:
+        >>> from tl_vlm.tasks import toy_task
         >>> prefetch_images(toy_task(4).examples)      # the toy task has no image files
         0
     """
