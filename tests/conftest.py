@@ -67,17 +67,24 @@ class TinyZoo:
             self._models[key] = HookedVLM.from_pretrained(str(target))
         return self._models[key]
 
+    def variant_path(self, name: str, label: str, **build_kwargs):
+        """The directory of the family's tiny model built with other arguments."""
+        target = self.root / f"{name}-{label}"
+        if (name, label) not in self._paths:
+            target.mkdir()
+            torch.manual_seed(0)
+            self.specs[name].build(target, **build_kwargs)
+            self._paths[(name, label)] = target
+        return target
+
     def variant(self, name: str, label: str, **build_kwargs):
         """The family's tiny model built with other arguments (e.g. another tokenizer)."""
         key = (name, label)
         if key not in self._models:
             from tl_vlm import HookedVLM
 
-            target = self.root / f"{name}-{label}"
-            target.mkdir()
-            torch.manual_seed(0)
-            self.specs[name].build(target, **build_kwargs)
-            self._models[key] = HookedVLM.from_pretrained(str(target))
+            path = self.variant_path(name, label, **build_kwargs)
+            self._models[key] = HookedVLM.from_pretrained(str(path))
         return self._models[key]
 
     def offloaded(self, name: str):
@@ -151,6 +158,21 @@ def toy_models() -> dict:
     from tl_vlm.toy import TOY_MODELS
 
     return {name: HookedVLM.from_pretrained(name) for name in TOY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def sp_llava(tiny_zoo):
+    """The tiny LLaVA with a SentencePiece-style (Vicuna-like) tokenizer."""
+    from tests.tiny import make_sentencepiece_tokenizer
+
+    return tiny_zoo.variant("llava", "sentencepiece", tokenizer_factory=make_sentencepiece_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def sp_chameleon_path(tiny_zoo):
+    """The tiny Chameleon (it has a gate) with a SentencePiece-style tokenizer that can
+    spell ImageNet's class names: the checkpoint's directory."""
+    return tiny_zoo.variant_path("chameleon", "sentencepiece", sentencepiece=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -585,7 +585,7 @@ def _write_run_report(store, header: Optional[dict] = None, log=print) -> Option
 def _narrow_gate(args: argparse.Namespace) -> int:
     log = _log
     _validate_narrow_gate(args)        # before anything heavy is imported or loaded
-    from tl_vlm.study import run_study
+    from tl_vlm.study import finish_without_model, run_study
     from tl_vlm.tasks import Scoring
 
     processor = _check_chat_template(args)
@@ -594,9 +594,12 @@ def _narrow_gate(args: argparse.Namespace) -> int:
     task, settings, store = _prepare_run(args, args.model, args.task, args.data, out, args.steps,
                                         shard, log)
     t0 = time.time()
+    scoring = Scoring(args.vqa_normalise, args.cider, args.extract)
+    if shard is None and finish_without_model(store, settings, scoring, log):
+        _write_run_report(store, log=log)     # nothing to compute: no model loaded
+        return 0
     log(f"loading {args.model} ...")
     model = _load_model(args.model, args, processor)
-    scoring = Scoring(args.vqa_normalise, args.cider, args.extract)
     run_study(model, task, store, settings, log=log, scoring=scoring, shard=shard)
     if all(store.done(s) for s in settings.steps):
         _write_run_report(store, header={"device": str(model.cfg.device),

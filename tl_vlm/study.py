@@ -221,13 +221,16 @@ class _Step:
                  scoring: Scoring) -> dict[str, Any]:
         raise NotImplementedError
 
-    def satisfied(self, saved: dict[str, Any], settings: StudySettings,
-                  scoring: Scoring) -> bool:
-        """Whether a saved result answers what is asked now."""
+    def covers(self, saved: dict[str, Any], settings: StudySettings) -> bool:
+        """Whether a saved result holds what is asked now (else the model must run)."""
         return True
 
-    def required_keys(self, settings: dict[str, Any], plan: Optional[Plan]) -> list[str]:
-        return plan.keys if plan else []
+    def satisfied(self, saved: dict[str, Any], settings: StudySettings,
+                  scoring: Scoring) -> bool:
+        """Whether a saved result answers what is asked now, scoring included."""
+        return saved.get("skipped") is True or (
+            self.covers(saved, settings) and saved.get("scoring", scoring.to_dict())
+            == scoring.to_dict())
 
 
 def _batches_to_do(ctx: _Context, step: str, keys: Sequence[str], chunks):
@@ -312,9 +315,9 @@ class _AccuracyStep(_PredictionStep):
                 out[key] = A.random_image_knockout(model, batch, k=s.random_k, seed=int(draw))
         return out
 
-    def satisfied(self, saved, settings, scoring) -> bool:
+    def covers(self, saved, settings) -> bool:
         asked = set(settings.conditions) - set(saved.get("skipped", {}))
-        return asked <= set(saved["conditions"]) and saved.get("scoring") == scoring.to_dict()
+        return asked <= set(saved["conditions"])
 
     def finalize(self, records, store, settings, scoring) -> dict[str, Any]:
         task, evaluations = self.evaluate(store, settings, scoring, records)
@@ -357,9 +360,6 @@ class _ProgressiveStep(_PredictionStep):
     def hooks(self, ctx: _Context, batch, keys: Sequence[str]) -> dict[str, list]:
         return {k: A.gate_knockout(ctx.model, batch, layers=A.last_layers(ctx.model, int(k)))
                 for k in keys}
-
-    def satisfied(self, saved, settings, scoring) -> bool:
-        return saved.get("skipped") is True or saved.get("scoring") == scoring.to_dict()
 
     def finalize(self, records, store, settings, scoring) -> dict[str, Any]:
         task, evaluations = self.evaluate(store, settings, scoring, records)
@@ -763,6 +763,33 @@ def study_results(store: RunStore, steps: Optional[Sequence[str]] = None) -> dic
         none = out["accuracy"]["conditions"].get("none")
         out["progressive"] = {**out["progressive"], "clean": none["mean"] if none else None}
     return out
+
+
+def finish_without_model(store: RunStore, settings: StudySettings, scoring: Scoring = Scoring(),
+                         log: Callable[[str], None] = print) -> bool:
+    """If every step asked for is saved and holds what is asked, re-score those saved
+    with other scoring options and return True: the model need not be loaded.
+
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> settings = StudySettings("toy-gated", "toy", 12, steps=("accuracy",))
+        >>> finish_without_model(RunStore(tmp.name, settings.run_settings()), settings)
+        False
+        >>> tmp.cleanup()
+    """
+    saved = {s: store.load(s) for s in settings.steps if store.done(s)}
+    if len(saved) < len(settings.steps) or not all(
+            r.get("skipped") is True or STEP_CLASSES[s].covers(r, settings)
+            for s, r in saved.items()):
+        return False
+    for step, result in saved.items():
+        if not STEP_CLASSES[step].satisfied(result, settings, scoring):
+            finalize_step(store, step, scoring)
+            log(f"[{step}] re-scored from its records")
+        else:
+            log(f"[{step}] already done: kept")
+    return True
 
 
 def run_study(model, task: Task, store: RunStore, settings: StudySettings,
