@@ -195,3 +195,25 @@ def tiny_data(tmp_path_factory):
     from tests.tinydata import TinyData
 
     return TinyData(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket connection fails, and the hub libraries believe they are online (so
+    an attempt to reach the hub would show up as a refused socket, not be skipped)."""
+    import socket
+
+    import datasets
+    import huggingface_hub.constants
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return attempts     # also the attempts a library swallowed

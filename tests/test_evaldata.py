@@ -31,26 +31,6 @@ def _raw_rows(tiny_data, name: str) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every socket connection fails, and the hub libraries believe they are online (so
-    an attempt to reach the hub would show up as a refused socket, not be skipped)."""
-    import datasets
-    import huggingface_hub.constants
-
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    return attempts     # also the attempts a library swallowed
-
-
 # -- load_rows ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_override_directory_loads_the_real_schema(tiny_data, name):
