@@ -39,8 +39,8 @@ examples:
       --tasks vqav2,flickr30k,coco,imagenet --conditions none,gate,img_to_text,random \\
       --dtype bfloat16 --device cuda --out runs/table
   tl-vlm narrow-gate ... --shard auto                    # one task of a SLURM array
-  tl-vlm _merge runs/c7b-vqa                               # after every shard finished
-  tl-vlm _rescore runs/c7b-vqa --cider ptb-approx          # no model needed
+  tl-vlm merge runs/c7b-vqa                               # after every shard finished
+  tl-vlm rescore runs/c7b-vqa --cider ptb-approx          # no model needed
 
 An interrupted command resumes when it is run again with the same settings."""
 
@@ -196,8 +196,8 @@ def _add_scoring_arguments(p: argparse.ArgumentParser) -> None:
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", type=_shard_spec, default=None,
                    help="compute shard K of N (K/N, K from 0), or 'auto' from "
-                        "SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE; _merge "
-                        "with `tl-vlm _merge OUT` (the last shard to finish merges by itself)")
+                        "SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE; merge "
+                        "with `tl-vlm merge OUT` (the last shard to finish merges by itself)")
     p.add_argument("--fresh", action="store_true",
                    help="discard what OUT holds (a shard: only its own records) and start over")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -254,7 +254,7 @@ def _narrow_gate_parser(sub) -> None:
 
 def _merge_parser(sub) -> None:
     p = sub.add_parser("merge", formatter_class=_Formatter,
-                       help="_merge the shards of a run (or of a table) and write the report",
+                       help="merge the shards of a run (or of a table) and write the report",
                        description="Merge the shards of OUT: refuses a missing or unfinished "
                                    "shard, other settings or versions, and records that "
                                    "disagree; loads no model.")
@@ -558,7 +558,7 @@ def _load_model(name: str, args: argparse.Namespace, processor: Any = None):
 
 def _run_meta(store, settings) -> dict[str, Any]:
     """What heads the report and ``results.json`` (settings-level: equal for every run
-    and _merge of the same settings)."""
+    and merge of the same settings)."""
     import json as _json
 
     from tl_vlm.shards import versions
@@ -606,11 +606,11 @@ def _narrow_gate(args: argparse.Namespace) -> int:
                                         "this run (s)": round(time.time() - t0, 1)}, log=log)
     else:
         log(f"shard {shard.index}/{shard.count} done; the last shard to finish (or "
-            f"`tl-vlm _merge {out}`) writes the report")
+            f"`tl-vlm merge {out}`) writes the report")
     return 0
 
 
-# -- _merge and _rescore -------------------------------------------------------------------
+# -- merge and rescore ---------------------------------------------------------------------
 def _scoring(args: argparse.Namespace):
     from tl_vlm.tasks import Scoring
 
@@ -649,7 +649,7 @@ def _rescore(args: argparse.Namespace) -> int:
     steps = [s for s in ("accuracy", "progressive") if store.done(s)
              and store.load(s).get("skipped") is not True]
     if not steps:
-        raise CLIError(f"{out} has no finished accuracy or progressive step to _rescore")
+        raise CLIError(f"{out} has no finished accuracy or progressive step to rescore")
     for step in steps:
         finalize_step(store, step, _scoring(args))
         _log(f"[{step}] rescored")
