@@ -56,14 +56,15 @@ def test_table_on_the_toy_models(tmp_path):
 
 def test_a_killed_table_reruns_nothing_finished(tmp_path, counted):
     out = tmp_path / "table"
-    counted["kill_at"] = 6 + 3     # toy-gated: 2 batches x (none, gate, img_to_text, 3 random)
-    with pytest.raises(Killed):    # dies in toy-distributed's second batch
+    per_cell = 2 * 6               # 2 batches x (none, gate, img_to_text, 3 random draws)
+    counted["kill_at"] = per_cell + 6 + 3     # toy-distributed's second batch, 3rd condition
+    with pytest.raises(Killed):
         cli.main(TABLE + ["--out", str(out)])
     assert (cell_dir(out, "toy-gated", "toy") / "steps" / "accuracy.json").exists()
     counted.update(loads=[], predict=0, kill_at=None)
     assert cli.main(TABLE + ["--out", str(out)]) == 0
     assert counted["loads"] == ["toy-distributed"]        # the finished model is not loaded
-    assert counted["predict"] == 6 + 3 - 1                # the killed cell's missing batch
+    assert counted["predict"] == 6 - 2                    # what the killed batch missed
     counted.update(loads=[], predict=0)
     assert cli.main(TABLE + ["--out", str(out)]) == 0     # all finished: nothing loaded
     assert counted["loads"] == [] and counted["predict"] == 0
