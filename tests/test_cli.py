@@ -174,3 +174,22 @@ def test_progress_in_a_notebook_without_widgets_is_plain_lines(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)     # not installed
     monkeypatch.delenv("TL_VLM_PROGRESS", raising=False)
     assert progress_mode(_Terminal()) == "lines"
+
+
+def test_each_torchrun_rank_takes_its_gpu_or_block(monkeypatch):
+    import argparse
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    one = argparse.Namespace(device=None, n_devices=None)
+    assert cli._rank_device(one) == "cuda:1"
+    block = argparse.Namespace(device=None, n_devices=2)
+    assert cli._rank_device(block) is None and os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    with pytest.raises(cli.CLIError, match="rank 1 needs GPUs 2..3"):
+        cli._rank_device(block)
+    assert cli._rank_device(argparse.Namespace(device="cpu", n_devices=None)) == "cpu"

@@ -542,8 +542,13 @@ def _prepare_run(args: argparse.Namespace, model_name: str, task_name: str,
 
 def _load_model(name: str, args: argparse.Namespace, processor: Any = None):
     import torch
+    from transformers.utils import logging as hf_logging
 
     from tl_vlm import HookedVLM
+    from tl_vlm.progress import progress_mode
+
+    if progress_mode() in ("lines", "none"):
+        hf_logging.disable_progress_bar()     # no carriage-return bars in a log file
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
     device = _rank_device(args)
