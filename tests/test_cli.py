@@ -4,7 +4,6 @@ Ctrl-C; shards from the environment; progress output."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys

@@ -116,3 +116,26 @@ def test_rescoring_needs_no_model(tiny_zoo, vqa_jsonl, tmp_path, monkeypatch):
                 "--conditions", "none,gate") == 0
     again = json.loads((out / "steps" / "accuracy.json").read_text())
     assert again == before
+
+
+def test_recorded_geometry_equals_the_library_functions(toy_models, tmp_path):
+    """Separation and overlap computed from per-batch records at the end equal
+    ``modality_separation`` and ``neighbourhood_overlaps`` over the same batches."""
+    from tl_vlm import analyses as A
+    from tl_vlm.runstore import RunStore
+    from tl_vlm.study import StudySettings, run_study
+    from tl_vlm.tasks import overlap_k, toy_task
+
+    model, task = toy_models["toy-gated"], toy_task(48)
+    settings = StudySettings("toy-gated", "toy", 48, batch_size=16, seed=3,
+                             steps=("separation", "overlap"), task_settings=task.settings())
+    results = run_study(model, task, RunStore(tmp_path, settings.run_settings()), settings,
+                        log=lambda m: None)
+    batches = [task.prepare(model, chunk) for _, chunk in task.batches(16)]
+    sep = A.modality_separation(model, batches, seed=3).to_dict()
+    assert results["separation"]["median_abs_cos"] == sep["cos_median"]
+    assert results["separation"]["homogeneity"] == sep["homogeneity"]
+    labels = [ex.klass for ex in task.examples]
+    chis = A.neighbourhood_overlaps(model, batches, labels, k=overlap_k(48))
+    for name, chi in chis.items():
+        assert results["overlap"]["representations"][name] == chi.overlap.tolist()

@@ -45,11 +45,9 @@ from __future__ import annotations
 import math
 import random
 import statistics
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -425,45 +423,6 @@ class _ContributionStep(_Step):
 
 
 # -- geometry: representations recorded per chunk, geometry computed at the end --------
-def collect_residuals(model, batch, points: Sequence[tuple[int, str]],
-                      picks: dict[str, tuple[Tensor, str]]) -> dict[str, Tensor]:
-    """One forward pass; per pick, ``[point, rows, d_model]`` float32 residuals.
-
-    A pick is ``(mask [batch, pos], how)``: ``"each"`` keeps every selected position
-    (example-major), ``"mean"`` the mean over each example's selected positions.
-
-    Example:
-        >>> from tl_vlm import HookedVLM
-        >>> from tl_vlm.analyses.geometry import residual_points
-        >>> from tl_vlm.toy import make_examples
-        >>> model = HookedVLM.from_pretrained("toy-gated")
-        >>> batch = model.prepare(make_examples(3).prompts)
-        >>> out = collect_residuals(model, batch, residual_points(model, [0]),
-        ...                         {"gate": (batch.positions.gate.mask, "mean")})
-        >>> out["gate"].shape                                 # [point, example, d_model]
-        torch.Size([2, 3, 64])
-    """
-    kept: dict[str, list[Tensor]] = {name: [torch.empty(0)] * len(points) for name in picks}
-
-    def make(i: int):
-        def keep(act: Tensor, hook) -> None:
-            act = act.detach().float()
-            for name, (mask, how) in picks.items():
-                m = mask.to(act.device)
-                if how == "each":
-                    rows = act[m]
-                else:
-                    w = m.to(act.dtype)[..., None]
-                    rows = (act * w).sum(1) / w.sum(1)
-                kept[name][i] = rows.cpu()
-        return keep
-
-    with torch.no_grad():
-        model.run_with_hooks(batch, fwd_hooks=[(name, make(i)) for i, (_, name) in
-                                               enumerate(points)])
-    return {name: torch.stack(rows) for name, rows in kept.items()}
-
-
 def _nonempty(positions, what: str, j: int):
     empty = (positions.counts == 0).nonzero().flatten().tolist()
     if empty:
@@ -483,6 +442,8 @@ class _GeometryStep(_Step):
         raise NotImplementedError
 
     def produce(self, ctx: _Context, plan: Plan, log) -> None:
+        from tl_vlm.analyses.geometry import collect_residuals
+
         chunks = ctx.example_chunks()
         points = self.points(ctx)
         todo, _ = _batches_to_do(ctx, self.name, [""], chunks)
@@ -516,61 +477,16 @@ class _SeparationStep(_GeometryStep):
                 "image": (image.random(1, seed).mask, "each")}
 
     def finalize(self, records, store, settings, scoring) -> dict[str, Any]:
+        from tl_vlm.analyses.geometry import separation_from_vectors
+
         layers, v = self.vectors(store, records)
         d = separation_from_vectors(v["text"], v["image"], layers, k=self.K, Z=self.Z,
                                     metric=self.METRIC, density=self.DENSITY,
-                                    seed=settings["seed"])
+                                    seed=settings["seed"]).to_dict()
         return {"layers": d["layers"], "median_abs_cos": d["cos_median"], "q25": d["cos_q25"],
                 "q75": d["cos_q75"], "homogeneity": d["homogeneity"],
                 "intrinsic_dim": d["intrinsic_dim"], "n_clusters": d["n_clusters"],
                 "params": d["params"]}
-
-
-def separation_from_vectors(text: np.ndarray, image: np.ndarray, layers: Sequence[int],
-                            k: int = 16, Z: float = 1.65, metric: str = "cosine",
-                            density: str = "PAk", seed: int = 0) -> dict[str, Any]:
-    """:func:`~tl_vlm.analyses.modality_separation`'s numbers from ``[layer, n, d]`` text
-    and image vectors (as :meth:`ModalitySeparation.to_dict`, without the indices).
-
-    Example:
-        >>> import numpy as np
-        >>> rng = np.random.default_rng(0)
-        >>> shift = np.r_[10.0, np.zeros(4)]             # text and image on opposite sides
-        >>> text, image = rng.normal(size=(1, 60, 5)) + shift, rng.normal(size=(1, 60, 5)) - shift
-        >>> d = separation_from_vectors(text, image, [0], k=8)
-        >>> d["homogeneity"], d["n_clusters"]             # each cluster holds one modality
-        ([1.0], [2])
-    """
-    from sklearn.metrics import homogeneity_score
-
-    from tl_vlm.analyses.geometry import _jsonable, abs_cosine_quartiles, adp_clusters
-
-    labels = np.r_[np.zeros(text.shape[1], dtype=int), np.ones(image.shape[1], dtype=int)]
-    if len(labels) <= k:
-        raise ValueError(f"modality separation (text and image vectors): {len(labels)} points "
-                         f"but k={k} neighbours asked; give more examples")
-    stats: dict[str, list] = {n: [] for n in ("q25", "med", "q75", "hom", "nc", "id")}
-    for i, label in enumerate(layers):
-        q25, med, q75 = abs_cosine_quartiles(text[i], image[i])
-        pooled = np.concatenate([text[i], image[i]])
-        n_distinct = len(np.unique(pooled.astype(np.float64), axis=0))
-        if n_distinct <= k:
-            warnings.warn(
-                f"layer {label}: only {n_distinct} distinct vectors of {len(pooled)} (the same "
-                f"tokens' embeddings?), not more than k={k}: homogeneity and intrinsic "
-                f"dimension are NaN there", stacklevel=2)
-            hom, n_clusters, intrinsic_dim = float("nan"), -1, float("nan")
-        else:
-            clusters, intrinsic_dim = adp_clusters(pooled, k=k, Z=Z, metric=metric,
-                                                   density=density)
-            hom, n_clusters = homogeneity_score(labels, clusters), len(np.unique(clusters))
-        for name, value in zip(stats, (q25, med, q75, hom, n_clusters, intrinsic_dim)):
-            stats[name].append(value)
-    return _jsonable({"layers": list(layers), "cos_median": stats["med"],
-                      "cos_q25": stats["q25"], "cos_q75": stats["q75"],
-                      "homogeneity": stats["hom"], "n_clusters": stats["nc"],
-                      "intrinsic_dim": stats["id"],
-                      "params": dict(k=k, Z=Z, metric=metric, density=density, seed=seed)})
 
 
 class _OverlapStep(_GeometryStep):

@@ -48,7 +48,7 @@ import abc
 import json
 import warnings
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -553,6 +553,7 @@ class GenerationTask(Task):
     Example (the toy model answers with one word, then ``</s>``):
         >>> from tl_vlm import HookedVLM
         >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> from dataclasses import replace
         >>> examples = [replace(ex, references=ex.answers * 3)     # three annotators agree
         ...             for ex in toy_task(4).examples]
         >>> task = GenerationTask("toy", examples, max_new_tokens=3, prompt_kind=None)

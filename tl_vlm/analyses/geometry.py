@@ -108,6 +108,45 @@ def _select(batch: VLMBatch, selector: Selector, what: str, b_index: int) -> Pos
     return chosen
 
 
+def collect_residuals(model, batch: VLMBatch, points: Sequence[tuple[int, str]],
+                      picks: dict[str, tuple[Tensor, str]]) -> dict[str, Tensor]:
+    """One forward pass of ``batch``; per pick, ``[point, rows, d_model]`` float32
+    residuals at each of ``points`` (:func:`residual_points`).
+
+    A pick is ``(mask [batch, pos], how)``: ``"each"`` keeps every selected position
+    (example-major), ``"mean"`` the mean over each example's selected positions.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(3).prompts)
+        >>> out = collect_residuals(model, batch, residual_points(model, [0]),
+        ...                         {"gate": (batch.positions.gate.mask, "mean")})
+        >>> out["gate"].shape                                 # [point, example, d_model]
+        torch.Size([2, 3, 64])
+    """
+    kept: dict[str, list[Tensor]] = {name: [torch.empty(0)] * len(points) for name in picks}
+
+    def make(i: int):
+        def keep(act: Tensor, hook) -> None:
+            act = act.detach().float()
+            for name, (mask, how) in picks.items():
+                m = mask.to(act.device)
+                if how == "each":
+                    rows = act[m]
+                else:
+                    w = m.to(act.dtype)[..., None]
+                    rows = (act * w).sum(1) / w.sum(1)
+                kept[name][i] = rows.cpu()
+        return keep
+
+    with torch.no_grad():
+        model.run_with_hooks(batch, fwd_hooks=[(name, make(i)) for i, (_, name) in
+                                               enumerate(points)])
+    return {name: torch.stack(rows) for name, rows in kept.items()}
+
+
 def _collect(
     model,
     batches: Iterable[VLMBatch],
@@ -136,22 +175,10 @@ def _collect(
             else:
                 index[key] += [(b_index, e, -1) for e in range(len(batch))]
 
-        def make(i: int, masks=masks):
-            def keep(act: Tensor, hook) -> None:
-                act = act.detach().float()
-                for key, (mask, how) in masks.items():
-                    m = mask.to(act.device)
-                    if how == "each":
-                        rows = act[m]
-                    else:
-                        w = m.to(act.dtype)[..., None]
-                        rows = (act * w).sum(1) / w.sum(1)
-                    vectors[key][i].append(rows.cpu())
-            return keep
-
-        hooks = [(name, make(i)) for i, (_, name) in enumerate(points)]
-        with torch.no_grad():
-            model.run_with_hooks(batch, fwd_hooks=hooks)
+        got = collect_residuals(model, batch, points, masks)
+        for key, per_point in got.items():
+            for i, rows in enumerate(per_point):
+                vectors[key][i].append(rows)
     if n_batches == 0:
         raise ValueError("no batches given")
     out = {k: np.stack([torch.cat(rows).numpy() for rows in per_point])
@@ -361,7 +388,7 @@ def modality_separation(
         ...          for caps, ims in loader]
         >>> sep = modality_separation(model, text, image_batches=image)        # doctest: +SKIP
     """
-    homogeneity_score = _homogeneity_score()
+    _homogeneity_score()
     _dadapy_data()  # fail before the forward passes if DADApy is missing
     points = residual_points(model, layers, final)
 
@@ -381,10 +408,42 @@ def modality_separation(
         iv, ii = _collect(model, image_batches, points, dict([image_pick]))
         text, image, text_index, image_index = tv["text"], iv["image"], ti["text"], ii["image"]
 
+    return separation_from_vectors(
+        text, image, [label for label, _ in points], k=k, Z=Z, metric=metric,
+        density=density, seed=seed, text_index=text_index, image_index=image_index,
+        keep_vectors=keep_vectors)
+
+
+def separation_from_vectors(
+    text: Float[np.ndarray, "layer n d"],
+    image: Float[np.ndarray, "layer m d"],
+    layers: Sequence[int],
+    k: int = 16,
+    Z: float = 1.65,
+    metric: str = "cosine",
+    density: Literal["PAk", "kstarNN"] = "PAk",
+    seed: int = 0,
+    text_index: Index = (),
+    image_index: Index = (),
+    keep_vectors: bool = False,
+) -> ModalitySeparation:
+    """:func:`modality_separation`'s statistics from vectors already collected (e.g.
+    recorded batch by batch by a sharded run), one ``[n, d]`` slice per layer.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> shift = np.r_[10.0, np.zeros(4)]             # text and image on opposite sides
+        >>> text, image = rng.normal(size=(1, 60, 5)) + shift, rng.normal(size=(1, 60, 5)) - shift
+        >>> sep = separation_from_vectors(text, image, [0], k=8)
+        >>> sep.homogeneity.tolist(), sep.n_clusters.tolist()   # each cluster: one modality
+        ([1.0], [2])
+    """
+    homogeneity_score = _homogeneity_score()
     labels = np.r_[np.zeros(text.shape[1], dtype=int), np.ones(image.shape[1], dtype=int)]
     _check_k(k, len(labels), "modality separation (text and image vectors)")
     stats: dict[str, list] = {n: [] for n in ("q25", "med", "q75", "hom", "nc", "id")}
-    for i, (label, _) in enumerate(points):
+    for i, label in enumerate(layers):
         q25, med, q75 = abs_cosine_quartiles(text[i], image[i])
         pooled = np.concatenate([text[i], image[i]])
         n_distinct = len(_unique_rows(pooled)[0])
@@ -392,7 +451,7 @@ def modality_separation(
             warnings.warn(
                 f"layer {label}: only {n_distinct} distinct vectors of {len(pooled)} (the same "
                 f"tokens' embeddings?), not more than k={k}: homogeneity and intrinsic "
-                f"dimension are NaN there", stacklevel=2)
+                f"dimension are NaN there", stacklevel=3)
             hom, n_clusters, intrinsic_dim = float("nan"), -1, float("nan")
         else:
             clusters, intrinsic_dim = adp_clusters(pooled, k=k, Z=Z, metric=metric,
@@ -401,11 +460,11 @@ def modality_separation(
         for name, value in zip(stats, (q25, med, q75, hom, n_clusters, intrinsic_dim)):
             stats[name].append(value)
     return ModalitySeparation(
-        layers=[label for label, _ in points],
+        layers=list(layers),
         cos_median=np.array(stats["med"]), cos_q25=np.array(stats["q25"]),
         cos_q75=np.array(stats["q75"]), homogeneity=np.array(stats["hom"]),
         n_clusters=np.array(stats["nc"]), intrinsic_dim=np.array(stats["id"]),
-        text_index=text_index, image_index=image_index,
+        text_index=list(text_index), image_index=list(image_index),
         params=dict(k=k, Z=Z, metric=metric, density=density, seed=seed),
         text_vectors=text if keep_vectors else None,
         image_vectors=image if keep_vectors else None,
