@@ -212,7 +212,7 @@ class RunStore:
         settings = json.loads(json.dumps(settings))   # tuples -> lists, as saved
         settings_file = self.out / "run.json"
         if fresh:
-            shutil.rmtree(self.records_dir if shard else self.steps, ignore_errors=True)
+            shutil.rmtree(self.shard_dir if shard else self.steps, ignore_errors=True)
             if shard is None:
                 shutil.rmtree(self.out / "shards", ignore_errors=True)
                 for name in ("examples.jsonl", "model.json", "source.json", "results.json"):

@@ -269,6 +269,9 @@ def _task_heading(task: str, cells: dict, models: Sequence[str]) -> str:
     how = {"vqa_accuracy": f"VQA accuracy, normalisation {scoring.get('vqa_normalise')}",
            "cider": f"CIDEr-D, {scoring.get('cider')} tokens",
            "accuracy": "closed-set first-token accuracy"}.get(result["metric"], result["metric"])
+    if result.get("classes"):
+        how += (f" over {result['classes']} classes, first-token collision rate "
+                f"{result['collision_rate']:.2f}")
     n = next(iter(result["conditions"].values()))["n"] if result["conditions"] else 0
     return f"{TASK_TITLES.get(task, task)} ({how}; {n} examples)"
 
