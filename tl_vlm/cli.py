@@ -209,7 +209,7 @@ def _narrow_gate_parser(sub) -> None:
     p = sub.add_parser(
         "narrow-gate", formatter_class=_Formatter,
         help="run the Narrow Gate study on one model and task; write an HTML report",
-        description="Run the Narrow Gate study on one model and one task, resumably, and "
+        description="Run the Narrow Gate study on one model and one task, resumably, and\n"
                     "write OUT/index.html and OUT/results.json.",
         epilog="examples:\n"
                "  tl-vlm narrow-gate --out report/\n"

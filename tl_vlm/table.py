@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import html
 import json
 import re
 from pathlib import Path
@@ -261,10 +262,12 @@ def _table_rows(cells: dict, models: Sequence[str], task: str,
                        for c in conditions] for model in models]
 
 
-def _task_heading(task: str, cells: dict, models: Sequence[str]) -> str:
+def _task_heading(task: str, cells: dict, models: Sequence[str]) -> tuple[str, str]:
+    """The task's title, and how it was scored (empty before any cell finished)."""
+    title = TASK_TITLES.get(task, task)
     result = next((cells[m][task] for m in models if task in cells.get(m, {})), None)
     if result is None:
-        return TASK_TITLES.get(task, task)
+        return title, ""
     scoring = result.get("scoring", {})
     how = {"vqa_accuracy": f"VQA accuracy, normalisation {scoring.get('vqa_normalise')}",
            "cider": f"CIDEr-D, {scoring.get('cider')} tokens",
@@ -273,7 +276,7 @@ def _task_heading(task: str, cells: dict, models: Sequence[str]) -> str:
         how += (f" over {result['classes']} classes, first-token collision rate "
                 f"{result['collision_rate']:.2f}")
     n = next(iter(result["conditions"].values()))["n"] if result["conditions"] else 0
-    return f"{TASK_TITLES.get(task, task)} ({how}; {n} examples)"
+    return title, f"{how}; {n} examples"
 
 
 def write_table(out, models: Sequence[str], tasks: Sequence[str], conditions: Sequence[str],
@@ -303,10 +306,11 @@ def write_table(out, models: Sequence[str], tasks: Sequence[str], conditions: Se
              "yet. Numbers: <code>table.json</code>.</p>"]
     for task in tasks:
         rows = _table_rows(cells, models, task, conditions)
-        heading = _task_heading(task, cells, models)
-        md += [f"## {heading}", "", "| " + " | ".join(header) + " |",
+        title, how = _task_heading(task, cells, models)
+        md += [f"## {title}", "", how, "", "| " + " | ".join(header) + " |",
                "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
-        parts += [f"<h2>{heading}</h2>", html_table(header, rows)]
+        parts += [f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(how)}</p>",
+                  html_table(header, rows)]
     payload = {"models": list(models), "tasks": list(tasks), "conditions": list(conditions),
                "cells": cells,
                "paper": {m: PAPER[m] for m in models if m in PAPER}}
