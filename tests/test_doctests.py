@@ -34,6 +34,8 @@ MODULES = [
     "tl_vlm.positions",
     "tl_vlm.batch",
     "tl_vlm.tasks",
+    "tl_vlm.answers",
+    "tl_vlm.verify",
     "tl_vlm.evaldata",
     "tl_vlm.prompts",
     "tl_vlm.runstore",

@@ -49,7 +49,7 @@ def word_tokens(tokenizer: Any, answer: str) -> list[int]:
         >>> from tl_vlm import HookedVLM
         >>> tok = HookedVLM.from_pretrained("toy-gated").tokenizer
         >>> word_tokens(tok, "top-left")
-        [25]
+        [26]
     """
     if not isinstance(answer, str) or not answer.strip():
         raise AnswerTokenError(f"an answer must be a non-empty word, got {answer!r}")

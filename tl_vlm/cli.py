@@ -44,6 +44,8 @@ def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-vlm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, summary) in EXTERNAL_COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
     p = sub.add_parser("narrow-gate", help="run the Narrow Gate study and write an HTML report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="toy-gated",
@@ -123,7 +125,20 @@ def narrow_gate(args: argparse.Namespace) -> Path:
     return path
 
 
+# Subcommands with their own parser, in their own module: name -> "module:function(argv)".
+EXTERNAL_COMMANDS = {
+    "verify-checkpoint": ("tl_vlm.verify:main",
+                          "check a checkpoint against Hugging Face (parity, positions, hooks)"),
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        import importlib
+
+        module, _, function = EXTERNAL_COMMANDS[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     args = _parser().parse_args(argv)
     if args.model in TOY_MODELS or Path(args.model).exists():
         # Local files only: never wait on network time-outs.

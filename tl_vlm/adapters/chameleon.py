@@ -129,6 +129,7 @@ class ChameleonLayout(ImageLayout):
     eoi_token = "<eoss>"
     native = True
     gate_description = "EOI <eoss>"
+    processor_counted = ("boi", "image", "eoi")  # image_seq_length codes + BOI + EOI
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token",
                         "boi_token": "image_start_token", "eoi_token": "image_end_token"}
 

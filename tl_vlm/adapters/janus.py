@@ -84,6 +84,7 @@ class JanusLayout(ImageLayout):
     boi_token = "<begin_of_image>"
     eoi_token = "<end_of_image>"
     gate_description = "none (non-native)"
+    processor_counted = ("boi", "image", "eoi")
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token",
                         "boi_token": "image_start_token", "eoi_token": "image_end_token"}
 

@@ -40,6 +40,7 @@ class LlavaLayout(ImageLayout):
     placeholder = "<image>"
     content_token = "<image>"
     gate_description = "none (no end-of-image token)"
+    processor_counted = ("image",)
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token"}
 
     def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:

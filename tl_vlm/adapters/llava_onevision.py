@@ -135,6 +135,7 @@ class LlavaOnevisionLayout(ImageLayout):
     content_token = "<image>"
     native = False
     gate_description = "none (no end-of-image token)"
+    processor_counted = ("image", "row_breaks")  # features and newlines
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token"}
 
     def processor_images(self, per_prompt: list[list[Any]]) -> Any:
