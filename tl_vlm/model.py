@@ -409,7 +409,7 @@ class HookedVLM(TransformerBridge):
             >>> from tl_vlm.toy import make_examples
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> batch = model.prepare(make_examples(3).prompts)
-            >>> logits, cache = model.run_with_cache(batch)
+            >>> logits, cache = model.run_with_cache(batch, names_filter="blocks.2.hook_resid_pre")
             >>> same = model.run_from_layer(batch, 2, cache["blocks.2.hook_resid_pre"])
             >>> torch.equal(same, logits)
             True
