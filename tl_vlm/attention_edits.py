@@ -31,8 +31,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-#: elements of one ``[batch, head, rows, keys]`` block computed at once (chunks of rows)
+#: elements of one ``[batch, head, rows, keys]`` block computed at once (chunks of rows),
+#: and at most this many rows per chunk
 QUERY_CHUNK_ELEMENTS = 1 << 24
+QUERY_CHUNK_ROWS = 256
 
 
 class AttentionEdit:
@@ -221,7 +223,7 @@ def fused_attention(sdpa, module: torch.nn.Module, query: Tensor, key: Tensor, v
         key_cols |= keys
     cols = key_cols.any(0).nonzero().flatten()  # the only keys a zero-cut subtracts
     rows_all = needed.nonzero().flatten()
-    chunk = max(1, QUERY_CHUNK_ELEMENTS // max(1, b * h * k_len))
+    chunk = min(QUERY_CHUNK_ROWS, max(1, QUERY_CHUNK_ELEMENTS // max(1, b * h * k_len)))
     v_cols = value[:, :, cols]
     for rows in rows_all.split(chunk):
         allowed = allowed_keys(mask, rows, q_len, k_len, causal)

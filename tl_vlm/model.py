@@ -392,6 +392,44 @@ class HookedVLM(TransformerBridge):
                 f"batch):`"
             )
 
+    def last_logits(self, batch: VLMBatch, fwd_hooks: Sequence[tuple[Any, Any]] = (),
+                    **forward_kwargs: Any) -> Float[Tensor, "batch vocab"]:
+        """Next-token logits at each example's last position, computing only those rows
+        of the unembedding (never ``[batch, pos, vocab]``), with ``fwd_hooks`` active.
+
+        Example:
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(3).prompts, padding_side="right")
+            >>> last = model.last_logits(batch)
+            >>> last.shape, torch.equal(last, model(batch)[batch.positions.last.mask])
+            (torch.Size([3, 54]), True)
+        """
+        with self.hooks(fwd_hooks=list(fwd_hooks)):
+            logits = self(batch, logits_to_keep=batch.logits_to_keep, **forward_kwargs)
+        return batch.last_of(logits)
+
+    def run_with_cache(self, *args: Any, query_chunk: Optional[int] = None,
+                       **kwargs: Any) -> Any:
+        """TransformerBridge.run_with_cache; ``query_chunk=N`` builds cached attention
+        patterns N query rows at a time (see :func:`tl_vlm.attention.eager_query_chunks`):
+        for long sequences, the full pattern you asked for without the float32
+        full-size temporaries of a one-shot softmax.
+
+        Example:
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(2).prompts)
+            >>> _, cache = model.run_with_cache(batch, names_filter="blocks.0.attn.hook_pattern",
+            ...                                 query_chunk=16)
+            >>> cache["blocks.0.attn.hook_pattern"].shape
+            torch.Size([2, 4, 46, 46])
+        """
+        from tl_vlm.attention import eager_query_chunks
+
+        with eager_query_chunks(query_chunk):
+            return super().run_with_cache(*args, **kwargs)
+
     def run_from_layer(
         self,
         batch: VLMBatch,

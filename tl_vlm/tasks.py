@@ -204,8 +204,7 @@ class NextTokenTask(Task):
     @torch.no_grad()
     def score(self, model: Any, batch: VLMBatch, examples: Sequence[Example],
               fwd_hooks: Hooks = ()) -> Float[Tensor, "batch"]:
-        logits = model.run_with_hooks(batch, fwd_hooks=list(fwd_hooks))
-        last = logits[batch.positions.last.mask].float().cpu()          # [batch, vocab]
+        last = model.last_logits(batch, fwd_hooks=fwd_hooks).float().cpu()   # [batch, vocab]
         candidates = self._candidates(model)
         if candidates is None:
             predicted = last.argmax(-1)

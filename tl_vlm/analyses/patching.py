@@ -492,8 +492,7 @@ def _resolve_positions(positions: PositionsArg, source: VLMBatch, target: VLMBat
 
 
 def _last(logits: Tensor, batch: VLMBatch) -> Float[Tensor, "batch vocab"]:
-    last = batch.positions.last.mask.to(logits.device)
-    return logits[last].float().cpu()
+    return batch.last_of(logits).float().cpu()
 
 
 def _first_block(names: Sequence[str]) -> Optional[int]:
@@ -583,7 +582,9 @@ def patch_positions(
     if answers is not None:
         src_answer, tgt_answer = _resolve_answers(model, answers, len(target))
 
-    source_logits, source_cache = model.run_with_cache(source, names_filter=all_names)
+    # Only the last position's logits are read: compute only those rows of the unembedding.
+    source_logits, source_cache = model.run_with_cache(source, names_filter=all_names,
+                                                       logits_to_keep=source.logits_to_keep)
     source_last = _last(source_logits, source)
     silent = [name for name in all_names if name not in source_cache]
     if silent:
@@ -595,12 +596,14 @@ def patch_positions(
     hook_of = dict(patch_hooks(model, all_names, source_cache, src_pos, tgt_pos))
     del source_logits, source_cache
 
+    keep = target.logits_to_keep
     starts = {l: _first_block(names_at[l]) if reuse_prefix else None for l in layer_list}
     resid_names = sorted({f"blocks.{s}.hook_resid_pre" for s in starts.values() if s is not None})
     if resid_names:
-        clean_logits, clean_cache = model.run_with_cache(target, names_filter=resid_names)
+        clean_logits, clean_cache = model.run_with_cache(target, names_filter=resid_names,
+                                                         logits_to_keep=keep)
     else:
-        clean_logits, clean_cache = model(target), {}
+        clean_logits, clean_cache = model(target, logits_to_keep=keep), {}
     clean_last = _last(clean_logits, target)
     del clean_logits
 
@@ -611,10 +614,10 @@ def patch_positions(
             fn.calls = 0
         start = starts[l]
         if start is None:
-            logits = model.run_with_hooks(target, fwd_hooks=hooks)
+            logits = model.run_with_hooks(target, fwd_hooks=hooks, logits_to_keep=keep)
         else:
-            logits = run_from_layer(model, target, start,
-                                    clean_cache[f"blocks.{start}.hook_resid_pre"], fwd_hooks=hooks)
+            logits = run_from_layer(model, target, start, clean_cache[f"blocks.{start}.hook_resid_pre"],
+                                    fwd_hooks=hooks, logits_to_keep=keep)
         silent = [name for name, fn in hooks if fn.calls == 0]
         if silent:
             raise RuntimeError(
