@@ -62,6 +62,17 @@ def _offline_if_local(name_or_path: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _cache_kwarg() -> str:
+    """``generate``'s name for a cache object: ``cache`` (``past_key_values`` is deprecated
+    in recent transformers and warns on every call)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg()
+
+
 def resolve_model_name(name_or_path: str) -> str:
     """A shipped toy model's directory, or ``name_or_path`` itself after sanity checks.
 
@@ -272,6 +283,15 @@ class HookedVLM(TransformerBridge):
             if hasattr(bridge.original_model.config, sub):
                 getattr(bridge.original_model.config, sub).output_attentions = False
         bridge.processor = processor
+        # One tokenizer for users: model.tokenizer is the processor's own (TL's setter
+        # would re-create it with a forced BOS, so the attribute is set directly).
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None:
+            from transformer_lens.model_bridge.sources._bridge_builder import detect_tokenizer_bos_eos
+
+            bridge._tokenizer = tokenizer
+            bridge.cfg.tokenizer_prepends_bos, bridge.cfg.tokenizer_appends_eos = \
+                detect_tokenizer_bos_eos(tokenizer)
         bridge.family = family
         bridge.layout = family.layout(processor, bridge.original_model.config)
         bridge.eval()
@@ -392,6 +412,20 @@ class HookedVLM(TransformerBridge):
                 f"batch):`"
             )
 
+    def answer_tokens(self, answers: Union[str, Sequence[str]]) -> Int[Tensor, "n"]:
+        """The token that stands for each answer word, by tl_vlm's one policy (the first
+        token carrying the word after a space; see :mod:`tl_vlm.answers`). Use it rather
+        than ``model.tokenizer(word)["input_ids"][0]``, which is BOS for most tokenizers.
+
+        Example:
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> model.answer_tokens(["red", "blue"]).tolist(), model.tokenizer is model.layout.tokenizer
+            ([18, 20], True)
+        """
+        from tl_vlm.answers import answer_token_ids
+
+        return answer_token_ids(self.tokenizer, [answers] if isinstance(answers, str) else answers)
+
     def last_logits(self, batch: VLMBatch, fwd_hooks: Sequence[tuple[Any, Any]] = (),
                     **forward_kwargs: Any) -> Float[Tensor, "batch vocab"]:
         """Next-token logits at each example's last position, computing only those rows
@@ -489,12 +523,12 @@ class HookedVLM(TransformerBridge):
             )
         tokenizer = self.layout.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if "past_key_values" not in generate_kwargs and "cache_implementation" not in generate_kwargs:
+        if not {"cache", "past_key_values", "cache_implementation"} & set(generate_kwargs):
             # A full-length cache on every layer, sliding-window ones included, so that
             # on cached steps key index == sequence position for position-based hooks.
             from transformers import DynamicCache
 
-            generate_kwargs["past_key_values"] = DynamicCache()
+            generate_kwargs[_CACHE_KWARG] = DynamicCache()
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             out = self.hf_model.generate(
                 **batch.inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
