@@ -220,17 +220,33 @@ class ImageLayout:
         out = RowLayout()
         for n_img, (start, end) in enumerate(runs(ids, members)):
             if boi is not None:
-                if start == 0 or ids[start - 1] != boi:
-                    raise LayoutError(f"image {n_img} at position {start} is not preceded by BOI")
+                self.expect_token(ids, start - 1, "boi", n_img)
                 out.boi.append(start - 1)
             if eoi is not None:
-                if end >= len(ids) or ids[end] != eoi:
-                    raise LayoutError(f"image {n_img} ending at {end} is not followed by EOI")
+                self.expect_token(ids, end, "eoi", n_img)
                 out.eoi.append(end)
                 out.gate.append(end)
             span = list(range(start, end))
             self._grid_span(ids, span, n_img, content, brk, grids.pop(), out)
         return out
+
+    def expect_token(self, ids: list[int], position: int, which: str, n_img: int) -> None:
+        """Raise a LayoutError unless ``ids[position]`` is the layout's ``which`` token
+        (``"boi"``/``"eoi"``), naming what was expected, what was found and what to do."""
+        token = getattr(self, f"{which}_token")
+        expected = self.token_id(token)
+        if 0 <= position < len(ids) and ids[position] == expected:
+            return
+        found = ("nothing (the sequence ends there)" if position >= len(ids) else
+                 "nothing (the sequence starts there)" if position < 0 else
+                 f"{self.tokenizer.convert_ids_to_tokens(ids[position])!r} (id {ids[position]})")
+        side = "before" if which == "boi" else "after"
+        raise LayoutError(
+            f"image {n_img}: expected {which.upper()} {token!r} (id {expected}) right {side} its "
+            f"image tokens, at position {position}, but found {found}. Write each image as the "
+            f"placeholder {self.placeholder!r} and let the processor expand it "
+            f"(model.prepare(prompts, images=...)), or write the whole block "
+            f"(BOI, image tokens, EOI) yourself; was the prompt truncated?")
 
     def _grid_span(self, ids: list[int], span: list[int], n_img: int, content: int,
                    brk: Optional[int], grid: Optional[tuple[int, int]], out: RowLayout) -> None:

@@ -168,14 +168,11 @@ class ChameleonLayout(ImageLayout):
         """
         placeholder = self.token_id(self.content_token)
         codes = self.code_token_ids
-        boi, eoi = self.token_id(self.boi_token), self.token_id(self.eoi_token)
         out = RowLayout()
         for n_img, (start, end) in enumerate(runs(ids, {placeholder} | codes)):
-            if start == 0 or ids[start - 1] != boi:
-                raise LayoutError(f"image {n_img} at position {start} is not preceded by BOI")
+            self.expect_token(ids, start - 1, "boi", n_img)
             out.boi.append(start - 1)
-            if end >= len(ids) or ids[end] != eoi:
-                raise LayoutError(f"image {n_img} ending at {end} is not followed by EOI")
+            self.expect_token(ids, end, "eoi", n_img)
             out.eoi.append(end)
             out.gate.append(end)
             span = list(range(start, end))
