@@ -59,6 +59,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_vlm._devices import weights_of
+from tl_vlm._progress import progress
 from tl_vlm.attention_edits import PatternReader
 from tl_vlm.analyses.knockout import Hook, Layers, resolve_layers
 from tl_vlm.batch import VLMBatch
@@ -623,6 +624,7 @@ def cross_modal_contribution(
     map_layers: Optional[Layers] = None,
     groups: Optional[Mapping[str, GroupFn]] = None,
     fwd_hooks: Sequence[Hook] = (),
+    show_progress: bool = True,
 ) -> CrossModalContribution:
     """Cross-modal attention contribution (the paper's ``f``) over one or many batches.
 
@@ -635,6 +637,8 @@ def cross_modal_contribution(
         map_layers: layers averaged in the token map (default: ``layers``).
         groups: partition of the image side (default :data:`DEFAULT_GROUPS`).
         fwd_hooks: hooks to run first in every pass (e.g. a knockout to measure under).
+        show_progress: report progress over the batches (a bar in terminals and
+            notebooks, plain lines in logs).
 
     Example:
         >>> from tl_vlm import HookedVLM
@@ -649,13 +653,14 @@ def cross_modal_contribution(
         >>> contrib.weight[0, 2].shape                               # layer 3, head 2: per group
         torch.Size([6])
     """
-    batches = [batches] if isinstance(batches, VLMBatch) else list(batches)
-    if not batches:
-        raise ValueError("no batches given")
+    batches = [batches] if isinstance(batches, VLMBatch) else batches
     acc = ContributionAccumulator(model, layers, value_weighted, map_layers, groups)
-    for batch in batches:
+    # Batches are consumed one at a time (a generator is never materialised).
+    for batch in progress(batches, desc="contribution", enabled=show_progress):
         # TransformerLens boots HF configs with output_attentions=True, which would keep
         # every layer's pattern alive to the end of the pass; the hooks need none of them.
         model.run_with_hooks(batch, fwd_hooks=list(fwd_hooks) + acc.hooks(batch, queries),
                              output_attentions=False)
+    if acc.n_examples == 0:
+        raise ValueError("no batches given")
     return acc.result()

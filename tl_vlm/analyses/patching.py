@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_vlm._progress import progress
 from tl_vlm.analyses.knockout import Layers, resolve_layers
 from tl_vlm.answers import answer_token_id
 from tl_vlm.batch import VLMBatch
@@ -513,6 +514,7 @@ def patch_positions(
     span: Optional[Span] = None,
     answers: Optional[AnswerArg] = None,
     reuse_prefix: bool = True,
+    show_progress: bool = True,
 ) -> PatchingResult:
     """Patch ``positions`` of ``source`` into ``target`` at each layer of a sweep, and score.
 
@@ -532,6 +534,7 @@ def patch_positions(
         span: ``"layer"`` or ``"to_end"`` (defaults as above).
         answers: for flip rates, ``(A, B)`` per example (A: source class, B: target class;
             names or token ids) or ``(source_ids, target_ids)`` tensors.
+        show_progress: report progress over the layers (terminal/notebook bar, log lines).
         reuse_prefix: start each patched run at the first patched layer from the clean
             target's cached ``hook_resid_pre`` (same result, fewer blocks computed).
 
@@ -608,7 +611,7 @@ def patch_positions(
     del clean_logits
 
     patched = []
-    for l in layer_list:
+    for l in progress(layer_list, desc="patching", unit="layers", enabled=show_progress):
         hooks = [(name, hook_of[name]) for name in names_at[l]]
         for _, fn in hooks:
             fn.calls = 0
