@@ -22,6 +22,7 @@ import pytest
 MODULES = [
     "tl_vlm",
     "tl_vlm.model",
+    "tl_vlm.loading",
     "tl_vlm.analyses",
     "tl_vlm.toy",
     "tl_vlm.analyses.knockout",

@@ -135,7 +135,8 @@ def verify_checkpoint(
     import transformers
 
     from tl_vlm import analyses as A
-    from tl_vlm.model import HookedVLM, resolve_model_name
+    from tl_vlm.loading import resolve_model_name
+    from tl_vlm.model import HookedVLM
 
     dtype = resolve_dtype(dtype)
     model = HookedVLM.from_pretrained(name_or_path, dtype=dtype, device=device, **load_kwargs)
