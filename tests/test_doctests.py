@@ -37,6 +37,7 @@ MODULES = [
     "tl_vlm.runstore",
     "tl_vlm.study",
     "tl_vlm.report",
+    "tl_vlm.plot",
     "tl_vlm.toy.task",
     "tl_vlm.toy.evaluate",
     "tl_vlm.metrics",
