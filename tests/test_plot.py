@@ -225,3 +225,13 @@ def test_layout_geometry_examples_run():
             runner.run(test)
         result = runner.summarize(verbose=False)
         assert result.failed == 0 and result.attempted > 0, obj
+
+
+def test_onevision_without_a_picture_draws_two_token_maps(tiny_zoo):
+    model = tiny_zoo.model("llava_onevision")
+    batch = model.prepare(["what is this"], images=[picture(24, 40)])
+    placed = plot.place_tokens(model, batch)
+    assert [(p.view.name, p.view.box) for p in placed] == \
+        [("base", (0.0, 0.0, 4.0, 4.0)), ("tiles", (0.0, 0.0, 6.0, 4.0))]
+    fig = plot.image_scores(model, batch, torch.zeros(batch.positions.seq_len))
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]

@@ -53,6 +53,50 @@ Values = Union[Tensor, Sequence[float], Any]
 _PICTURE_PX = 360  # longest side of the picture embedded in a figure
 
 
+# -- notebooks ---------------------------------------------------------------------------------
+NOTEBOOK_RENDERER = "tl_vlm_notebook"
+
+
+def notebook_figures() -> None:
+    """Show plotly figures in notebooks so that they draw everywhere, offline.
+
+    Sets plotly's default renderer to ``"plotly_mimetype+tl_vlm_notebook"``: every figure
+    output carries plotly's JSON (interactive in JupyterLab and VS Code) *and* an HTML
+    drawing, with plotly.js embedded once, in the first figure's output, so that the
+    figure also draws in exported HTML (nbconvert), on the docs site and in the classic
+    notebook. Unlike plotly's own ``"notebook"`` renderer it loads no MathJax from a CDN.
+
+    Example:
+        >>> import plotly.io as pio
+        >>> before = pio.renderers.default
+        >>> notebook_figures()
+        >>> pio.renderers.default
+        'plotly_mimetype+tl_vlm_notebook'
+        >>> pio.renderers.default = before
+    """
+    import plotly.io as pio
+
+    if NOTEBOOK_RENDERER not in pio.renderers:
+        pio.renderers[NOTEBOOK_RENDERER] = _offline_notebook_renderer()
+    pio.renderers.default = f"plotly_mimetype+{NOTEBOOK_RENDERER}"
+
+
+def _offline_notebook_renderer():
+    from plotly.io import to_html
+    from plotly.io._base_renderers import NotebookRenderer
+
+    class OfflineNotebookRenderer(NotebookRenderer):
+        """plotly's notebook renderer (plotly.js embedded once), without MathJax's CDN."""
+
+        def to_mimebundle(self, fig_dict):
+            return {"text/html": to_html(fig_dict, config=self.config, include_plotlyjs=False,
+                                         include_mathjax=False, full_html=False,
+                                         default_width="100%", default_height=525,
+                                         validate=False)}
+
+    return OfflineNotebookRenderer()
+
+
 # -- placing tokens on the picture ----------------------------------------------------------
 @dataclass(frozen=True)
 class PlacedView:

@@ -224,14 +224,13 @@ class LlavaOnevisionLayout(ImageLayout):
                 f"processor saw {meta.image_size[1]}x{meta.image_size[0]}; pass the "
                 f"example's own pictures, in prompt order")
         base_rows = -(-meta.n_base // meta.side)
-        size = image_size if image_size is not None else meta.image_size
-        if size is None:        # token units: the tiles drawn as their own map
+        if image_size is None:  # token units: the tiles drawn as their own map
             return [ImageView("base", 0, base_rows, meta.side,
                               (0.0, 0.0, float(meta.side), float(base_rows))),
                     *([ImageView("tiles", base_rows, meta.tile_rows, meta.tile_cols,
                                  (0.0, 0.0, float(meta.tile_cols), float(meta.tile_rows)))]
                       if meta.tiled else [])]
-        height, width = size
+        height, width = image_size
         if not meta.tiled:
             return [ImageView("base", 0, base_rows, meta.side, padded_square_box(height, width))]
         vision = self.config.vision_config
