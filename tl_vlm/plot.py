@@ -7,9 +7,12 @@ Every function returns a plotly ``Figure`` (show it in a notebook, or ``fig.writ
   token grid is placed where its processor put it (a centre crop for Chameleon and
   LLaVA-1.5, a padded square for Janus, the whole picture for Qwen2-VL's merged patches,
   Pixtral's rows and Emu3's VQ grid, and LLaVA-OneVision's base grid *and* its anyres
-  tile map side by side, each over the whole picture). :func:`token_boxes` gives the
-  same placement as numbers.
+  tile map side by side, each over the whole picture). :func:`token_boxes` and
+  :func:`place_tokens` give the same placement as numbers; :func:`grid_scores` draws a
+  ``[rows, cols]`` map on the token grid alone.
 * :func:`layer_curves` and :func:`layer_heatmap`: values per layer.
+* :func:`notebook_figures`: figures that draw in Jupyter, in exported HTML and on the
+  docs site, offline.
 * :func:`knockout_accuracy`, :func:`progressive_knockout`, :func:`contribution`,
   :func:`contribution_map`, :func:`modality_separation`, :func:`neighbourhood_overlap`
   and :func:`patching` draw the Narrow Gate study's results (the entries of
