@@ -42,6 +42,7 @@ MODULES = [
     "tl_vlm.runstore",
     "tl_vlm.study",
     "tl_vlm.report",
+    "tl_vlm.plot",
     "tl_vlm.toy.task",
     "tl_vlm.toy.evaluate",
     "tl_vlm.metrics",

@@ -52,6 +52,7 @@ from transformer_lens.model_bridge.generalized_components import (
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
 from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
+from tl_vlm.layout import Box, resize_crop_box
 
 
 class ChameleonAdapter(ArchitectureAdapter):
@@ -146,6 +147,13 @@ class ChameleonLayout(ImageLayout):
         levels = len(self.config.vq_config.channel_multiplier) - 1
         rows, cols = (_downsampled(s, levels) for s in pixels.shape[-2:])
         return [(rows, cols)] * pixels.shape[0]
+
+    def picture_box(self, height: int, width: int) -> Box:
+        """The centre crop the image processor keeps (shortest edge to 512, crop 512x512)."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None:
+            return super().picture_box(height, width)
+        return resize_crop_box(height, width, image_processor)
 
     @cached_property
     def code_token_ids(self) -> frozenset[int]:
