@@ -1,9 +1,8 @@
 """The command line: every bad flag is one line, fast, before anything is loaded; help;
-Ctrl-C; shards from the environment; progress output."""
+Ctrl-C; shards from the environment; each torchrun rank's device."""
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tl_vlm import cli
-from tl_vlm.progress import progress, progress_mode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
@@ -139,40 +137,6 @@ def test_shard_auto_reads_slurm_or_torchrun(monkeypatch):
     monkeypatch.delenv("RANK")
     with pytest.raises(cli.CLIError, match="--shard auto found neither"):
         cli._resolve_shard("auto")
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_bars_in_terminals_and_lines_in_logs(monkeypatch):
-    monkeypatch.delenv("TL_VLM_PROGRESS", raising=False)
-    assert progress_mode(_Terminal()) == "bar"
-    assert progress_mode(io.StringIO()) == "lines"
-    log = io.StringIO()
-    list(progress(range(20), total=20, desc="accuracy", unit="batches", file=log))
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 10 and lines[-1].startswith("[accuracy] 20/20 batches (100%)")
-    assert "elapsed, about" in lines[0]
-    bar = _Terminal()
-    list(progress(range(3), total=3, desc="accuracy", file=bar))
-    assert bar.getvalue().startswith("\raccuracy:") and "0/3 [" in bar.getvalue()   # a redrawn bar
-    monkeypatch.setenv("TL_VLM_PROGRESS", "none")
-    assert progress_mode(_Terminal()) == "none"
-
-
-def test_progress_in_a_notebook_without_widgets_is_plain_lines(monkeypatch):
-    import types
-
-    class ZMQInteractiveShell:   # what get_ipython() returns in Jupyter
-        pass
-
-    fake = types.SimpleNamespace(get_ipython=lambda: ZMQInteractiveShell())
-    monkeypatch.setitem(sys.modules, "IPython", fake)
-    monkeypatch.setitem(sys.modules, "ipywidgets", None)     # not installed
-    monkeypatch.delenv("TL_VLM_PROGRESS", raising=False)
-    assert progress_mode(_Terminal()) == "lines"
 
 
 def test_each_torchrun_rank_takes_its_gpu_or_block(monkeypatch):

@@ -241,3 +241,30 @@ def test_models_are_freed(tiny_zoo):
         gc.collect()
     alive = [sum(r() is not None for r in group) for group in refs]
     assert alive == [0, 0, 0], f"objects still alive per load: {alive}"
+
+
+def test_onevision_without_its_processor_config_says_what_to_do(tiny_zoo, tmp_path):
+    src = tiny_zoo.path("llava_onevision")
+    for f in src.iterdir():
+        if f.name != "processor_config.json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    from tl_vlm import HookedVLM
+
+    with pytest.raises(OSError, match=r"could not load the processor from .*needs the processor "
+                                      r".*pass the base model's processor: from_pretrained\(path, processor="):
+        HookedVLM.from_pretrained(str(tmp_path))
+    model = HookedVLM.from_pretrained(str(tmp_path), processor=str(src))
+    assert model.family.name == "llava_onevision"
+
+
+def test_layout_errors_name_expected_found_and_what_to_do(toy_models):
+    from tl_vlm.layout import LayoutError
+    from tl_vlm.toy import make_examples
+
+    model = toy_models["toy-gated"]
+    prompt = make_examples(1).prompts[0]
+    with pytest.raises(LayoutError, match=r"expected BOI '<racm3:break>' \(id \d+\) right before .* "
+                                          r"but found 'what' .* placeholder '<image>'"):
+        model.prepare([prompt.replace("<racm3:break>", "what")])
+    with pytest.raises(LayoutError, match=r"expected EOI '<eoss>' .* but found 'what'.*truncated"):
+        model.prepare([prompt.replace("<eoss>", "what")])

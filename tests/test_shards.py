@@ -39,7 +39,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def _env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               OMP_NUM_THREADS="1", TL_VLM_PROGRESS="none")
+               OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None), env.pop("RANK", None)
     return env
 

@@ -282,10 +282,16 @@ def _table_parser(sub) -> None:
     _add_table_parser(sub, _Formatter)
 
 
-# Each entry adds one subcommand to the parser (``sub.add_parser(...)``) and sets
-# ``run=`` to the function that runs it. Other modules append theirs here.
+# The commands parsed here: each entry adds one subcommand (``sub.add_parser(...)``)
+# and sets ``run=`` to the function that runs it.
 COMMANDS: list[Callable[[Any], None]] = [_narrow_gate_parser, _table_parser, _merge_parser,
                                          _rescore_parser]
+# Subcommands with their own parser, in their own module: name -> "module:function(argv)".
+# Registering another tool is one line here.
+EXTERNAL_COMMANDS = {
+    "verify-checkpoint": ("tl_vlm.verify:main",
+                          "check a checkpoint against Hugging Face (parity, positions, hooks)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     for register in COMMANDS:
         register(sub)
+    for name, (_, summary) in EXTERNAL_COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
@@ -545,9 +553,8 @@ def _load_model(name: str, args: argparse.Namespace, processor: Any = None):
     from transformers.utils import logging as hf_logging
 
     from tl_vlm import HookedVLM
-    from tl_vlm.progress import progress_mode
 
-    if progress_mode() in ("lines", "none"):
+    if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()     # no carriage-return bars in a log file
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
@@ -695,6 +702,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         >>> main(["rescore", "/no/such/run"])
         2
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        import importlib
+
+        module, _, function = EXTERNAL_COMMANDS[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     args = build_parser().parse_args(argv)
     model = getattr(args, "model", None)
     if model in TOY_MODELS or (model and Path(model).exists()):

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from tl_vlm import analyses as A
-from tl_vlm.progress import progress
+from tl_vlm._progress import progress
 from tl_vlm.runstore import RunStore, dumps, write_atomic
 from tl_vlm.tasks import (CaptionTask, Example, GenerationTask, NextTokenTask, Predictions,
                           Scoring, Task, overlap_k)

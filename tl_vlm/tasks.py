@@ -486,8 +486,7 @@ class NextTokenTask(Task):
                 kept.append(resid[last_mask.to(resid.device)].float().cpu())
 
             hooks.append((f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep))
-        logits = model.run_with_hooks(batch, fwd_hooks=hooks)
-        last = logits[batch.positions.last.mask.to(logits.device)].float().cpu()   # [batch, vocab]
+        last = model.last_logits(batch, fwd_hooks=hooks).float().cpu()   # [batch, vocab]
         candidates = self._candidates(model)
         if candidates is None:
             predicted = last.argmax(-1)

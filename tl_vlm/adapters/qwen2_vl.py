@@ -93,6 +93,7 @@ class Qwen2VLLayout(ImageLayout):
     eoi_token = "<|vision_end|>"
     native = False
     gate_description = "none (non-native)"
+    processor_counted = ("image",)
 
     def __init__(self, processor: Any, config: Any) -> None:
         super().__init__(processor, config)

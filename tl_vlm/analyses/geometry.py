@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
@@ -48,6 +49,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_vlm._progress import progress
 from tl_vlm.analyses.knockout import Layers, resolve_layers
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import ImagePositions, PositionSet
@@ -152,6 +154,7 @@ def _collect(
     batches: Iterable[VLMBatch],
     points: list[tuple[int, str]],
     selectors: dict[str, tuple[Callable[[VLMBatch, int], PositionSet], Literal["each", "mean"]]],
+    show_progress: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, Index]]:
     """Stream ``batches``; per selector, ``[point, n, d_model]`` float32 vectors and their index.
 
@@ -161,7 +164,7 @@ def _collect(
     vectors: dict[str, list[list[Tensor]]] = {k: [[] for _ in points] for k in selectors}
     index: dict[str, Index] = {k: [] for k in selectors}
     n_batches = 0
-    for b_index, batch in enumerate(batches):
+    for b_index, batch in enumerate(progress(batches, desc="activations", enabled=show_progress)):
         if not isinstance(batch, VLMBatch):
             raise TypeError(f"batch {b_index} is a {type(batch).__name__}; pass VLMBatches "
                             f"from model.prepare(...)")
@@ -298,6 +301,8 @@ def adp_clusters(
     ``compute_clustering_ADP(Z)``. Identical rows (e.g. the same token at layer 0, where
     the residual is its embedding) would give zero distances, which break the density
     estimate: each distinct row is clustered once and its copies share its cluster.
+    Rows that are still tied (parallel vectors, at cosine distance 0) have their ties
+    broken by DADApy with a little noise; its warnings about that are silenced here.
 
     Example:
         >>> import numpy as np
@@ -314,14 +319,26 @@ def adp_clusters(
     if density not in ("PAk", "kstarNN"):
         raise ValueError(f"density must be 'PAk' or 'kstarNN', got {density!r}")
     d = Data(np.ascontiguousarray(np.asarray(x, dtype=np.float64)[keep]), maxk=k, verbose=False)
-    d.compute_distances(maxk=k, metric=metric)
-    intrinsic_dim = float(d.compute_id_2NN()[0])
-    if density == "PAk":
-        d.compute_density_PAk()
-    else:
-        d.compute_density_kstarNN()
-    d.compute_clustering_ADP(Z=Z)
+    with _distance_ties_expected():
+        d.compute_distances(maxk=k, metric=metric)
+        intrinsic_dim = float(d.compute_id_2NN()[0])
+        if density == "PAk":
+            d.compute_density_PAk()
+        else:
+            d.compute_density_kstarNN()
+        d.compute_clustering_ADP(Z=Z)
     return np.asarray(d.cluster_assignment)[copy_of], intrinsic_dim
+
+
+@contextlib.contextmanager
+def _distance_ties_expected():
+    """Silence DADApy's two warnings about tied distances, which residual vectors produce
+    by design (parallel vectors are at cosine distance 0; a token's embedding repeats):
+    DADApy then breaks the ties with a little noise, as documented in the functions here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There are points with neighbours at 0 distance")
+        warnings.filterwarnings("ignore", message=r"Found \d+ nearest neighbours at identical distance")
+        yield
 
 
 def _after_image(batch: VLMBatch) -> PositionSet:
@@ -347,6 +364,7 @@ def modality_separation(
     density: Literal["PAk", "kstarNN"] = "PAk",
     final: bool = True,
     keep_vectors: bool = False,
+    show_progress: bool = True,
 ) -> ModalitySeparation:
     """How far apart text and image residuals are, layer by layer (Narrow Gate analysis 1).
 
@@ -364,6 +382,7 @@ def modality_separation(
         k, Z, metric, density: ADP settings (paper: cosine, k=16, Z=1.65).
         final: add the output of the last block as layer ``n_layers``.
         keep_vectors: keep the ``[layer, n, d_model]`` vectors in the result.
+        show_progress: report progress over the batches (terminal/notebook bar, log lines).
 
     Example:
         >>> from tl_vlm import HookedVLM
@@ -400,12 +419,12 @@ def modality_separation(
     text_pick = ("text", (draw(text_tokens, "text_tokens"), "each"))
     image_pick = ("image", (draw(image_tokens, "image_tokens"), "each"))
     if image_batches is None:
-        vecs, idx = _collect(model, batches, points, dict([text_pick, image_pick]))
+        vecs, idx = _collect(model, batches, points, dict([text_pick, image_pick]), show_progress)
         text, image = vecs["text"], vecs["image"]
         text_index, image_index = idx["text"], idx["image"]
     else:
-        tv, ti = _collect(model, batches, points, dict([text_pick]))
-        iv, ii = _collect(model, image_batches, points, dict([image_pick]))
+        tv, ti = _collect(model, batches, points, dict([text_pick]), show_progress)
+        iv, ii = _collect(model, image_batches, points, dict([image_pick]), show_progress)
         text, image, text_index, image_index = tv["text"], iv["image"], ti["text"], ii["image"]
 
     return separation_from_vectors(
@@ -573,8 +592,7 @@ def label_overlap(x: Float[np.ndarray, "n d"], labels: Sequence[Any], k: int = 3
     _check_k(k, len(x), "neighbourhood overlap")
     codes = np.unique(np.asarray(labels), return_inverse=True)[1].reshape(-1)
     d = Data(x, maxk=k, verbose=False)
-    with warnings.catch_warnings():  # identical vectors (e.g. one token's embedding): documented
-        warnings.filterwarnings("ignore", message="There are points with neighbours at 0 distance")
+    with _distance_ties_expected():
         d.compute_distances(maxk=k, metric="euclidean")
     return float(d.return_label_overlap(codes, k=k, weighted=weighted))
 
@@ -590,6 +608,7 @@ def neighbourhood_overlap(
     weighted: bool = False,
     final: bool = True,
     keep_vectors: bool = False,
+    show_progress: bool = True,
 ) -> NeighbourhoodOverlap:
     """Semantic probing: how much each layer's neighbourhoods follow class labels.
 
@@ -608,6 +627,7 @@ def neighbourhood_overlap(
         layers: ``"all"``, an int or a sequence of layer indices (``hook_resid_pre``).
         k: neighbours (paper: 30); needs more than ``k`` examples.
         final: add the output of the last block as layer ``n_layers``.
+        show_progress: report progress over the batches (terminal/notebook bar, log lines).
 
     Example:
         >>> from tl_vlm import HookedVLM
@@ -624,8 +644,8 @@ def neighbourhood_overlap(
         ValueError: got 48 labels for 12 examples; pass one label per example, ...
     """
     [result] = neighbourhood_overlaps(model, batches, labels, [representation], layers, k,
-                                     weighted=weighted, final=final,
-                                     keep_vectors=keep_vectors).values()
+                                     weighted=weighted, final=final, keep_vectors=keep_vectors,
+                                     show_progress=show_progress).values()
     return result
 
 
@@ -640,6 +660,7 @@ def neighbourhood_overlaps(
     weighted: bool = False,
     final: bool = True,
     keep_vectors: bool = False,
+    show_progress: bool = True,
 ) -> dict[str, NeighbourhoodOverlap]:
     """:func:`neighbourhood_overlap` of several representations from one pass over the data.
 
@@ -666,7 +687,7 @@ def neighbourhood_overlaps(
             return _select(batch, selector, f"representation {name!r}", i)
 
         selectors[name] = (pick, "mean")
-    vecs, idx = _collect(model, batches, points, selectors)
+    vecs, idx = _collect(model, batches, points, selectors, show_progress)
     labels = list(labels)
     out = {}
     for name in selectors:
