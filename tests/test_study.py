@@ -86,6 +86,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_zoo, vqa_jsonl, tmp_pa
     assert len(calls) == 16                        # only the two batches not yet scored
     acc = json.loads((out / "steps" / "accuracy.json").read_text())
     assert acc["conditions"]["none"]["n"] == N
+    runs = (out / "compute.jsonl").read_text().splitlines()
+    assert len(runs) == 2                          # the killed run's time counts too
+    assert "compute time (all runs of this report, resumes included)" in \
+        (out / "index.html").read_text()
 
     calls.clear()                                  # a finished step is kept; new steps run
     _run(tiny_zoo.path("chameleon"), vqa_jsonl, out, "--steps", "accuracy,contribution")

@@ -583,11 +583,37 @@ def _run_meta(store, settings) -> dict[str, Any]:
             "tl_vlm": versions()["tl_vlm"]}
 
 
+def _add_compute_time(out: Path, seconds: float, shard) -> None:
+    """Append one process's compute time to ``OUT/compute.jsonl`` (one short line per
+    run, resume or shard: appends from concurrent shards do not interleave)."""
+    import socket
+
+    line = json.dumps({"seconds": round(seconds, 1), "host": socket.gethostname(),
+                       "shard": None if shard is None else shard.name}) + "\n"
+    with open(out / "compute.jsonl", "a") as f:
+        f.write(line)
+
+
+def _compute_seconds(out: Path) -> Optional[float]:
+    """The compute time of every run, resume and shard that made ``out`` (None if unknown)."""
+    path = out / "compute.jsonl"
+    if not path.exists():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return round(sum(line["seconds"] for line in lines), 1)
+
+
 def _write_run_report(store, header: Optional[dict] = None, log=print) -> Optional[Path]:
-    """``index.html`` + ``results.json`` of a run whose planned steps are all finished."""
+    """``index.html`` + ``results.json`` of a run whose planned steps are all finished.
+    The page also shows ``header`` and the total compute time (not ``results.json``:
+    it must not depend on how the run was split or resumed)."""
     from tl_vlm.report import write_report
     from tl_vlm.study import study_results
 
+    header = dict(header or {})
+    total = _compute_seconds(store.out)
+    if total is not None:
+        header["compute_seconds"] = total
     results = study_results(store)
     path = write_report(results, store.out, _run_meta(store, store.settings), header=header)
     log(f"report: {path}")
@@ -612,10 +638,12 @@ def _narrow_gate(args: argparse.Namespace) -> int:
         return 0
     log(f"loading {args.model} ...")
     model = _load_model(args.model, args, processor)
-    run_study(model, task, store, settings, log=log, scoring=scoring, shard=shard)
+    try:
+        run_study(model, task, store, settings, log=log, scoring=scoring, shard=shard)
+    finally:   # a resumed or sharded run adds up
+        _add_compute_time(out, time.time() - t0, shard)
     if all(store.done(s) for s in settings.steps):
-        _write_run_report(store, header={"device": str(model.cfg.device),
-                                        "this run (s)": round(time.time() - t0, 1)}, log=log)
+        _write_run_report(store, header={"device": str(model.cfg.device)}, log=log)
     else:
         log(f"shard {shard.index}/{shard.count} done; the last shard to finish (or "
             f"`tl-vlm merge {out}`) writes the report")

@@ -215,7 +215,8 @@ class RunStore:
             shutil.rmtree(self.shard_dir if shard else self.steps, ignore_errors=True)
             if shard is None:
                 shutil.rmtree(self.out / "shards", ignore_errors=True)
-                for name in ("examples.jsonl", "model.json", "source.json", "results.json"):
+                for name in ("examples.jsonl", "model.json", "source.json", "results.json",
+                             "compute.jsonl"):
                     (self.out / name).unlink(missing_ok=True)
         if settings_file.exists() and not fresh:
             saved = json.loads(settings_file.read_text())
