@@ -124,7 +124,8 @@ def public_names() -> list[str]:
     exported = {n: p for p, mod in packages.items() for n in mod.__all__}
     names = {f"{p}.{n}" for n, p in exported.items() if n != "DEFAULT_GROUPS"}
     names.add("tl_vlm.analyses.contribution.DEFAULT_GROUPS")   # documented where its comment is
-    modules = ["tl_vlm.model", "tl_vlm.batch", "tl_vlm.positions", "tl_vlm.layout",
+    modules = ["tl_vlm.model", "tl_vlm.loading", "tl_vlm.verify", "tl_vlm.attention",
+               "tl_vlm.attention_edits", "tl_vlm.batch", "tl_vlm.positions", "tl_vlm.layout",
                "tl_vlm.adapters", "tl_vlm.answers", "tl_vlm.prefix", "tl_vlm.plot",
                "tl_vlm.tasks", "tl_vlm.taskset", "tl_vlm.study", "tl_vlm.runstore",
                "tl_vlm.shards", "tl_vlm.table", "tl_vlm.report",

@@ -32,6 +32,8 @@ MODULES = [
     "tl_vlm.analyses.logit_lens",
     "tl_vlm.analyses.tl_patching",
     "tl_vlm.prefix",
+    "tl_vlm.attention",
+    "tl_vlm.attention_edits",
     "tl_vlm.positions",
     "tl_vlm.batch",
     "tl_vlm.tasks",

@@ -41,7 +41,7 @@ def register(factory_module) -> list[str]:
     called here); it registers when its families are loaded.
     """
     adapters = sys.modules.get("tl_vlm.adapters")
-    if adapters is not None and not (hasattr(adapters, "ready") and adapters.ready()):
+    if adapters is not None and not (hasattr(adapters, "_ready") and adapters._ready()):
         return []
     from tl_vlm.adapters import tl_adapter_classes
 

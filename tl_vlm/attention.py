@@ -56,7 +56,14 @@ _query_chunk: Optional[int] = None      # set by eager_query_chunks()
 
 
 def bridge_of(module: torch.nn.Module) -> Optional["HookedAttentionBridge"]:
-    """The bridge whose hooks ``module``'s attention fires (None for vision towers)."""
+    """The bridge whose hooks ``module``'s attention fires (None for vision towers).
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> bridge_of(model.blocks[0].attn.original_component) is model.blocks[0].attn
+        True
+    """
     ref = module.__dict__.get(_BRIDGE_ATTR)
     return None if ref is None else ref()
 
@@ -159,7 +166,13 @@ def hooked_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The ``"tl_vlm"`` attention function: SDPA, fused edits or eager, per call (see the
-    module docstring). Returns ``(output [b, q, h, d], pattern or None)``."""
+    module docstring). Returns ``(output [b, q, h, d], pattern or None)``.
+
+    Example (what transformers calls for every text attention layer):
+        >>> from transformers import AttentionInterface
+        >>> AttentionInterface()["tl_vlm"] is hooked_attention
+        True
+    """
     bridge = bridge_of(module)
     if scaling is None:
         scaling = module.head_dim**-0.5
@@ -240,6 +253,12 @@ class HookedAttentionBridge(AttentionBridge):
     The HF module keeps doing its own projections, norms and rotary embedding (so
     M-RoPE, per-head QK norms and soft-capping stay exactly HF's); this bridge only
     owns the hook points that the attention function fires.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> type(model.blocks[0].attn).__name__, type(model.blocks[0].attn.original_component).__name__
+        ('HookedAttentionBridge', 'ChameleonAttention')
     """
 
     def __init__(self, name: Optional[str], config: Any, submodules: Optional[dict] = None,
@@ -271,6 +290,12 @@ def use_hooked_attention(adapter: Any) -> None:
     other sub-model (vision towers) is put back on Hugging Face's default attention
     (:func:`default_attention_outside_text`): only the text decoder has hooks, and a
     tower running eager attention over all patches of a batch at once wastes memory.
+
+    Example (every family's adapter calls it once, in ``__init__``):
+        >>> from tl_vlm.adapters.chameleon import ChameleonAdapter
+        >>> import inspect
+        >>> "use_hooked_attention(self)" in inspect.getsource(ChameleonAdapter.__init__)
+        True
     """
     blocks = adapter.component_mapping["blocks"]
     old = blocks.submodules["attn"]
@@ -297,6 +322,12 @@ def default_attention_outside_text(hf_model: torch.nn.Module) -> dict[str, str]:
     that runs transformers' attention interface gets ``"sdpa"`` where it supports it
     (else ``"eager"``), as ``from_pretrained`` would have chosen. Returns
     ``{module path: implementation}`` of what was changed.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")     # Chameleon: one config, no tower
+        >>> default_attention_outside_text(model.hf_model), model.hf_model.config._attn_implementation
+        ({}, 'tl_vlm')
     """
     from transformers import PreTrainedModel
 

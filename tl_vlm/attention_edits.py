@@ -38,7 +38,12 @@ QUERY_CHUNK_ROWS = 256
 
 
 class AttentionEdit:
-    """Base of the hooks the attention function can apply without the full pattern."""
+    """Base of the hooks the attention function can apply without the full pattern.
+
+    Example:
+        >>> issubclass(EdgeCut, AttentionEdit), issubclass(PatternReader, AttentionEdit)
+        (True, True)
+    """
 
     point = "hook_pattern"
 
@@ -125,6 +130,16 @@ class PatternReader(AttentionEdit):
     chunks of rows, in order); :meth:`begin` runs once per attention call. Called as a
     plain hook on the full pattern it reads all its rows in one chunk, so the two ways
     of running give the same sums.
+
+    Example (the mean attention that the last query pays to the first key):
+        >>> class FirstKey(PatternReader):
+        ...     def rows(self, q_len, k_len):
+        ...         return torch.arange(q_len) == q_len - 1
+        ...     def read(self, rows, pattern):
+        ...         self.value = pattern[..., 0].mean().item()
+        >>> reader = FirstKey()
+        >>> reader(torch.full((1, 2, 3, 3), 0.25), None), reader.value
+        (None, 0.25)
     """
 
     def rows(self, q_len: int, k_len: int) -> Bool[Tensor, "q"]:
@@ -149,7 +164,12 @@ class PatternReader(AttentionEdit):
 def allowed_keys(mask: Optional[Tensor], rows: Int[Tensor, "r"], q_len: int, k_len: int,
                  causal: bool) -> Bool[Tensor, "batch_or_1 1 r k"]:
     """Which keys each query row may attend to, from the boolean (SDPA-style) mask or,
-    when the mask was skipped (None), from causality as SDPA's ``is_causal`` applies it."""
+    when the mask was skipped (None), from causality as SDPA's ``is_causal`` applies it.
+
+    Example:
+        >>> allowed_keys(None, torch.tensor([0, 2]), 3, 3, causal=True)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 1]]
+    """
     if mask is not None:
         return mask[:, :, rows] if mask.dtype == torch.bool else mask[:, :, rows] > torch.finfo(mask.dtype).min
     k = torch.arange(k_len, device=rows.device)
@@ -167,7 +187,14 @@ def _grouped(x: Tensor, n_rep: int) -> Tensor:
 def pattern_rows(query: Tensor, key: Tensor, rows: Int[Tensor, "r"], scaling: float,
                  allowed: Tensor, score_cuts: Sequence[EdgeCut], n_rep: int) -> Tensor:
     """The eager pattern ``[b, h, r, k]`` of the query rows ``rows`` (same ops as eager
-    attention: scores in the model dtype, softmax in float32, mask-style cuts first)."""
+    attention: scores in the model dtype, softmax in float32, mask-style cuts first).
+
+    Example:
+        >>> q = k = torch.zeros(1, 2, 3, 4)                      # equal scores everywhere
+        >>> rows = torch.tensor([2])
+        >>> pattern_rows(q, k, rows, 0.5, allowed_keys(None, rows, 3, 3, True), [], 1)[0, 0]
+        tensor([[0.3333, 0.3333, 0.3333]])
+    """
     b, h, _, d = query.shape
     k_len = key.shape[2]
     q = _grouped(query[:, :, rows], n_rep)
@@ -183,7 +210,14 @@ def pattern_rows(query: Tensor, key: Tensor, rows: Int[Tensor, "r"], scaling: fl
 
 def cut_mask(mask: Optional[Tensor], score_cuts: Sequence[EdgeCut], q_len: int, k_len: int,
              n_heads: int, causal: bool, device: torch.device) -> Tensor:
-    """The SDPA boolean mask with every ``"mask"`` cut removed from what may be attended."""
+    """The SDPA boolean mask with every ``"mask"`` cut removed from what may be attended.
+
+    Example:
+        >>> everything = torch.ones(1, 3, dtype=torch.bool)
+        >>> cut = EdgeCut(everything, torch.tensor([[True, False, False]]), semantics="mask")
+        >>> cut_mask(None, [cut], 3, 3, 2, True, torch.device("cpu"))[0, 0].int().tolist()
+        [[0, 0, 0], [0, 1, 0], [0, 1, 1]]
+    """
     rows = torch.arange(q_len, device=device)
     allowed = allowed_keys(mask, rows, q_len, k_len, causal)
     for cut in score_cuts:
@@ -199,6 +233,17 @@ def fused_attention(sdpa, module: torch.nn.Module, query: Tensor, key: Tensor, v
 
     ``sdpa`` is Hugging Face's ``sdpa_attention_forward`` (so the unedited part is
     computed exactly as with ``attn_implementation="sdpa"``).
+
+    Example (a cut of the first key, without renormalisation, equals the eager edit):
+        >>> from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        >>> module = torch.nn.Module()
+        >>> q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+        >>> cut = EdgeCut(torch.ones(1, 4, dtype=torch.bool), torch.tensor([[1, 0, 0, 0]]).bool())
+        >>> out = fused_attention(sdpa_attention_forward, module, q, k, v, None, 8 ** -0.5, [], [cut])
+        >>> rows = torch.arange(4)
+        >>> p = cut(pattern_rows(q, k, rows, 8 ** -0.5, allowed_keys(None, rows, 4, 4, True), [], 1), None)
+        >>> torch.allclose(out, (p @ v).transpose(1, 2), atol=1e-6)
+        True
     """
     b, h, q_len, d = query.shape
     k_len = key.shape[2]

@@ -76,7 +76,7 @@ def families() -> list[Family]:
     return _FAMILIES
 
 
-def ready() -> bool:
+def _ready() -> bool:
     """Whether the families can be listed now (not while this package or a family
     module is still being imported)."""
     return _READY and not _LOADING
