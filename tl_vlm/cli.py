@@ -252,28 +252,30 @@ def _narrow_gate_parser(sub) -> None:
     p.set_defaults(run=_narrow_gate)
 
 
-def _merge_parser(sub) -> None:
-    p = sub.add_parser("merge", formatter_class=_Formatter,
-                       help="merge the shards of a run (or of a table) and write the report",
-                       description="Merge the shards of OUT: refuses a missing or unfinished "
-                                   "shard, other settings or versions, and records that "
-                                   "disagree; loads no model.")
-    p.add_argument("out", help="the run (or table) directory the shards wrote to")
+def _run_dir_command(sub, name: str, summary: str, description: str, out_help: str,
+                     run: Callable[[argparse.Namespace], int]) -> None:
+    """A command on a finished (or sharded) run directory: no model is loaded."""
+    p = sub.add_parser(name, formatter_class=_Formatter, help=summary, description=description)
+    p.add_argument("out", help=out_help)
     _add_scoring_arguments(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.set_defaults(run=_merge)
+    p.set_defaults(run=run)
+
+
+def _merge_parser(sub) -> None:
+    _run_dir_command(
+        sub, "merge", "merge the shards of a run (or of a table) and write the report",
+        "Merge the shards of OUT: refuses a missing or unfinished shard, other settings or "
+        "versions, and records that disagree; loads no model.",
+        "the run (or table) directory the shards wrote to", _merge)
 
 
 def _rescore_parser(sub) -> None:
-    p = sub.add_parser("rescore", formatter_class=_Formatter,
-                       help="score a finished run's recorded predictions again (no model)",
-                       description="Recompute the accuracy and progressive steps of OUT "
-                                   "from their recorded predictions with other scoring "
-                                   "options, and rewrite the report (or the table).")
-    p.add_argument("out", help="a run or table directory")
-    _add_scoring_arguments(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.set_defaults(run=_rescore)
+    _run_dir_command(
+        sub, "rescore", "score a finished run's recorded predictions again (no model)",
+        "Recompute the accuracy and progressive steps of OUT from their recorded predictions "
+        "with other scoring options, and rewrite the report (or the table).",
+        "a run or table directory", _rescore)
 
 
 def _table_parser(sub) -> None:
