@@ -3,6 +3,7 @@ Ctrl-C; shards from the environment; each torchrun rank's device."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,10 @@ BAD_FLAGS = [
     (["--shard", "2/2"], "argument --shard: K must be in 0..1"),
     (["--shard", "half"], "--shard takes K/N (e.g. 0/4) or 'auto'"),
     (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--device-map", "map.json"], "argument --device-map: expected auto, balanced"),
+    (["--device", "cpu", "--device-map", "auto"], "--device and --device-map together"),
+    (["--max-memory", "0=70GiB"], "--max-memory only applies to a split model"),
+    (["--device-map", "auto", "--max-memory", "70GiB"], "expected DEVICE=SIZE pairs"),
 ]
 if not Path("/proc/driver/nvidia/version").exists():
     BAD_FLAGS.append((["--device", "cuda"], "--device cuda: CUDA is not available on this machine"))
@@ -156,3 +161,22 @@ def test_each_torchrun_rank_takes_its_gpu_or_block(monkeypatch):
     with pytest.raises(cli.CLIError, match="rank 1 needs GPUs 2..3"):
         cli._rank_device(block)
     assert cli._rank_device(argparse.Namespace(device="cpu", n_devices=None)) == "cpu"
+
+
+def test_a_model_split_by_a_device_map_gives_the_same_results(tmp_path):
+    """--device-map (half the layers offloaded to disk) = one device, byte for byte; the
+    placement is logged with the run's compute time, not in the results."""
+    from tests.conftest import half_on_disk
+    from tl_vlm.toy import toy_model_path
+
+    (tmp_path / "map.json").write_text(json.dumps(half_on_disk(toy_model_path("toy-gated"))))
+    common = ["narrow-gate", "--n-examples", "8", "--batch-size", "4",
+              "--steps", "accuracy,contribution"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "split"), "--device-map",
+                              str(tmp_path / "map.json"),
+                              "--offload-folder", str(tmp_path / "offload")]) == 0
+    one, split = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "split"))
+    assert one == split
+    log = [json.loads(line) for line in (tmp_path / "split" / "compute.jsonl").read_text().splitlines()]
+    assert "disk" in log[-1]["placement"]["device_map"].values()

@@ -58,6 +58,39 @@ class CLIError(Exception):
 
 
 # -- argument types ------------------------------------------------------------------
+def _device_map(text: str):
+    """``auto``/``balanced``/``balanced_low_0``/``sequential``, or a JSON file of a map."""
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"expected auto, balanced, balanced_low_0, sequential or a JSON file holding "
+            f"{{module path: device}}, got {text!r} (no such file)")
+    try:
+        mapping = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text}: not JSON ({err})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise argparse.ArgumentTypeError(f"{text}: expected a JSON object {{module path: device}}")
+    return mapping
+
+
+def _max_memory(text: str) -> dict:
+    """``'0=70GiB,1=70GiB,cpu=100GiB'`` -> ``{0: '70GiB', 1: '70GiB', 'cpu': '100GiB'}``."""
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, budget = part.partition("=")
+        if not sep or not budget.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected DEVICE=SIZE pairs such as '0=70GiB,1=70GiB', got {part!r}")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = budget.strip()
+    if not out:
+        raise argparse.ArgumentTypeError("expected DEVICE=SIZE pairs such as '0=70GiB,1=70GiB'")
+    return out
+
+
 def _positive_int(text: str) -> int:
     """An int >= 1 (argparse type)."""
     try:
@@ -154,6 +187,15 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (the paper: bfloat16)")
     p.add_argument("--n-devices", type=_positive_int, default=None,
                    help="split each model over this many GPUs (a block per rank under torchrun)")
+    p.add_argument("--device-map", default=None, type=_device_map,
+                   help="split each model as accelerate does: auto, balanced, sequential, or a "
+                        "JSON file {module path: device} ('cpu'/'disk' offload allowed, but not "
+                        "mixed with GPUs)")
+    p.add_argument("--max-memory", default=None, type=_max_memory,
+                   help="per-device budgets for --device-map/--n-devices, e.g. "
+                        "'0=70GiB,1=70GiB'")
+    p.add_argument("--offload-folder", default=None,
+                   help="folder for layers a --device-map puts on 'disk'")
 
 
 def _add_task_arguments(p: argparse.ArgumentParser) -> None:
@@ -367,6 +409,22 @@ def _cuda_driver_present() -> bool:
         or sys.platform not in ("linux",)
 
 
+def _check_placement_flags(args: argparse.Namespace) -> None:
+    """--device-map/--max-memory/--offload-folder against --device/--n-devices."""
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None and args.device is not None:
+        raise CLIError("--device and --device-map together: give one device, or a map that "
+                       "splits the model")
+    if device_map is not None and args.n_devices and args.n_devices > 1:
+        raise CLIError("--device-map and --n-devices together: --n-devices N means "
+                       "--device-map balanced over cuda:0..N-1; give one of them")
+    split = device_map is not None or (args.n_devices or 0) > 1
+    for flag in ("max_memory", "offload_folder"):
+        if getattr(args, flag, None) is not None and not split:
+            raise CLIError(f"--{flag.replace('_', '-')} only applies to a split model: add "
+                           f"--device-map auto (or --n-devices N)")
+
+
 def _check_device(device: Optional[str], n_devices: Optional[int]) -> None:
     wants_cuda = (device or "").startswith("cuda") or (n_devices or 0) > 1
     if not wants_cuda:
@@ -509,6 +567,7 @@ def _validate_narrow_gate(args: argparse.Namespace) -> None:
     _check_model_name(args.model)
     _task_defaults(args)
     _check_geometry(args.steps)
+    _check_placement_flags(args)
     _check_device(args.device, args.n_devices)
     n_layers = checkpoint_layers(args.model)
     _check_layers("--patch-layers", args.patch_layers, n_layers, args.model)
@@ -561,10 +620,15 @@ def _load_model(name: str, args: argparse.Namespace, processor: Any = None):
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
     device = _rank_device(args)
-    if args.n_devices and args.n_devices > 1:
+    if getattr(args, "device_map", None) is not None:
+        kwargs["device_map"] = args.device_map
+    elif args.n_devices and args.n_devices > 1:
         kwargs["n_devices"] = args.n_devices
     else:
         kwargs["device"] = device
+    for flag in ("max_memory", "offload_folder"):
+        if getattr(args, flag, None) is not None:
+            kwargs[flag] = getattr(args, flag)
     if processor is not None:
         kwargs["processor"] = processor
     return HookedVLM.from_pretrained(name, **kwargs)
@@ -585,15 +649,25 @@ def _run_meta(store, settings) -> dict[str, Any]:
             "tl_vlm": versions()["tl_vlm"]}
 
 
-def _add_compute_time(out: Path, seconds: float, shard) -> None:
+def _add_compute_time(out: Path, seconds: float, shard, placement: Optional[dict] = None) -> None:
     """Append one process's compute time to ``OUT/compute.jsonl`` (one short line per
-    run, resume or shard: appends from concurrent shards do not interleave)."""
+    run, resume or shard: appends from concurrent shards do not interleave), with where
+    the model ran (placement is not a result setting: it may differ between resumes)."""
     import socket
 
     line = json.dumps({"seconds": round(seconds, 1), "host": socket.gethostname(),
-                       "shard": None if shard is None else shard.name}) + "\n"
+                       "shard": None if shard is None else shard.name,
+                       **({"placement": placement} if placement else {})}) + "\n"
     with open(out / "compute.jsonl", "a") as f:
         f.write(line)
+
+
+def _placement(model) -> dict:
+    """Where the model ran: its device, or its device map and device count."""
+    placement = {"device": str(model.cfg.device), "n_devices": getattr(model.cfg, "n_devices", 1)}
+    if model.device_map:
+        placement["device_map"] = {k: str(v) for k, v in model.device_map.items()}
+    return placement
 
 
 def _compute_seconds(out: Path) -> Optional[float]:
@@ -643,7 +717,7 @@ def _narrow_gate(args: argparse.Namespace) -> int:
     try:
         run_study(model, task, store, settings, log=log, scoring=scoring, shard=shard)
     finally:   # a resumed or sharded run adds up
-        _add_compute_time(out, time.time() - t0, shard)
+        _add_compute_time(out, time.time() - t0, shard, _placement(model))
     if all(store.done(s) for s in settings.steps):
         _write_run_report(store, header={"device": str(model.cfg.device)}, log=log)
     else:

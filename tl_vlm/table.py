@@ -176,6 +176,7 @@ def _validate_table(args: argparse.Namespace) -> dict[str, str]:
     if args.prompt_style == "chat":
         raise cli.CLIError("--prompt-style chat: run `tl-vlm narrow-gate` per model (each "
                            "checkpoint's chat template is checked there)")
+    cli._check_placement_flags(args)
     cli._check_device(args.device, args.n_devices)
     return data
 
