@@ -368,8 +368,9 @@ class _ProgressiveStep(_PredictionStep):
 
 
 class _ContributionStep(_Step):
-    """Per chunk, a fresh :class:`~tl_vlm.analyses.ContributionAccumulator`'s totals;
-    the result folds them in chunk order (float64), so shards merge exactly."""
+    """Per chunk, the :class:`~tl_vlm.analyses.ContributionAccumulator`'s totals of that
+    chunk (:meth:`take`); the result folds them in chunk order (float64), so shards merge
+    exactly."""
 
     name = "contribution"
     SUMS = ("map_totals", "value_map_totals", "map_counts")
@@ -378,22 +379,23 @@ class _ContributionStep(_Step):
         model, n = ctx.model, ctx.info["layers"]
         chunks = ctx.example_chunks()
         todo, _ = _batches_to_do(ctx, self.name, [""], chunks)
+        acc = A.ContributionAccumulator(model, map_layers=list(range(n // 2, n)))
         for j, (start, examples) in progress(todo, len(todo), self.name, "batches"):
             batch = ctx.task.prepare(model, examples)
-            acc = A.ContributionAccumulator(model, map_layers=list(range(n // 2, n)))
             with torch.no_grad():
                 model.run_with_hooks(batch, fwd_hooks=acc.hooks(batch), output_attentions=False)
-            tensors = {"weight_total": acc.weight_total, "n_keys": acc.n_keys}
-            if acc.value_total is not None:
-                tensors["value_total"] = acc.value_total
+            part = acc.take()                     # this batch's sums (W_O Grams kept)
+            tensors = {"weight_total": part.weight_total, "n_keys": part.n_keys}
+            if part.value_total is not None:
+                tensors["value_total"] = part.value_total
             for name in self.SUMS:
-                for (rows, cols), t in getattr(acc, name).items():
+                for (rows, cols), t in getattr(part, name).items():
                     tensors[f"{name}/{rows}x{cols}"] = t
             ctx.store.record(self.name, {
                 "chunk": j, "of": len(chunks), "key": "", "start": start,
-                "n_examples": acc.n_examples, "n_queries": acc.n_queries,
-                "layers": list(acc.layers), "groups": list(acc.groups),
-                "map_layers": list(acc.map_layers)}, tensors)
+                "n_examples": part.n_examples, "n_queries": part.n_queries,
+                "layers": list(part.layers), "groups": list(part.groups),
+                "map_layers": list(part.map_layers)}, tensors)
 
     def finalize(self, records, store, settings, scoring) -> dict[str, Any]:
         [recs] = _by_key(records).values()

@@ -488,6 +488,33 @@ class ContributionAccumulator:
             map_counts=clone(self.map_counts),
         )
 
+    def take(self) -> CrossModalContribution:
+        """:meth:`result`, then start the sums again from zero, keeping what is cached
+        (each layer's ``W_O`` Gram matrices: a few GFLOP per layer for a 7B model). For
+        per-batch partial sums, e.g. records of a sharded run.
+
+        Example:
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> acc = ContributionAccumulator(model)
+            >>> parts = []
+            >>> for seed in (0, 1):
+            ...     batch = model.prepare(make_examples(6, seed=seed).prompts)
+            ...     _ = model.run_with_hooks(batch, fwd_hooks=acc.hooks(batch))
+            ...     parts.append(acc.take())
+            >>> [p.n_examples for p in parts], acc.n_examples
+            ([6, 6], 0)
+        """
+        out = self.result()
+        self.weight_total.zero_()
+        if self.value_total is not None:
+            self.value_total.zero_()
+        self.n_examples = self.n_queries = 0
+        self.n_keys.zero_()
+        self.map_totals, self.value_map_totals, self.map_counts = {}, {}, {}
+        return out
+
 
 class _LayerSums(PatternReader):
     """One layer's contribution sums: reads the pattern rows of the text queries only.
