@@ -75,7 +75,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -506,10 +506,14 @@ def main(args: argparse.Namespace) -> None:
     print(f"results -> {results}", flush=True)
     for name in args.models:
         spec = specs[name]
+        if args.ops:
+            wanted = set(args.ops) | {BASELINE[op] for op in args.ops if op in BASELINE}
+            spec = replace(spec, ops=tuple(op for op in spec.ops if op in wanted))
         path = runner.built(spec)
         for dtype in args.dtypes:
-            for b in args.timing_batches:
-                new_tokens = args.new_tokens if name == "chameleon-7b" and dtype == "fp32" else 0
+            for b in ([] if args.skip_timing else args.timing_batches):
+                new_tokens = (args.new_tokens if name == "chameleon-7b" and dtype == "fp32"
+                              and (not args.ops or "generate" in args.ops) else 0)
                 ops = list(spec.ops) + (["hf_generate", "generate_knockout"] if new_tokens else [])
                 runner.child("time", spec, path, dtype=dtype, batch_size=b, reps=args.reps,
                              ops=ops, new_tokens=new_tokens)
@@ -552,11 +556,13 @@ def render(results: Path, out: Optional[Path]) -> str:
         f"cores, {info['mem_gib']} GiB, torch {info['torch']}"
         + (f"; {timing[0]['threads']} torch thread(s)" if timing else "")
         + (f"; load average during the run {min(loads):.1f}-{max(loads):.1f}" if loads else "")
-        + f". Command: `python benchmarks/real_scale.py {' '.join(runs[0]['argv']) if runs else ''}`.",
+        + ". Command(s): " + "; ".join(f"`python benchmarks/real_scale.py {' '.join(r['argv'])}`"
+                                       for r in runs) + ".",
         "",
         "Ratios tl_vlm / Hugging Face `attn_implementation=\"sdpa\"` on the same input (✓/✗: "
-        "issue 9's target). Time: min and median of interleaved repetitions; memory: peak "
-        "added over the loaded model, each in a fresh process.",
+        "issue 9's target). Time: min and median wall-clock of interleaved repetitions, and "
+        "median process CPU time (steadier when other processes share the cores); memory: "
+        "peak added over the loaded model, each in a fresh process.",
         "",
     ]
     seen_models = []
@@ -573,8 +579,8 @@ def render(results: Path, out: Optional[Path]) -> str:
         header = "| operation | baseline |"
         rule = "|---|---|"
         for dtype, b in combos:
-            header += f" {dtype} b{b} time min | median | memory |"
-            rule += "---|---|---|"
+            header += f" {dtype} b{b} time min | median | CPU median | memory |"
+            rule += "---|---|---|---|"
         lines += [header, rule]
         ops = [op for op in BASELINE if any(
             op in r.get("wall", {}) for r in timing if r["model"] == name) or any(
@@ -589,9 +595,11 @@ def render(results: Path, out: Optional[Path]) -> str:
                 if t is not None and base in t["wall"]:
                     tmin = min(t["wall"][op]) / min(t["wall"][base])
                     tmed = statistics.median(t["wall"][op]) / statistics.median(t["wall"][base])
-                    row += f" {_fmt(tmin, t_target)} | {_fmt(tmed, t_target)} |"
+                    cmed = statistics.median(t["cpu"][op]) / statistics.median(t["cpu"][base])
+                    row += (f" {_fmt(tmin, t_target)} | {_fmt(tmed, t_target)} |"
+                            f" {_fmt(cmed, t_target)} |")
                 else:
-                    row += " -- | -- |"
+                    row += " -- | -- | -- |"
                 m, mb = memory.get((name, dtype, b, op)), memory.get((name, dtype, b, base))
                 ratio = (m["added_mib"] / mb["added_mib"]
                          if m and mb and mb["added_mib"] >= 1 else None)
@@ -648,7 +656,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="Chameleon-7B width at ~330 tokens, fp32, batch 1, 2 repetitions, "
                              "narrow sweep model (under 10 minutes on 2 cores)")
-    parser.add_argument("--models", nargs="+", choices=["chameleon-7b", "qwen2-vl-7b"])
+    parser.add_argument("--models", nargs="*", choices=["chameleon-7b", "qwen2-vl-7b"])
+    parser.add_argument("--ops", nargs="+", choices=[*FULL_OPS, "generate"],
+                        help="only these operations (baselines are added)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes for memory")
     parser.add_argument("--timing-batches", nargs="+", type=int, help="batch sizes for time")
@@ -658,6 +668,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
     parser.add_argument("--sweep-batch", type=int)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path,
                         help="where models are built (kept and reused; default: a temporary "
