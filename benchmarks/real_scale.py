@@ -554,7 +554,6 @@ def render(results: Path, out: Optional[Path]) -> str:
     lines = [
         f"Measured {runs[0]['started'] if runs else '?'} on {info['cpu']}, {info['cores']} "
         f"cores, {info['mem_gib']} GiB, torch {info['torch']}"
-        + (f"; {timing[0]['threads']} torch thread(s)" if timing else "")
         + (f"; load average during the run {min(loads):.1f}-{max(loads):.1f}" if loads else "")
         + ". Command(s): " + "; ".join(f"`python benchmarks/real_scale.py {' '.join(r['argv'])}`"
                                        for r in runs) + ".",
@@ -618,7 +617,8 @@ def render(results: Path, out: Optional[Path]) -> str:
                     parts.append(f"{base} +{memory[(name, dtype, b, base)]['added_mib']:.0f} MiB")
             if t is not None:
                 parts.append(f"max |tl - hf| of last logits {t['parity_last_logits']:.1e}; "
-                             f"{len(next(iter(t['wall'].values())))} repetitions")
+                             f"{len(next(iter(t['wall'].values())))} repetitions, "
+                             f"{t['threads']} torch thread(s)")
                 fused = {op: p for op, p in t["paths"].items() if p and p != ["sdpa"]}
                 if fused:
                     parts.append("attention paths " + ", ".join(
@@ -655,7 +655,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="Chameleon-7B width at ~330 tokens, fp32, batch 1, 2 repetitions, "
-                             "narrow sweep model (under 10 minutes on 2 cores)")
+                             "4 generated tokens, sweep at hidden 256, batch 1")
     parser.add_argument("--models", nargs="*", choices=["chameleon-7b", "qwen2-vl-7b"])
     parser.add_argument("--ops", nargs="+", choices=[*FULL_OPS, "generate"],
                         help="only these operations (baselines are added)")
@@ -663,8 +663,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes for memory")
     parser.add_argument("--timing-batches", nargs="+", type=int, help="batch sizes for time")
     parser.add_argument("--reps", type=int, help="interleaved repetitions")
-    parser.add_argument("--new-tokens", type=int, default=8,
-                        help="tokens generated (Chameleon, fp32); 0 skips generation")
+    parser.add_argument("--new-tokens", type=int,
+                        help="tokens generated (Chameleon, fp32; default 8, --quick 4); 0 skips")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
     parser.add_argument("--sweep-batch", type=int)
     parser.add_argument("--skip-memory", action="store_true")
@@ -678,9 +678,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--render", type=Path, help="only render this results file")
     args = parser.parse_args(argv)
     full = dict(models=["chameleon-7b", "qwen2-vl-7b"], dtypes=["fp32", "bf16"],
-                batches=[1, 4], timing_batches=[1, 4], reps=3, sweep_batch=4)
+                batches=[1, 4], timing_batches=[1, 4], reps=3, sweep_batch=4, new_tokens=8)
     quick = dict(models=["chameleon-7b"], dtypes=["fp32"], batches=[1], timing_batches=[1],
-                 reps=2, sweep_batch=2)
+                 reps=2, sweep_batch=1, new_tokens=4)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
