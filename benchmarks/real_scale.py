@@ -54,6 +54,10 @@ written with nnsight on the plain HF model (one source trace, one clean trace, o
 patched trace per layer; logits of the last position only, as tl_vlm's), interleaved;
 the patched logits of the three are checked to agree.
 
+On a shared machine wall-clock ratios swing by 2-5x between repetitions (other processes
+take the cores); the CPU-time column is steadier, most of all with ``--threads 1`` (with
+two threads, OpenMP spin-waits while descheduled count as CPU time).
+
 Run: ``python benchmarks/real_scale.py [--quick] [--models chameleon-7b qwen2-vl-7b]
 [--dtypes fp32 bf16] [--batches 1 4] [--timing-batches 1] [--reps 3] [--workdir DIR]``.
 Results are appended to ``--results`` (JSON lines, default under the workdir) as they
