@@ -383,7 +383,8 @@ class _ContributionStep(_Step):
         for j, (start, examples) in progress(todo, len(todo), self.name, "batches"):
             batch = ctx.task.prepare(model, examples)
             with torch.no_grad():
-                model.run_with_hooks(batch, fwd_hooks=acc.hooks(batch), output_attentions=False)
+                model.run_with_hooks(batch, fwd_hooks=acc.hooks(batch), output_attentions=False,
+                                     logits_to_keep=1)      # the logits are not read
             part = acc.take()                     # this batch's sums (W_O Grams kept)
             tensors = {"weight_total": part.weight_total, "n_keys": part.n_keys}
             if part.value_total is not None:

@@ -50,9 +50,10 @@ Example (in ``toy-gated`` the text reads the image through EOI only):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -434,10 +435,18 @@ class ContributionAccumulator:
         """``W_O^h^T W_O^h`` per head, so ``||W_O^h v|| = sqrt(v^T G_h v)`` without ever
         materialising ``[key, head, d_model]``."""
         if layer not in self._grams:
-            weight = output_projection(self.model, layer)
-            heads, d_head = self.model.cfg.n_heads, weight.shape[1] // self.model.cfg.n_heads
-            grams = [weight[:, h * d_head:(h + 1) * d_head].double() for h in range(heads)]
-            self._grams[layer] = torch.stack([w.T @ w for w in grams])
+            # One head's float64 slice at a time, from the weight in place (no copy of
+            # W_O): at 7B width a copy plus all heads in float64 is ~200 MB per layer.
+            with _output_weight(self.model, layer) as weight:
+                heads = self.model.cfg.n_heads
+                d_head = weight.shape[1] // heads
+                grams = torch.empty(heads, d_head, d_head, dtype=torch.float64,
+                                    device=weight.device)
+                for h in range(heads):
+                    w = weight[:, h * d_head:(h + 1) * d_head].double()
+                    torch.matmul(w.T, w, out=grams[h])
+                    del w
+            self._grams[layer] = grams
         return self._grams[layer]
 
     def _add_map(self, maps: dict[Grid, Tensor], ex: _Example, per_key: Tensor) -> None:
@@ -601,15 +610,23 @@ def output_projection(model, layer: int) -> Float[Tensor, "d_model head_x_d_head
         >>> output_projection(model, 0).shape         # [d_model, n_heads * d_head]
         torch.Size([64, 64])
     """
+    with _output_weight(model, layer) as weight:
+        return weight.clone()
+
+
+@contextlib.contextmanager
+def _output_weight(model, layer: int) -> Iterator[Tensor]:
+    """Layer ``layer``'s o-projection weight, readable inside the block (an offloaded
+    layer's weight is meta outside a forward), checked to be a map from the heads."""
     o = model.blocks[layer].attn.o
     linear = getattr(o, "original_component", o)
     n_heads = model.cfg.n_heads
-    with weights_of(linear):  # an offloaded layer's weight is meta outside a forward
+    with weights_of(linear):
         weight = getattr(linear, "weight", None)
         if weight is None or weight.ndim != 2 or weight.shape[1] % n_heads:
             raise ValueError(f"blocks.{layer}.attn.o is not a linear map from {n_heads} heads "
                              f"(got {type(linear).__name__}); cannot weight by values")
-        return weight.detach().clone()
+        yield weight.detach()
 
 
 def contribution_hooks(model, batch: VLMBatch, accumulator: ContributionAccumulator,
@@ -687,7 +704,7 @@ def cross_modal_contribution(
         # TransformerLens boots HF configs with output_attentions=True, which would keep
         # every layer's pattern alive to the end of the pass; the hooks need none of them.
         model.run_with_hooks(batch, fwd_hooks=list(fwd_hooks) + acc.hooks(batch, queries),
-                             output_attentions=False)
+                             output_attentions=False, logits_to_keep=1)   # logits unused
     if acc.n_examples == 0:
         raise ValueError("no batches given")
     return acc.result()
