@@ -11,4 +11,5 @@ if [ ! -x "$VENV/bin/python" ]; then
     pip_install --upgrade pip
 fi
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip_install torch==2.13.0
-"$VENV/bin/python" -c "import tl_vlm, pytest, dadapy, nbclient" 2>/dev/null || pip_install -e ".[test]"
+"$VENV/bin/python" -c "import tl_vlm, pytest, dadapy, nbclient, sphinx, myst_nb, furo, nbconvert" \
+    2>/dev/null || pip_install -e ".[test]"

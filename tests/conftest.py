@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
@@ -65,17 +67,24 @@ class TinyZoo:
             self._models[key] = HookedVLM.from_pretrained(str(target))
         return self._models[key]
 
+    def variant_path(self, name: str, label: str, **build_kwargs):
+        """The directory of the family's tiny model built with other arguments."""
+        target = self.root / f"{name}-{label}"
+        if (name, label) not in self._paths:
+            target.mkdir()
+            torch.manual_seed(0)
+            self.specs[name].build(target, **build_kwargs)
+            self._paths[(name, label)] = target
+        return target
+
     def variant(self, name: str, label: str, **build_kwargs):
         """The family's tiny model built with other arguments (e.g. another tokenizer)."""
         key = (name, label)
         if key not in self._models:
             from tl_vlm import HookedVLM
 
-            target = self.root / f"{name}-{label}"
-            target.mkdir()
-            torch.manual_seed(0)
-            self.specs[name].build(target, **build_kwargs)
-            self._models[key] = HookedVLM.from_pretrained(str(target))
+            path = self.variant_path(name, label, **build_kwargs)
+            self._models[key] = HookedVLM.from_pretrained(str(path))
         return self._models[key]
 
     def offloaded(self, name: str):
@@ -149,3 +158,62 @@ def toy_models() -> dict:
     from tl_vlm.toy import TOY_MODELS
 
     return {name: HookedVLM.from_pretrained(name) for name in TOY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def sp_llava(tiny_zoo):
+    """The tiny LLaVA with a SentencePiece-style (Vicuna-like) tokenizer."""
+    from tests.tiny import make_sentencepiece_tokenizer
+
+    return tiny_zoo.variant("llava", "sentencepiece", tokenizer_factory=make_sentencepiece_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def sp_chameleon_path(tiny_zoo):
+    """The tiny Chameleon (it has a gate) with a SentencePiece-style tokenizer that can
+    spell ImageNet's class names: the checkpoint's directory."""
+    return tiny_zoo.variant_path("chameleon", "sentencepiece", sentencepiece=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache(tmp_path_factory):
+    """``load_dataset`` caches what it reads: keep the tests' tiny sets out of the user's
+    ``~/.cache/huggingface/datasets``."""
+    path = tmp_path_factory.mktemp("hf_datasets_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_DATASETS_CACHE", str(path))
+    if "datasets" in sys.modules:  # imported already: its config read the old value
+        patch.setattr(sys.modules["datasets"].config, "HF_DATASETS_CACHE", path)
+    yield path
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The paper's evaluation sets in miniature (tests/tinydata): ``tiny_data.path(name)``
+    is a directory to pass as ``override`` to ``load_rows``; each is built once."""
+    from tests.tinydata import TinyData
+
+    return TinyData(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket connection fails, and the hub libraries believe they are online (so
+    an attempt to reach the hub would show up as a refused socket, not be skipped)."""
+    import socket
+
+    import datasets
+    import huggingface_hub.constants
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return attempts     # also the attempts a library swallowed

@@ -17,12 +17,6 @@ def sp_tokenizer():
     return make_sentencepiece_tokenizer(["<image>"], extra_pieces=["hedral"])
 
 
-@pytest.fixture(scope="module")
-def sp_llava(tiny_zoo):
-    """The tiny LLaVA with a SentencePiece-style (Vicuna-like) tokenizer."""
-    return tiny_zoo.variant("llava", "sentencepiece", tokenizer_factory=make_sentencepiece_tokenizer)
-
-
 def _id(tok, piece):
     return tok.convert_tokens_to_ids(piece)
 

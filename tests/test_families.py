@@ -126,3 +126,16 @@ def test_bfloat16_prepare_forward_generate(tiny_zoo, family):
     assert (logits[last].float().softmax(-1) - reference[last].softmax(-1)).abs().max() < 0.05
     out = model.generate(batch, max_new_tokens=3)
     assert out.new_tokens.shape == (len(batch), 3)
+
+
+@torch.no_grad()
+def test_last_logits_compute_only_the_last_position(tiny_zoo, family):
+    """`last_logits` (logits_to_keep) equals the full logits at each example's last token."""
+    for side in ("left", "right"):
+        model, batch = tiny_zoo.batch(family, padding_side=side)
+        full = model(batch)[batch.positions.last.mask]
+        seen = {}
+        hook = ("unembed.hook_out", lambda x, hook: seen.update(shape=tuple(x.shape)))
+        last = model.last_logits(batch, fwd_hooks=[hook])
+        torch.testing.assert_close(last, full, atol=1e-6, rtol=0)
+        assert seen["shape"][1] < batch.input_ids.shape[1], "the unembedding ran on every position"

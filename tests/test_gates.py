@@ -5,6 +5,7 @@ family's tiny random model; ``tl-vlm find-gate`` writes its report."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -119,7 +120,8 @@ def test_json_round_trip(searches):
 
 
 def test_a_generation_task_uses_the_models_own_answer(toy_models):
-    task = GenerationTask("toy", toy_task(12).examples, max_new_tokens=2, instruction="")
+    examples = [replace(ex, references=ex.answers * 3) for ex in toy_task(12).examples]
+    task = GenerationTask("toy", examples, max_new_tokens=2, prompt_kind=None)
     gates = A.find_gates(toy_models["toy-gated"], task, batch_size=12, rows=False,
                          overlap=False, check_random=0)
     assert gates.clean_score == 1.0 and gates.gate == ["eoi"], gates.summary()
@@ -164,7 +166,7 @@ def test_every_family_runs_end_to_end(tiny_zoo, family):
     model = tiny_zoo.model(family)
     examples = [Example(p, images=tuple(im if isinstance(im, (list, tuple)) else [im]),
                         answers=("cat",)) for p, im in zip(spec.prompts, spec.images)]
-    task = GenerationTask(family, examples, max_new_tokens=1, instruction="")
+    task = GenerationTask(family, examples, max_new_tokens=1, prompt_kind=None)
     gates = A.find_gates(model, task, batch_size=2, check_random=2, overlap=False)
     assert gates.verdict in ("narrow", "mixed", "distributed", "no image effect")
     assert gates.classes[0].name == "image_side" and gates.positions

@@ -104,21 +104,15 @@ EXPECTED: dict[str, dict[tuple[int, int], Expected]] = {
 }
 EXPECTED["qwen2_5_vl"] = EXPECTED["qwen2_vl"]  # same processor and released settings
 
-# The position sets that make up the processor's own per-image token count (and that it
-# marks in mm_token_type_ids).
-COUNTED = {
-    "chameleon": ("boi", "image", "eoi"),      # image_seq_length + BOI + EOI
-    "emu3": ("image", "row_breaks"),           # H*(W+1) <image> slots, EOL slots included
-    "gemma3": ("image",),
-    "janus": ("boi", "image", "eoi"),
-    "llava": ("image",),
-    "llava_onevision": ("image", "row_breaks"),
-    "pixtral": ("image", "row_breaks", "eoi"),  # [IMG_END] replaces the last row's break
-    "qwen2_vl": ("image",),
-    "qwen2_5_vl": ("image",),
-}
 # A multi-image LLaVA-OneVision prompt keeps only each image's base features + a newline.
 ONEVISION_BASE_ONLY = Expected(((27, 27),), breaks=1)
+
+
+def _layout_counted(family: str) -> tuple[str, ...]:
+    """The position sets the processor counts per image, as the family's layout declares."""
+    from tl_vlm.adapters import families
+
+    return next(f.layout for f in families() if f.name == family).processor_counted
 
 
 def test_every_family_is_covered():
@@ -201,13 +195,13 @@ def _check_image(family: str, layout, pos, b: int, n: int, size, expected: Expec
     assert count["row_breaks"] == expected.breaks
     assert count["boi"] == int(layout.boi_token is not None)
     assert count["eoi"] == int(layout.eoi_token is not None)
-    assert (sum(count[name] for name in COUNTED[family])
+    assert (sum(count[name] for name in _layout_counted(family))
             == _processor_count(family, layout.processor, size, images_in_prompt))
 
 
 def _check_mask(family: str, layout, inputs, pos) -> None:
     located = torch.zeros_like(pos.padding.mask)
-    for name in COUNTED[family]:
+    for name in _layout_counted(family):
         located |= getattr(pos, name).mask
     assert torch.equal(located, _processor_image_mask(family, layout, inputs))
 

@@ -97,23 +97,54 @@ def test_generate_refuses_right_padding(tiny_zoo):
         model.generate(batch, max_new_tokens=2)
 
 
-def test_plain_boot_transformers_finds_chameleon_without_importing_tl_vlm(tiny_zoo):
-    """After `pip install tl-vlm`, TL itself boots Chameleon in a fresh interpreter."""
-    path = tiny_zoo.path("chameleon")
-    script = textwrap.dedent(f"""
-        import sys
-        from transformer_lens.model_bridge import TransformerBridge
-        assert "tl_vlm.adapters" not in sys.modules, "the user imported nothing from tl_vlm"
-        bridge = TransformerBridge.boot_transformers({str(path)!r}, device="cpu")
-        print(type(bridge.adapter).__module__, type(bridge.adapter).__name__)
-        ids = bridge.tokenizer("what is this", return_tensors="pt").input_ids
-        print(tuple(bridge(ids).shape))
-    """)
+PLAIN_BOOT = """
+import inspect, json, sys
+import torch, transformers
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.factories import architecture_adapter_factory as factory
+assert "tl_vlm.model" not in sys.modules, "the user imported nothing from tl_vlm"
+report = {}
+for family, (path, inputs) in torch.load(sys.argv[1], weights_only=False).items():
+    bridge = TransformerBridge.boot_transformers(path, device="cpu")
+    ref = getattr(transformers, type(bridge.original_model).__name__).from_pretrained(
+        path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = ref(**inputs).logits
+        kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+        got = bridge(inputs["input_ids"], **kwargs)
+        halve = lambda pattern, hook: pattern * 0.5
+        edited = bridge.run_with_hooks(inputs["input_ids"], **kwargs,
+                                       fwd_hooks=[("blocks.0.attn.hook_pattern", halve)])
+    mask = inputs["attention_mask"].bool()
+    report[family] = dict(adapter=type(bridge.adapter).__module__ + ":" + type(bridge.adapter).__name__,
+                          max_diff=float((got[mask] - expected[mask]).abs().max()),
+                          live=float((edited[mask] - got[mask]).abs().max()))
+table = {name: (cls.__name__, inspect.getsourcefile(cls))
+         for name, cls in factory.SUPPORTED_ARCHITECTURES.items()}
+print(json.dumps(dict(report=report, table=table)))
+"""
+
+
+def test_plain_transformer_lens_boots_every_family_exactly_with_live_hooks(tiny_zoo, tmp_path):
+    """After `pip install tl-vlm`, TL itself boots all 9 families, in a fresh interpreter,
+    with logits equal to HF eager and live attention hooks; its table holds real classes."""
+    inputs = {family: (str(tiny_zoo.path(family)), tiny_zoo.batch(family)[1].inputs)
+              for family in tiny_zoo.specs}
+    torch.save(inputs, tmp_path / "inputs.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", PLAIN_BOOT, str(tmp_path / "inputs.pt")],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "tl_vlm.adapters.chameleon ChameleonAdapter" in done.stdout
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(out["report"]) == sorted(tiny_zoo.specs)
+    for family, r in out["report"].items():
+        assert r["adapter"].startswith("tl_vlm.adapters."), (family, r)
+        assert r["max_diff"] < 1e-4, (family, r)
+        assert r["live"] > 1e-4, (family, r)
+    assert out["report"]["pixtral"]["adapter"].endswith(":PixtralAdapter")
+    for name, (cls_name, source) in out["table"].items():
+        assert cls_name and source and source.endswith(".py"), (name, cls_name, source)
+    assert "attempted to override" not in done.stderr and "could not register" not in done.stderr
 
 
 # -- placement and dtypes ------------------------------------------------------------
@@ -210,3 +241,30 @@ def test_models_are_freed(tiny_zoo):
         gc.collect()
     alive = [sum(r() is not None for r in group) for group in refs]
     assert alive == [0, 0, 0], f"objects still alive per load: {alive}"
+
+
+def test_onevision_without_its_processor_config_says_what_to_do(tiny_zoo, tmp_path):
+    src = tiny_zoo.path("llava_onevision")
+    for f in src.iterdir():
+        if f.name != "processor_config.json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    from tl_vlm import HookedVLM
+
+    with pytest.raises(OSError, match=r"could not load the processor from .*needs the processor "
+                                      r".*pass the base model's processor: from_pretrained\(path, processor="):
+        HookedVLM.from_pretrained(str(tmp_path))
+    model = HookedVLM.from_pretrained(str(tmp_path), processor=str(src))
+    assert model.family.name == "llava_onevision"
+
+
+def test_layout_errors_name_expected_found_and_what_to_do(toy_models):
+    from tl_vlm.layout import LayoutError
+    from tl_vlm.toy import make_examples
+
+    model = toy_models["toy-gated"]
+    prompt = make_examples(1).prompts[0]
+    with pytest.raises(LayoutError, match=r"expected BOI '<racm3:break>' \(id \d+\) right before .* "
+                                          r"but found 'what' .* placeholder '<image>'"):
+        model.prepare([prompt.replace("<racm3:break>", "what")])
+    with pytest.raises(LayoutError, match=r"expected EOI '<eoss>' .* but found 'what'.*truncated"):
+        model.prepare([prompt.replace("<eoss>", "what")])

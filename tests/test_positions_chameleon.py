@@ -114,10 +114,10 @@ def test_metadata_that_disagrees_with_ids_is_refused(tiny_zoo):
     with pytest.raises(LayoutError, match="4x4 grid.*16 tokens.*13 image tokens"):
         model.layout.locate(truncated, None, batch.inputs)
     no_eoi = torch.cat([ids[:, :17], ids[:, 18:]], dim=1)
-    with pytest.raises(LayoutError, match="not followed by EOI"):
+    with pytest.raises(LayoutError, match=r"expected EOI .* right after its image tokens.*but found"):
         model.layout.locate(no_eoi, None, batch.inputs)
     no_boi = ids[:, 1:]
-    with pytest.raises(LayoutError, match="not preceded by BOI"):
+    with pytest.raises(LayoutError, match=r"expected BOI .* right before its image tokens.*but found"):
         model.layout.locate(no_boi, None, batch.inputs)
     two_images = dict(batch.inputs, pixel_values=batch.inputs["pixel_values"].repeat(2, 1, 1, 1))
     with pytest.raises(LayoutError, match="describes 2 images"):
@@ -328,9 +328,9 @@ def test_pretokenised_image_needs_a_square_grid(tiny_zoo):
 
 def test_pretokenised_image_needs_boi_and_eoi_and_no_mixing(tiny_zoo):
     model = tiny_zoo.model("chameleon")
-    with pytest.raises(LayoutError, match="not preceded by BOI"):
+    with pytest.raises(LayoutError, match=r"expected BOI .* right before its image tokens.*but found"):
         model.prepare([f"{_codes()} <eoss> what"])
-    with pytest.raises(LayoutError, match="not followed by EOI"):
+    with pytest.raises(LayoutError, match=r"expected EOI .* right after its image tokens.*but found"):
         model.prepare([f"<racm3:break> {_codes()} what"])
     batch = model.prepare([f"{_pretokenised()} what"])
     ids = batch.input_ids.clone()

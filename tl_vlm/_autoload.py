@@ -1,43 +1,28 @@
-"""Make ``TransformerBridge.boot_transformers`` see tl_vlm's adapters without an import.
+"""Make plain ``TransformerBridge.boot_transformers`` use tl_vlm's adapters, no import needed.
 
-TransformerLens 4.3 decides whether it supports a checkpoint by looking its
-architecture name up in ``SUPPORTED_ARCHITECTURES`` *before* it reads the
-``transformer_lens.architectures`` entry points, so an entry point for a name TL does
-not already list is never reached. tl_vlm ships ``tl_vlm_autoload.pth``, which calls
-:func:`install` at interpreter start-up: a meta-path hook that, once TL's factory
-module has been imported, adds tl_vlm's entry-point names to that table as lazy
-entries. The adapters themselves are imported only when a model is booted.
+TransformerLens 4.3 picks an adapter by looking the checkpoint's architecture name up in
+its table (``SUPPORTED_ARCHITECTURES`` and the factory's copy of it). For the
+architectures tl_vlm supports, that table should hold tl_vlm's adapters: they add the
+architectures TL lacks (Chameleon, Janus, Qwen2-VL), route text attention through the
+hooked function (so ``hook_pattern`` edits are live), fix TL 4.3's Pixtral crash and load
+Qwen2.5-VL without torchvision. tl_vlm ships ``tl_vlm_autoload.pth``, which calls
+:func:`install` at interpreter start-up: a meta-path hook that, right after TL's factory
+module has been imported, puts tl_vlm's adapter classes (real classes, imported then)
+into that table.
 
-Standard library only: this runs in every interpreter of the environment.
+This module imports only the standard library at start-up: it runs in every interpreter
+of the environment. tl_vlm itself is imported only when TransformerLens is.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.abc
-import importlib.metadata
 import importlib.util
 import sys
+import warnings
 
 FACTORY_MODULE = "transformer_lens.factories.architecture_adapter_factory"
-ENTRY_POINT_GROUP = "transformer_lens.architectures"
-
-
-class LazyAdapter:
-    """Stands in for an adapter class until TL instantiates it."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    def load(self) -> type:
-        module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
-
-    def __call__(self, cfg):  # TL calls adapter_class(cfg)
-        return self.load()(cfg)
-
-    def __repr__(self) -> str:
-        return f"LazyAdapter({self.target!r})"
 
 
 def mark_multimodal(architecture: str) -> None:
@@ -48,25 +33,37 @@ def mark_multimodal(architecture: str) -> None:
     architectures.MULTIMODAL_ARCHITECTURES.add(architecture)
 
 
-def tl_vlm_entry_points() -> dict[str, str]:
-    """Architecture name -> "module:Adapter" for tl_vlm's own entry points."""
-    return {
-        ep.name: ep.value
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-        if ep.value.startswith("tl_vlm.")
-    }
-
-
 def register(factory_module) -> list[str]:
-    """Add tl_vlm's architectures to TL's table (names TL already has are left alone)."""
-    table = factory_module.SUPPORTED_ARCHITECTURES
-    added = []
-    for name, target in tl_vlm_entry_points().items():
-        if name not in table:
-            table[name] = LazyAdapter(target)
-            mark_multimodal(name)
-            added.append(name)
-    return added
+    """Put tl_vlm's adapter class in TL's table for every architecture tl_vlm supports.
+
+    Returns the architecture names whose entry changed. Idempotent. Does nothing while
+    ``tl_vlm.adapters`` is itself being imported (its import of TransformerLens is what
+    called here); it registers when its families are loaded.
+    """
+    adapters = sys.modules.get("tl_vlm.adapters")
+    if adapters is not None and not (hasattr(adapters, "_ready") and adapters._ready()):
+        return []
+    from tl_vlm.adapters import tl_adapter_classes
+
+    factory = factory_module.ArchitectureAdapterFactory
+    # Entry points first: once ours are in the table, TL would take its own later
+    # discovery of them for an attempted override of a native adapter, and warn.
+    factory.discover_entry_points()
+    changed = []
+    for architecture, adapter in tl_adapter_classes().items():
+        if factory_module.SUPPORTED_ARCHITECTURES.get(architecture) is not adapter \
+                or factory._adapters.get(architecture) is not adapter:
+            changed.append(architecture)
+        factory_module.SUPPORTED_ARCHITECTURES[architecture] = adapter
+        factory._adapters[architecture] = adapter
+        mark_multimodal(architecture)
+    return changed
+
+
+def register_if_imported() -> list[str]:
+    """:func:`register`, if TransformerLens' factory is imported (else the hook will)."""
+    module = sys.modules.get(FACTORY_MODULE)
+    return [] if module is None else register(module)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -88,8 +85,9 @@ class _Finder(importlib.abc.MetaPathFinder):
             original_exec(module)
             try:
                 register(module)
-            except Exception:  # never break TL's import over an optional extra
-                pass
+            except Exception as err:  # never break TL's import over tl_vlm; say so instead
+                warnings.warn(f"tl_vlm could not register its adapters with TransformerLens "
+                              f"({type(err).__name__}: {err}); `import tl_vlm` to see the error")
 
         spec.loader.exec_module = exec_module
         return spec

@@ -3,10 +3,10 @@
 1. **Adapter lookup.** TL's ``determine_architecture_from_hf_config`` reads only its
    built-in ``SUPPORTED_ARCHITECTURES`` table, so ``register_adapter`` and the
    ``transformer_lens.architectures`` entry points never reach names TL does not list
-   (Chameleon, Janus, Qwen2-VL). :func:`ensure_registered` adds tl_vlm's new
-   architectures to both the table and the factory, and to TL's multimodal set (else
-   TL loads them with ``AutoModelForCausalLM``) (``tl_vlm._autoload`` does the same
-   without an import, through a ``.pth`` start-up hook).
+   (Chameleon, Janus, Qwen2-VL). :func:`ensure_registered` puts tl_vlm's adapters in the
+   table and the factory for every architecture tl_vlm supports, and adds the new ones
+   to TL's multimodal set (else TL loads them with ``AutoModelForCausalLM``);
+   ``tl_vlm._autoload`` does the same without an import, through a ``.pth`` start-up hook.
 2. **Families TL has, with tl_vlm's adapter.** :func:`adapter_override` makes one boot
    use tl_vlm's adapter (hooked attention, Pixtral tower) without replacing TL's
    default for other callers.
@@ -31,28 +31,12 @@ _lock = threading.RLock()
 
 
 def ensure_registered() -> list[str]:
-    """Make TL's lookup and factory know tl_vlm's new architectures; idempotent.
+    """Make TL's table and factory hold tl_vlm's adapters; idempotent.
 
-    Returns the architecture names that TL did not know before.
+    Returns the architecture names whose entry changed.
     """
-    from tl_vlm.adapters import families
-
     with _lock:
-        # Load entry points first, so TL does not later mistake ours for overrides.
-        _factory.ArchitectureAdapterFactory.discover_entry_points()
-        _autoload.register(_factory)
-        added = []
-        for fam in families():
-            if fam.tl_has_adapter:
-                continue
-            for arch in fam.architectures:
-                table_entry = _factory.SUPPORTED_ARCHITECTURES.get(arch)
-                if table_entry is None or isinstance(table_entry, _autoload.LazyAdapter):
-                    _factory.SUPPORTED_ARCHITECTURES[arch] = fam.adapter
-                    added.append(arch)
-                _factory.ArchitectureAdapterFactory._adapters.setdefault(arch, fam.adapter)
-                _autoload.mark_multimodal(arch)
-        return added
+        return _autoload.register(_factory)
 
 
 @contextlib.contextmanager

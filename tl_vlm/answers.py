@@ -38,7 +38,17 @@ _warned: set[tuple[int, str]] = set()
 
 
 class AnswerTokenError(ValueError):
-    """An answer word has no usable token, or a closed set's answers collide."""
+    """An answer word has no usable token, or a closed set's answers collide.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> tok = HookedVLM.from_pretrained("toy-gated").tokenizer
+        >>> try:
+        ...     answer_token_id(tok, "zzz")
+        ... except AnswerTokenError as err:
+        ...     print(type(err).__mro__[1].__name__)     # also a ValueError
+        ValueError
+    """
 
 
 def word_tokens(tokenizer: Any, answer: str) -> list[int]:
@@ -49,7 +59,7 @@ def word_tokens(tokenizer: Any, answer: str) -> list[int]:
         >>> from tl_vlm import HookedVLM
         >>> tok = HookedVLM.from_pretrained("toy-gated").tokenizer
         >>> word_tokens(tok, "top-left")
-        [25]
+        [26]
     """
     if not isinstance(answer, str) or not answer.strip():
         raise AnswerTokenError(f"an answer must be a non-empty word, got {answer!r}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_vlm.positions import ImagePositions
@@ -71,6 +71,33 @@ class VLMBatch:
         if bool(mask.all()):
             return "none"
         return "left" if bool((~mask[:, 0]).any()) else "right"
+
+    @property
+    def logits_to_keep(self) -> Union[int, Tensor]:
+        """The forward argument that makes the model compute logits only at each
+        example's last position (``1`` with left padding; else those positions).
+
+        ``model(batch, logits_to_keep=batch.logits_to_keep)`` then returns
+        ``[batch, n_kept, vocab]`` instead of ``[batch, pos, vocab]``; :meth:`last_of`
+        picks each example's row. At a 262k vocabulary and 16k tokens the full logits
+        alone would be 16 GiB per example in float32.
+        """
+        last = self.positions.last.mask.nonzero()[:, 1]
+        if bool((last == self.input_ids.shape[1] - 1).all()):
+            return 1
+        return last.unique()
+
+    def last_of(self, logits: Float[Tensor, "batch kept vocab"]) -> Float[Tensor, "batch vocab"]:
+        """Each example's last-position row of logits computed with :attr:`logits_to_keep`
+        (or of full ``[batch, pos, vocab]`` logits)."""
+        last = self.positions.last.mask.nonzero()[:, 1].to(logits.device)
+        rows = torch.arange(len(self), device=logits.device)
+        if logits.shape[1] == self.input_ids.shape[1]:
+            return logits[rows, last]
+        keep = self.logits_to_keep
+        if isinstance(keep, int):
+            return logits[:, -1]
+        return logits[rows, torch.searchsorted(keep.to(logits.device), last)]
 
     def to(self, device: Union[str, torch.device, None] = None,
            dtype: Optional[torch.dtype] = None) -> "VLMBatch":

@@ -1,11 +1,13 @@
-"""``tl-vlm find-gate`` and ``tl-vlm compare`` (registered by :mod:`tl_vlm.cli`).
+"""``tl-vlm find-gate`` and ``tl-vlm compare`` (registered in :data:`tl_vlm.cli.COMMANDS`).
 
 Examples::
 
     tl-vlm find-gate --model toy-last-image --out gate-report/      # which positions carry the image
-    tl-vlm find-gate --model facebook/chameleon-7b --dataset vqa.jsonl --n-examples 64 \\
+    tl-vlm find-gate --model facebook/chameleon-7b --task vqav2 --n-examples 64 \\
         --device cuda --dtype bfloat16 --out gate-chameleon/
     tl-vlm compare runs/toy-gated runs/toy-distributed runs/toy-last-image --out compare/
+
+Nothing here imports torch before the arguments are checked (as the rest of the CLI).
 """
 
 from __future__ import annotations
@@ -13,93 +15,116 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
 def add_commands(sub) -> None:
     """Add the ``find-gate`` and ``compare`` sub-commands to ``tl-vlm``'s parser.
 
     Example:
-        >>> import argparse
-        >>> parser = argparse.ArgumentParser(prog="tl-vlm")
-        >>> add_commands(parser.add_subparsers(dest="command", required=True))
-        >>> args = parser.parse_args(["compare", "runs/a", "runs/b", "--out", "cmp"])
+        >>> from tl_vlm.cli import build_parser
+        >>> args = build_parser().parse_args(["compare", "runs/a", "runs/b", "--out", "cmp"])
         >>> args.runs, args.out, args.run.__name__
         (['runs/a', 'runs/b'], 'cmp', 'compare')
+        >>> build_parser().parse_args(["find-gate"]).model
+        'toy-gated'
     """
-    p = sub.add_parser("find-gate", help="find the image-side positions that carry the image "
-                                         "to the text (narrow, distributed or mixed)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The CLI module imports this one while it loads: its helpers are read at call time.
+    from tl_vlm.cli import _Formatter, _add_model_arguments, _positive_int
+    from tl_vlm.names import TASK_NAMES, TOY_MODELS
+
+    p = sub.add_parser(
+        "find-gate", formatter_class=_Formatter,
+        help="find the image-side positions that carry the image to the text",
+        description="Knock out every position class and estimate every single image-side\n"
+                    "position's effect on the task (checked by exact knockouts); say whether\n"
+                    "the image reaches the text narrowly, distributed or mixed, and from\n"
+                    "which layer on. Writes OUT/index.html and OUT/gates.json.")
     p.add_argument("--model", default="toy-gated",
-                   help="a shipped toy model (toy-gated, toy-distributed, toy-last-image), a "
-                        "local checkpoint or a hub id")
-    p.add_argument("--dataset", default=None,
-                   help="'toy' (default for toy models) or a JSONL file of "
-                        "{image, question, answers[, label, kind]} lines")
+                   help=f"{' or '.join(TOY_MODELS)} (shipped), a local checkpoint or a hub id")
+    p.add_argument("--task", default=None,
+                   help=f"{', '.join(TASK_NAMES)}, or a JSONL file of {{image, question, "
+                        f"answers}} lines (default: toy for the toy models)")
+    p.add_argument("--data", default=None, help="a local copy of the task's dataset")
     p.add_argument("--out", default="gate-report", help="output directory")
-    p.add_argument("--n-examples", type=int, default=None,
-                   help="examples (toy default 240; JSONL default: all)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-examples", type=_positive_int, default=None,
+                   help="the first N examples of the task (default: all; toy: 240)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--coco-root", default=None, help="folder holding the COCO images")
+    p.add_argument("--image-cache", default=None, help="cache of downloaded COCO images")
+    p.add_argument("--prompt-style", default=None, choices=("paper", "clean", "chat"),
+                   help="prompt templates of the dataset tasks (default: paper)")
+    p.add_argument("--vqa-mode", default="zero-shot", choices=("zero-shot", "prompt"))
     p.add_argument("--queries", default="all", choices=("all", "text"),
-                   help="whose attention a knockout cuts: every position (the paper) or text only")
+                   help="whose attention a knockout cuts: every position (the paper) or text")
     p.add_argument("--no-rows", action="store_true", help="leave out the per-row classes")
-    p.add_argument("--check-top", type=int, default=5,
+    p.add_argument("--check-top", type=_positive_int, default=5,
                    help="best positions (by estimate) checked by exact knockout")
     p.add_argument("--check-random", type=int, default=5,
                    help="random other positions checked by exact knockout")
     p.add_argument("--check-all", action="store_true",
                    help="check every position by exact knockout (one forward each per batch)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--seed", type=int, default=0, help="the random checks; the toy held-out set")
+    _add_model_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.set_defaults(run=find_gate)
 
-    c = sub.add_parser("compare", help="one HTML report overlaying several narrow-gate runs")
+    c = sub.add_parser("compare", formatter_class=_Formatter,
+                       help="one HTML report overlaying several narrow-gate runs",
+                       description="Overlay the results.json of several `tl-vlm narrow-gate` "
+                                   "runs in one page\n(OUT/index.html), native models first.")
     c.add_argument("runs", nargs="+", help="output directories of `tl-vlm narrow-gate` runs")
     c.add_argument("--out", default="narrow-gate-compare", help="output directory")
+    c.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     c.set_defaults(run=compare)
 
 
-def find_gate(args: argparse.Namespace) -> Path:
+def find_gate(args: argparse.Namespace) -> int:
     """Run :func:`tl_vlm.analyses.find_gates` and write its report; prints the summary.
 
     Example:
-        >>> import argparse, tempfile
-        >>> parser = argparse.ArgumentParser(prog="tl-vlm")
-        >>> add_commands(parser.add_subparsers(dest="command", required=True))
+        >>> import tempfile
+        >>> from tl_vlm.cli import build_parser
         >>> tmp = tempfile.TemporaryDirectory()
-        >>> args = parser.parse_args(["find-gate", "--model", "toy-gated", "--n-examples", "12",
-        ...                           "--no-rows", "--check-random", "0", "--out", tmp.name])
-        >>> find_gate(args).name                          # doctest: +ELLIPSIS
+        >>> args = build_parser().parse_args(["find-gate", "--model", "toy-gated", "--n-examples",
+        ...                                   "12", "--no-rows", "--check-random", "0",
+        ...                                   "--out", tmp.name])
+        >>> find_gate(args)                               # doctest: +ELLIPSIS
         narrow: eoi carries 0.92 of the image effect (from layer 1 on)
         ...
-        'index.html'
+        0
         >>> tmp.cleanup()
     """
-    import torch
+    from tl_vlm import cli
 
-    from tl_vlm import HookedVLM
+    cli._check_model_name(args.model)
+    args.steps = None                    # find-gate runs no study steps
+    cli._task_defaults(args)             # --task, --data and --coco-root checked, toy default
+    cli._check_placement_flags(args)
+    cli._check_device(args.device, args.n_devices)
+    processor = cli._check_chat_template(args)
+
     from tl_vlm.analyses import find_gates
-    from tl_vlm.cli import _task
     from tl_vlm.gate_figures import write_gate_report
+    from tl_vlm.taskset import load_task
 
-    _, task = _task(args)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = HookedVLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                      device=args.device)
+    task, _ = load_task(args.task, data=args.data, n=args.n_examples, seed=args.seed,
+                        coco_root=args.coco_root, image_cache=args.image_cache,
+                        prompt_style=args.prompt_style or "paper", vqa_mode=args.vqa_mode)
+    cli._log(f"loading {args.model} ...")
+    model = cli._load_model(args.model, args, processor)
     t0 = time.time()
     gates = find_gates(model, task, batch_size=args.batch_size, queries=args.queries,
                        rows=not args.no_rows, check_top=args.check_top,
                        check_random=args.check_random, check_all=args.check_all, seed=args.seed,
-                       log=lambda line: print(line, file=sys.stderr, flush=True))
+                       log=cli._log)
     gates.model = args.model
     print(gates.summary())
     path = write_gate_report(gates, args.out)
-    print(f"report: {path} ({time.time() - t0:.1f}s)", file=sys.stderr)
-    return path
+    cli._log(f"report: {path} ({time.time() - t0:.1f}s)")
+    return 0
 
 
-def compare(args: argparse.Namespace) -> Path:
+def compare(args: argparse.Namespace) -> int:
     """Write the comparison of ``args.runs`` to ``args.out``.
 
     Example:
@@ -107,13 +132,14 @@ def compare(args: argparse.Namespace) -> Path:
         >>> compare(argparse.Namespace(runs=["no-such-run"], out="cmp"))
         Traceback (most recent call last):
         ...
-        SystemExit: tl-vlm compare: no-such-run/results.json not found: give the output directory of a `tl-vlm narrow-gate` run
+        FileNotFoundError: no-such-run/results.json not found: give the output directory of a `tl-vlm narrow-gate` run
     """
+    from tl_vlm.cli import CLIError
     from tl_vlm.compare import write_comparison
 
     try:
         path = write_comparison(args.runs, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"tl-vlm compare: {err}") from None
+    except ValueError as err:          # a results.json that is not one: the user's input
+        raise CLIError(str(err)) from None
     print(f"report: {path}", file=sys.stderr)
-    return path
+    return 0

@@ -159,7 +159,7 @@ def _knockout_figure(runs: Sequence[Run]) -> Optional[tuple[Any, list[str], list
     """Accuracy per knockout condition, one bar per model; with its table."""
     import plotly.graph_objects as go
 
-    from tl_vlm.report import CONDITION_NAMES
+    from tl_vlm.plot import CONDITION_NAMES
 
     have = [r for r in runs if "accuracy" in r.results]
     if not have:
@@ -349,28 +349,11 @@ def shared_legend(runs: Sequence[Run]) -> str:
     return "".join(parts)
 
 
-_CSS_EXTRA = """
+EXTRA_CSS = """
 .legend{position:sticky;top:0;background:#fff;z-index:10;padding:.4em 0;border-bottom:1px solid #ddd}
 .group{display:inline-block;margin-right:2em}.item{cursor:pointer;margin-left:1em;user-select:none}
 pre{white-space:pre-wrap}.item.off{opacity:.35}.swatch{display:inline-block;width:1.6em;height:.8em;margin-right:.3em;vertical-align:middle}
 """
-
-
-def html_page(title: str, body: str, script: str = "") -> str:
-    """A self-contained page (plotly.js inlined) with the report's style.
-
-    Example:
-        >>> page = html_page("t", "<p>hi</p>")
-        >>> page.startswith("<!DOCTYPE html>"), "<p>hi</p>" in page
-        (True, True)
-    """
-    from plotly.offline import get_plotlyjs
-
-    from tl_vlm.report import _CSS
-
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}{_CSS_EXTRA}</style><script>{get_plotlyjs()}</script>"
-            f"<script>{script}</script></head><body>{body}</body></html>")
 
 
 def write_comparison(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]) -> Path:
@@ -383,7 +366,9 @@ def write_comparison(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]
         ...
         ValueError: give at least one run directory (the --out of `tl-vlm narrow-gate`)
     """
-    from tl_vlm.report import _figure_html, _table
+    from plotly.offline import get_plotlyjs
+
+    from tl_vlm.report import _figure_html, html_page, html_table
 
     if not run_dirs:
         raise ValueError("give at least one run directory (the --out of `tl-vlm narrow-gate`)")
@@ -393,18 +378,21 @@ def write_comparison(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]
     (out / "runs.json").write_text(json.dumps(
         [{"name": r.name, "path": str(r.path), "kind": GROUPS[r.native], "colour": r.colour,
           "meta": r.meta} for r in runs], indent=1))
-    parts = [f"<h1>Narrow Gate: {len(runs)} runs compared</h1>", shared_legend(runs)]
+    parts = [f"<style>{EXTRA_CSS}</style>", f"<h1>Narrow Gate: {len(runs)} runs compared</h1>",
+             shared_legend(runs)]
     info = [[r.name, GROUPS[r.native], r.meta.get("family", ""), r.n_layers or "",
              r.meta.get("dataset", ""), r.meta.get("examples", ""), str(r.path)] for r in runs]
-    parts.append(_table(["model", "kind", "family", "layers", "dataset", "examples", "run"], info))
+    parts.append(html_table(["model", "kind", "family", "layers", "dataset", "examples", "run"],
+                            info))
     for step, title, make in FIGURES:
         made = make(runs)
         if made is None:
             continue
         fig, header, rows = made
         parts.append(f"<h2 id='{step}'>{html.escape(title)}</h2>")
+        fig.update_layout(template="plotly_white", height=380, margin=dict(l=60, r=20, t=60, b=50))
         parts.append(_figure_html(fig))
-        parts.append(f"<details><summary>numbers</summary>{_table(header, rows)}</details>")
+        parts.append(f"<details><summary>numbers</summary>{html_table(header, rows)}</details>")
     path = out / "index.html"
-    path.write_text(html_page("Narrow Gate comparison", "".join(parts), _TOGGLE_JS))
+    path.write_text(html_page("Narrow Gate comparison", parts, get_plotlyjs() + _TOGGLE_JS))
     return path

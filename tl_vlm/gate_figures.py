@@ -207,8 +207,10 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
         (4, True)
         >>> tmp.cleanup()
     """
-    from tl_vlm.compare import html_page
-    from tl_vlm.report import _figure_html, _table
+    from plotly.offline import get_plotlyjs
+
+    from tl_vlm.compare import EXTRA_CSS
+    from tl_vlm.report import _figure_html, html_page, html_table
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +221,7 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
     rows = [[c.name, c.kind, c.share, cell(c.exact), cell(c.estimate), cell(c.score),
              cell(c.contribution), cell(max(c.overlap) if c.overlap else None),
              ", ".join(c.in_classes)] for c in gates.class_ranking + gates.ranking]
-    parts = [f"<h1>Gate search: {html.escape(gates.model)}</h1>",
+    parts = [f"<style>{EXTRA_CSS}</style>", f"<h1>Gate search: {html.escape(gates.model)}</h1>",
              f"<pre>{html.escape(gates.summary())}</pre>"]
     sections = [
         ("Single positions", effect_grid_figure(gates),
@@ -236,11 +238,12 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
     ]
     for title, fig, note in [s for s in sections if s[1] is not None]:
         parts.append(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>")
+        fig.update_layout(template="plotly_white", height=380, margin=dict(l=60, r=20, t=60, b=50))
         parts.append(_figure_html(fig))
-    parts.append("<details><summary>every candidate</summary>" + _table(
+    parts.append("<details><summary>every candidate</summary>" + html_table(
         ["candidate", "kind", "share", "exact drop", "estimate", "task score", "contribution",
          "max overlap", "classes"], rows) + "</details>")
     parts.append("<p class='note'>Raw numbers: <code>gates.json</code> in this folder.</p>")
     path = out / "index.html"
-    path.write_text(html_page("Gate search", "".join(parts)))
+    path.write_text(html_page("Gate search", parts, get_plotlyjs()))
     return path

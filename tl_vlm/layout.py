@@ -8,6 +8,11 @@ LLaVA-OneVision's tiles) override :meth:`ImageLayout.locate_row`.
 Positions come from token ids, never from decoded strings, and grids from the
 processor's metadata (``image_grid_thw``, ``image_sizes``, ...) or from the break
 tokens themselves. Any disagreement between the two raises :class:`LayoutError`.
+
+Each layout also knows where its tokens lie on the picture (:meth:`ImageLayout.image_views`:
+a centre crop for Chameleon and CLIP towers, a padded square for Janus, the whole
+picture for Qwen2-VL, Pixtral, Emu3 and Gemma 3, a base grid and a tile map for
+LLaVA-OneVision); :mod:`tl_vlm.plot` draws per-token scores with it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,108 @@ from tl_vlm.positions import ImagePositions, PositionSet
 
 class LayoutError(ValueError):
     """Token ids, images and processor metadata disagree."""
+
+
+Box = tuple[float, float, float, float]
+"""``(left, top, right, bottom)`` in a picture's pixels (x to the right, y down)."""
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """A block of one image's content tokens and the part of the picture it covers.
+
+    Most layouts have one view per image; LLaVA-OneVision has two for a prompt's only
+    image (its ``base`` grid of the whole picture and its anyres ``tiles`` map).
+
+    Attributes:
+        name: ``"image"``, or OneVision's ``"base"`` / ``"tiles"``.
+        first_row: the block's first row in ``positions.grid`` (OneVision numbers its
+            tile rows after the base rows).
+        rows, cols: the block's size in tokens; cells are equal, row-major.
+        box: the block's extent in the picture's pixels. It may reach outside the
+            picture (Janus pads the picture to a square) or stay inside it (a centre
+            crop keeps the middle of a long picture). In token units
+            ``(0, 0, cols, rows)`` when no picture size is known.
+
+    Example:
+        >>> view = ImageView("image", first_row=0, rows=2, cols=4, box=(0, 0, 40, 10))
+        >>> view.cell(1, 2)                     # (left, top, right, bottom) of row 1, col 2
+        (20.0, 5.0, 30.0, 10.0)
+        >>> view.cell_size
+        (5.0, 10.0)
+    """
+
+    name: str
+    first_row: int
+    rows: int
+    cols: int
+    box: Box
+
+    @property
+    def cell_size(self) -> tuple[float, float]:
+        """(height, width) of one token's cell in picture pixels."""
+        left, top, right, bottom = self.box
+        return (bottom - top) / self.rows, (right - left) / self.cols
+
+    def cell(self, row: int, col: int) -> Box:
+        """The box of the token at ``row`` (counted inside this view) and ``col``."""
+        h, w = self.cell_size
+        left, top = self.box[0] + col * w, self.box[1] + row * h
+        return (float(left), float(top), float(left + w), float(top + h))
+
+
+def _size_of(size: Any, key: str) -> Optional[int]:
+    """``size[key]`` of a processor size (a dict or transformers' ``SizeDict``), or None."""
+    value = size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+    return None if value is None else int(value)
+
+
+def padded_square_box(height: int, width: int) -> Box:
+    """The square a processor pads a picture to (centred, as ``pad_to_square`` does).
+
+    Example:
+        >>> padded_square_box(600, 512)        # a portrait: padded left and right
+        (-44.0, 0.0, 556.0, 600.0)
+    """
+    side = max(height, width)
+    left, top = -((side - width) // 2), -((side - height) // 2)
+    return (float(left), float(top), float(left + side), float(top + side))
+
+
+def resize_crop_box(height: int, width: int, image_processor: Any) -> Box:
+    """The part of a picture a CLIP-style image processor keeps, in the picture's pixels.
+
+    Follows the processor's own flags: ``do_pad`` (pad to a square first, as LLaVA's
+    processor can), ``do_resize`` with ``size`` (``shortest_edge``, or ``height`` and
+    ``width``), then ``do_center_crop`` to ``crop_size``. Exact up to the processor's
+    rounding of the resized size (under one resized pixel).
+
+    Example (Chameleon's processor: shortest edge to 512, centre crop 512x512):
+        >>> from types import SimpleNamespace
+        >>> ip = SimpleNamespace(do_resize=True, size={"shortest_edge": 512},
+        ...                      do_center_crop=True, crop_size={"height": 512, "width": 512})
+        >>> resize_crop_box(600, 512, ip)      # the middle 512 rows of a 512x600 portrait
+        (0.0, 44.0, 512.0, 556.0)
+    """
+    left, top, right, bottom = ((padded_square_box(height, width)
+                                 if getattr(image_processor, "do_pad", False)
+                                 else (0.0, 0.0, float(width), float(height))))
+    h, w = bottom - top, right - left
+    size = getattr(image_processor, "size", None) or {}
+    short = _size_of(size, "shortest_edge")
+    if not getattr(image_processor, "do_resize", True) or size == {}:
+        rh, rw = h, w
+    elif short is not None:
+        rh, rw = h * short / min(h, w), w * short / min(h, w)
+    else:
+        rh, rw = _size_of(size, "height") or h, _size_of(size, "width") or w
+    crop = getattr(image_processor, "crop_size", None)
+    if getattr(image_processor, "do_center_crop", False) and crop:
+        sy, sx = h / rh, w / rw                 # picture pixels per resized pixel
+        ch, cw = _size_of(crop, "height"), _size_of(crop, "width")
+        top, left = top + (rh - ch) / 2 * sy, left + (rw - cw) / 2 * sx
+        bottom, right = top + ch * sy, left + cw * sx
+    return (float(left), float(top), float(right), float(bottom))
 
 
 @dataclass
@@ -107,6 +214,9 @@ class ImageLayout:
     native: bool = False
     gate_description: str = "none"
     processor_tokens: dict[str, str] = {}
+    #: the position sets that make up the processor's own token count per image (and that
+    #: it marks in ``mm_token_type_ids``), for checking positions against the processor
+    processor_counted: tuple[str, ...] = ("image",)
     #: processor outputs that carry the images; a call holding none of them has no pixels
     image_input_names: tuple[str, ...] = ("pixel_values",)
 
@@ -173,6 +283,36 @@ class ImageLayout:
         """Images in the form the family's processor takes (flat by default)."""
         return [im for imgs in per_prompt for im in imgs]
 
+    # -- geometry ----------------------------------------------------------------
+    def picture_box(self, height: int, width: int) -> Box:
+        """The part of a ``height x width`` picture that an image's token grid covers.
+
+        All of it by default (the processor resizes the whole picture: Qwen2-VL,
+        Pixtral, Emu3, Gemma 3); layouts whose processor crops or pads override this.
+        """
+        return (0.0, 0.0, float(width), float(height))
+
+    def image_views(self, rows: int, cols: int, image_size: Optional[tuple[int, int]] = None,
+                    meta: Any = None) -> list[ImageView]:
+        """Where one image's content tokens lie on its picture.
+
+        Args:
+            rows, cols: the extent of the image's grid in ``positions.grid``.
+            image_size: ``(height, width)`` of the picture given to ``prepare``; None
+                for boxes in token units.
+            meta: the image's entry of :meth:`image_grids` (used by layouts whose
+                tokens form several blocks, such as LLaVA-OneVision's).
+
+        Example:
+            >>> from tl_vlm import HookedVLM
+            >>> model = HookedVLM.from_pretrained("toy-gated")       # Chameleon, 6x6 codes
+            >>> model.layout.image_views(6, 6)                       # no picture: token units
+            [ImageView(name='image', first_row=0, rows=6, cols=6, box=(0.0, 0.0, 6.0, 6.0))]
+        """
+        box = (self.picture_box(*image_size) if image_size is not None
+               else (0.0, 0.0, float(cols), float(rows)))
+        return [ImageView("image", 0, rows, cols, box)]
+
     # -- locating ----------------------------------------------------------------
     def locate(
         self,
@@ -217,17 +357,33 @@ class ImageLayout:
         out = RowLayout()
         for n_img, (start, end) in enumerate(runs(ids, members)):
             if boi is not None:
-                if start == 0 or ids[start - 1] != boi:
-                    raise LayoutError(f"image {n_img} at position {start} is not preceded by BOI")
+                self.expect_token(ids, start - 1, "boi", n_img)
                 out.boi.append(start - 1)
             if eoi is not None:
-                if end >= len(ids) or ids[end] != eoi:
-                    raise LayoutError(f"image {n_img} ending at {end} is not followed by EOI")
+                self.expect_token(ids, end, "eoi", n_img)
                 out.eoi.append(end)
                 out.gate.append(end)
             span = list(range(start, end))
             self._grid_span(ids, span, n_img, content, brk, grids.pop(), out)
         return out
+
+    def expect_token(self, ids: list[int], position: int, which: str, n_img: int) -> None:
+        """Raise a LayoutError unless ``ids[position]`` is the layout's ``which`` token
+        (``"boi"``/``"eoi"``), naming what was expected, what was found and what to do."""
+        token = getattr(self, f"{which}_token")
+        expected = self.token_id(token)
+        if 0 <= position < len(ids) and ids[position] == expected:
+            return
+        found = ("nothing (the sequence ends there)" if position >= len(ids) else
+                 "nothing (the sequence starts there)" if position < 0 else
+                 f"{self.tokenizer.convert_ids_to_tokens(ids[position])!r} (id {ids[position]})")
+        side = "before" if which == "boi" else "after"
+        raise LayoutError(
+            f"image {n_img}: expected {which.upper()} {token!r} (id {expected}) right {side} its "
+            f"image tokens, at position {position}, but found {found}. Write each image as the "
+            f"placeholder {self.placeholder!r} and let the processor expand it "
+            f"(model.prepare(prompts, images=...)), or write the whole block "
+            f"(BOI, image tokens, EOI) yourself; was the prompt truncated?")
 
     def _grid_span(self, ids: list[int], span: list[int], n_img: int, content: int,
                    brk: Optional[int], grid: Optional[tuple[int, int]], out: RowLayout) -> None:

@@ -18,12 +18,9 @@ A real checkpoint goes through the same code:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -35,124 +32,20 @@ from tl_vlm._devices import resolve_dtype
 from tl_vlm.adapters import Family, family_for_config
 from tl_vlm.batch import VLMBatch
 from tl_vlm.layout import ImageLayout, LayoutError
+from tl_vlm.loading import check_placement, load_processor, offline_if_local, resolve_model_name
 
 ImageInput = Any  # a PIL image, an array, or anything the family's processor takes
 
 
-@contextlib.contextmanager
-def _offline_if_local(name_or_path: str) -> Iterator[None]:
-    """Loading a local directory must never wait on the hub (70 s time-outs seen)."""
-    if not os.path.isdir(name_or_path):
-        yield
-        return
-    import huggingface_hub.constants as hub_constants
+def _cache_kwarg() -> str:
+    """``generate``'s name for a cache object: ``cache`` (``past_key_values`` is deprecated
+    in recent transformers and warns on every call)."""
+    from transformers.generation import utils
 
-    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    saved_const = hub_constants.HF_HUB_OFFLINE
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE = saved_const
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
-def resolve_model_name(name_or_path: str) -> str:
-    """A shipped toy model's directory, or ``name_or_path`` itself after sanity checks.
-
-    Catches, before anything is downloaded: a toy name spelled with ``_``, and a local
-    path that does not exist (transformers would report it as a malformed repo id).
-
-    Example:
-        >>> resolve_model_name("toy-gated").endswith("gated"), resolve_model_name("org/model")
-        (True, 'org/model')
-        >>> resolve_model_name("toy_gated")
-        Traceback (most recent call last):
-        ...
-        ValueError: no model 'toy_gated': did you mean the shipped toy model 'toy-gated'?
-        >>> resolve_model_name("./checkpoints/missing")
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: no checkpoint directory './checkpoints/missing' (resolved to ...
-    """
-    from tl_vlm.toy import TOY_MODELS, is_toy_model, toy_model_path
-
-    if is_toy_model(name_or_path):
-        return str(toy_model_path(name_or_path))
-    name = str(name_or_path)
-    close = [t for t in TOY_MODELS if t.replace("-", "") == name.replace("_", "").replace("-", "")]
-    if close and not os.path.exists(name):
-        raise ValueError(f"no model {name!r}: did you mean the shipped toy model {close[0]!r}?")
-    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None  # "org/name"
-    if not hub_id and not os.path.exists(os.path.expanduser(name)):
-        raise FileNotFoundError(
-            f"no checkpoint directory {name!r} (resolved to "
-            f"{os.path.abspath(os.path.expanduser(name))}); pass an existing directory "
-            f"holding config.json and the weights, a hub id such as 'facebook/chameleon-7b', "
-            f"or a toy model name {sorted(TOY_MODELS)}")
-    return os.path.expanduser(name)
-
-
-def _check_placement(device, device_map, n_devices, max_memory, offload_folder):
-    """The single device to pass to TL (None with a map), or a clear error."""
-    if device is not None and (device_map is not None or n_devices not in (None, 1)):
-        raise ValueError(
-            f"device={device!r} together with {'device_map' if device_map is not None else 'n_devices'}: "
-            f"pass either one device for the whole model, or a device map / n_devices to "
-            f"split it (not both)")
-    if device_map is not None and n_devices not in (None, 1):
-        raise ValueError("pass device_map or n_devices, not both (n_devices=N means "
-                         "device_map='balanced' over cuda:0..N-1)")
-    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int)
-                                  or n_devices < 1):
-        raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
-    if n_devices and n_devices > 1:
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if available < n_devices:
-            raise ValueError(f"n_devices={n_devices} needs {n_devices} CUDA GPUs; this machine "
-                             f"has {available}")
-    if (max_memory is not None or offload_folder is not None) and device_map is None \
-            and not (n_devices and n_devices > 1):
-        raise ValueError("max_memory/offload_folder only apply when the model is split: pass "
-                         "device_map='auto' (or a dict) or n_devices")
-    if device_map is None and not (n_devices and n_devices > 1):
-        device = torch.device(device if device is not None else "cpu")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available on this "
-                             f"machine (torch {torch.__version__}); use device='cpu'")
-        if device.type == "cuda" and device.index is not None \
-                and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} asked for, but this machine has "
-                             f"{torch.cuda.device_count()} GPU(s)")
-        return str(device)
-    return None
-
-
-def _load_processor(name_or_path: str, processor: Any, trust_remote_code: bool) -> Any:
-    """The checkpoint's processor, or the one given (an object, a hub id or a path)."""
-    from transformers import AutoProcessor
-
-    if processor is not None and not isinstance(processor, (str, os.PathLike)):
-        return processor
-    source = str(processor) if processor is not None else name_or_path
-    try:
-        with _offline_if_local(source):
-            return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as err:  # a VLM without its processor cannot place images
-        hint = ("" if processor is not None else
-                " If the checkpoint was saved without one, pass the base model's processor: "
-                "from_pretrained(path, processor='<hub id or directory of the processor>') "
-                "(or a processor object).")
-        raise OSError(
-            f"could not load the processor from {source!r} ({type(err).__name__}: {err}). "
-            f"tl_vlm needs the processor (preprocessor_config.json, tokenizer files) to "
-            f"place images in the prompt.{hint}"
-        ) from err
+_CACHE_KWARG = _cache_kwarg()
 
 
 @dataclass
@@ -245,13 +138,13 @@ class HookedVLM(TransformerBridge):
         from transformers import AutoConfig
 
         dtype = resolve_dtype(dtype)
-        device = _check_placement(device, device_map, n_devices, max_memory, offload_folder)
+        device = check_placement(device, device_map, n_devices, max_memory, offload_folder)
         name_or_path = resolve_model_name(name_or_path)
-        with _offline_if_local(name_or_path):
+        with offline_if_local(name_or_path):
             hf_config = AutoConfig.from_pretrained(name_or_path,
                                                    trust_remote_code=trust_remote_code)
             family = family_for_config(hf_config)
-            processor = _load_processor(name_or_path, processor, trust_remote_code)
+            processor = load_processor(name_or_path, processor, trust_remote_code)
             arch = next(a for a in hf_config.architectures if a in family.architectures)
             placement = dict(device_map=device_map, n_devices=n_devices, max_memory=max_memory,
                              offload_folder=offload_folder)
@@ -272,6 +165,15 @@ class HookedVLM(TransformerBridge):
             if hasattr(bridge.original_model.config, sub):
                 getattr(bridge.original_model.config, sub).output_attentions = False
         bridge.processor = processor
+        # One tokenizer for users: model.tokenizer is the processor's own (TL's setter
+        # would re-create it with a forced BOS, so the attribute is set directly).
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None:
+            from transformer_lens.model_bridge.sources._bridge_builder import detect_tokenizer_bos_eos
+
+            bridge._tokenizer = tokenizer
+            bridge.cfg.tokenizer_prepends_bos, bridge.cfg.tokenizer_appends_eos = \
+                detect_tokenizer_bos_eos(tokenizer)
         bridge.family = family
         bridge.layout = family.layout(processor, bridge.original_model.config)
         bridge.eval()
@@ -392,6 +294,58 @@ class HookedVLM(TransformerBridge):
                 f"batch):`"
             )
 
+    def answer_tokens(self, answers: Union[str, Sequence[str]]) -> Int[Tensor, "n"]:
+        """The token that stands for each answer word, by tl_vlm's one policy (the first
+        token carrying the word after a space; see :mod:`tl_vlm.answers`). Use it rather
+        than ``model.tokenizer(word)["input_ids"][0]``, which is BOS for most tokenizers.
+
+        Example:
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> model.answer_tokens(["red", "blue"]).tolist(), model.tokenizer is model.layout.tokenizer
+            ([18, 20], True)
+        """
+        from tl_vlm.answers import answer_token_ids
+
+        return answer_token_ids(self.tokenizer, [answers] if isinstance(answers, str) else answers)
+
+    def last_logits(self, batch: VLMBatch, fwd_hooks: Sequence[tuple[Any, Any]] = (),
+                    **forward_kwargs: Any) -> Float[Tensor, "batch vocab"]:
+        """Next-token logits at each example's last position, computing only those rows
+        of the unembedding (never ``[batch, pos, vocab]``), with ``fwd_hooks`` active.
+
+        Example:
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(3).prompts, padding_side="right")
+            >>> last = model.last_logits(batch)
+            >>> last.shape, torch.equal(last, model(batch)[batch.positions.last.mask])
+            (torch.Size([3, 54]), True)
+        """
+        with self.hooks(fwd_hooks=list(fwd_hooks)):
+            logits = self(batch, logits_to_keep=batch.logits_to_keep, **forward_kwargs)
+        return batch.last_of(logits)
+
+    def run_with_cache(self, *args: Any, query_chunk: Optional[int] = None,
+                       **kwargs: Any) -> Any:
+        """TransformerBridge.run_with_cache; ``query_chunk=N`` builds cached attention
+        patterns N query rows at a time (see :func:`tl_vlm.attention.eager_query_chunks`):
+        for long sequences, the full pattern you asked for without the float32
+        full-size temporaries of a one-shot softmax.
+
+        Example:
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> batch = model.prepare(make_examples(2).prompts)
+            >>> _, cache = model.run_with_cache(batch, names_filter="blocks.0.attn.hook_pattern",
+            ...                                 query_chunk=16)
+            >>> cache["blocks.0.attn.hook_pattern"].shape
+            torch.Size([2, 4, 46, 46])
+        """
+        from tl_vlm.attention import eager_query_chunks
+
+        with eager_query_chunks(query_chunk):
+            return super().run_with_cache(*args, **kwargs)
+
     def run_from_layer(
         self,
         batch: VLMBatch,
@@ -409,7 +363,7 @@ class HookedVLM(TransformerBridge):
             >>> from tl_vlm.toy import make_examples
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> batch = model.prepare(make_examples(3).prompts)
-            >>> logits, cache = model.run_with_cache(batch)
+            >>> logits, cache = model.run_with_cache(batch, names_filter="blocks.2.hook_resid_pre")
             >>> same = model.run_from_layer(batch, 2, cache["blocks.2.hook_resid_pre"])
             >>> torch.equal(same, logits)
             True
@@ -451,12 +405,12 @@ class HookedVLM(TransformerBridge):
             )
         tokenizer = self.layout.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if "past_key_values" not in generate_kwargs and "cache_implementation" not in generate_kwargs:
+        if not {"cache", "past_key_values", "cache_implementation"} & set(generate_kwargs):
             # A full-length cache on every layer, sliding-window ones included, so that
             # on cached steps key index == sequence position for position-based hooks.
             from transformers import DynamicCache
 
-            generate_kwargs["past_key_values"] = DynamicCache()
+            generate_kwargs[_CACHE_KWARG] = DynamicCache()
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             out = self.hf_model.generate(
                 **batch.inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -5,7 +5,9 @@ the SPEC below is the 7B (pre-norm) layout. Image codes are real vocabulary entr
 ``IMGIMG<digits as letters>Z``, found through ``config.vocabulary_map``.
 """
 
-from tests.tiny import TinySpec, image, make_tokenizer
+from typing import Optional
+
+from tests.tiny import TinySpec, image, make_sentencepiece_tokenizer, make_tokenizer
 
 N_CODES = 16          # VQ codebook size
 IMAGE_SIZE = 16       # pixels; two downsamplings -> 4x4 latent grid
@@ -18,23 +20,32 @@ def code_token(code: int) -> str:
     return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
-def make_chameleon_tokenizer():
-    return make_tokenizer(SPECIALS, extra_vocab=[code_token(i) for i in range(N_CODES)],
-                          sep_token="<reserved08706>")
+def make_chameleon_tokenizer(sentencepiece: bool = False):
+    """The word-level tiny vocabulary, or (``sentencepiece``) a Llama-style one that can
+    spell any word (ImageNet's class names) from letters."""
+    codes = [code_token(i) for i in range(N_CODES)]
+    if sentencepiece:
+        return make_sentencepiece_tokenizer(SPECIALS, extra_pieces=codes,
+                                            sep_token="<reserved08706>")
+    return make_tokenizer(SPECIALS, extra_vocab=codes, sep_token="<reserved08706>")
 
 
 def build(path, swin_norm: bool = False, layers: int = 2, hidden: int = 32, heads: int = 4,
-          image_size: int = IMAGE_SIZE):
+          image_size: int = IMAGE_SIZE, kv_heads: int = 2, mlp: Optional[int] = None,
+          vocab: Optional[int] = None, sentencepiece: bool = False):
     """Write the tiny Chameleon (the benchmarks ask for bigger ones: more layers, a wider
-    model, ``image_size`` pixels -> ``(image_size / 4)^2`` codes per image)."""
+    model, ``image_size`` pixels -> ``(image_size / 4)^2`` codes per image; ``mlp`` is
+    the MLP width (default ``2 * hidden``), ``vocab`` pads the vocabulary beyond the
+    tokenizer's, e.g. to Chameleon-7B's 65536)."""
     import torch
     from transformers import (ChameleonConfig, ChameleonForConditionalGeneration,
                               ChameleonImageProcessorPil, ChameleonProcessor)
 
-    tok = make_chameleon_tokenizer()
+    tok = make_chameleon_tokenizer(sentencepiece)
     cfg = ChameleonConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+        vocab_size=max(len(tok), vocab or 0), hidden_size=hidden,
+        intermediate_size=mlp or 2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=256 + 2 * (image_size // 4) ** 2,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, swin_norm=swin_norm,

@@ -12,7 +12,9 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from tl_vlm import _hf_compat
+from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+
+from tl_vlm import _autoload, _hf_compat
 from tl_vlm.layout import ImageLayout
 
 _hf_compat.apply()  # processors that need torchvision only for videos
@@ -29,8 +31,6 @@ class Family:
         adapter: the TransformerLens ``ArchitectureAdapter`` subclass to use.
         layout: the image-token layout class.
         example_ids: hub ids, for docs and error messages.
-        tl_has_adapter: whether TransformerLens 4.3 ships an adapter for these names
-            (then tl_vlm's adapter is used by HookedVLM only, not injected into TL).
         matches: optional predicate on the HF config, for architectures shared by two
             families (a Llava checkpoint with a Pixtral tower is the pixtral family).
         final_logits: what the HF forward does to ``lm_head``'s output, as
@@ -43,27 +43,81 @@ class Family:
     adapter: type
     layout: type[ImageLayout]
     example_ids: tuple[str, ...] = ()
-    tl_has_adapter: bool = True
     matches: Optional[Any] = field(default=None, compare=False)
     final_logits: Optional[Any] = field(default=None, compare=False)
 
 
+_READY = False
 _FAMILIES: Optional[list[Family]] = None
+_LOADING = False
 
 
 def families() -> list[Family]:
-    """All supported families (imports the family modules on first use)."""
-    global _FAMILIES
+    """All supported families (imports the family modules on first use).
+
+    Once loaded, they are registered with TransformerLens if it is imported already
+    (else :mod:`tl_vlm._autoload` registers them when it is).
+    """
+    global _FAMILIES, _LOADING
     if _FAMILIES is None:
         names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
         loaded = []
-        for m in names:
-            try:
-                loaded.append(importlib.import_module(f"{__name__}.{m}").FAMILY)
-            except Exception as err:  # name the broken family instead of a bare ImportError
-                raise RuntimeError(f"tl_vlm family module {m!r} failed to load: {err!r}") from err
+        _LOADING = True
+        try:
+            for m in names:
+                try:
+                    loaded.append(importlib.import_module(f"{__name__}.{m}").FAMILY)
+                except Exception as err:  # name the broken family instead of a bare ImportError
+                    raise RuntimeError(f"tl_vlm family module {m!r} failed to load: {err!r}") from err
+        finally:
+            _LOADING = False
         _FAMILIES = loaded
+        _autoload.register_if_imported()
     return _FAMILIES
+
+
+def _ready() -> bool:
+    """Whether the families can be listed now (not while this package or a family
+    module is still being imported)."""
+    return _READY and not _LOADING
+
+
+def tl_adapter_classes() -> dict[str, type]:
+    """Architecture name -> the adapter class TransformerLens should use for it.
+
+    One family's adapter where the architecture is that family's alone,
+    :class:`SharedArchitectureAdapter` where families share it (a
+    ``LlavaForConditionalGeneration`` is LLaVA or Pixtral, by its vision tower).
+
+    Example:
+        >>> classes = tl_adapter_classes()
+        >>> classes["ChameleonForConditionalGeneration"].__name__
+        'ChameleonAdapter'
+        >>> classes["LlavaForConditionalGeneration"] is SharedArchitectureAdapter
+        True
+    """
+    owners: dict[str, list[Family]] = {}
+    for fam in families():
+        for arch in fam.architectures:
+            owners.setdefault(arch, []).append(fam)
+    out = {}
+    for arch, fams in owners.items():
+        adapters = {f.adapter for f in fams}
+        out[arch] = fams[0].adapter if len(adapters) == 1 else SharedArchitectureAdapter
+    return out
+
+
+class SharedArchitectureAdapter(ArchitectureAdapter):
+    """The adapter TransformerLens gets for an architecture several families share.
+
+    ``SharedArchitectureAdapter(cfg)`` builds the adapter of the family the config
+    belongs to (:func:`family_for_config`): a ``LlavaForConditionalGeneration`` with a
+    Pixtral tower gets :class:`~tl_vlm.adapters.pixtral.PixtralAdapter`, one with a CLIP
+    tower :class:`~tl_vlm.adapters.llava.LlavaAdapter`.
+    """
+
+    def __new__(cls, cfg: Any) -> ArchitectureAdapter:  # type: ignore[misc]
+        return family_for_config(cfg).adapter(cfg)
 
 
 class UnsupportedModelError(ValueError):
@@ -72,7 +126,9 @@ class UnsupportedModelError(ValueError):
 
 def family_for_config(hf_config: Any) -> Family:
     """The family of an HF config, or a clear error listing the supported ones."""
-    archs = list(getattr(hf_config, "architectures", None) or [])
+    # An HF config lists ``architectures``; TransformerLens' bridge config has one ``architecture``.
+    archs = list(getattr(hf_config, "architectures", None)
+                 or [a for a in [getattr(hf_config, "architecture", None)] if a])
     candidates = [f for f in families() if set(archs) & set(f.architectures)]
     specific = [f for f in candidates if f.matches is not None and f.matches(hf_config)]
     generic = [f for f in candidates if f.matches is None]
@@ -86,3 +142,6 @@ def family_for_config(hf_config: Any) -> Family:
         f"(model_type={getattr(hf_config, 'model_type', None)!r}). Supported families:\n"
         f"{table}\nVILA-U is not in transformers; see the README for what to use instead."
     )
+
+
+_READY = True  # last line: TL's import (triggered above) may call back before this

@@ -52,6 +52,7 @@ from transformer_lens.model_bridge.generalized_components import (
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
 from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
+from tl_vlm.layout import Box, resize_crop_box
 
 
 class ChameleonAdapter(ArchitectureAdapter):
@@ -129,6 +130,7 @@ class ChameleonLayout(ImageLayout):
     eoi_token = "<eoss>"
     native = True
     gate_description = "EOI <eoss>"
+    processor_counted = ("boi", "image", "eoi")  # image_seq_length codes + BOI + EOI
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token",
                         "boi_token": "image_start_token", "eoi_token": "image_end_token"}
 
@@ -145,6 +147,13 @@ class ChameleonLayout(ImageLayout):
         levels = len(self.config.vq_config.channel_multiplier) - 1
         rows, cols = (_downsampled(s, levels) for s in pixels.shape[-2:])
         return [(rows, cols)] * pixels.shape[0]
+
+    def picture_box(self, height: int, width: int) -> Box:
+        """The centre crop the image processor keeps (shortest edge to 512, crop 512x512)."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None:
+            return super().picture_box(height, width)
+        return resize_crop_box(height, width, image_processor)
 
     @cached_property
     def code_token_ids(self) -> frozenset[int]:
@@ -167,14 +176,11 @@ class ChameleonLayout(ImageLayout):
         """
         placeholder = self.token_id(self.content_token)
         codes = self.code_token_ids
-        boi, eoi = self.token_id(self.boi_token), self.token_id(self.eoi_token)
         out = RowLayout()
         for n_img, (start, end) in enumerate(runs(ids, {placeholder} | codes)):
-            if start == 0 or ids[start - 1] != boi:
-                raise LayoutError(f"image {n_img} at position {start} is not preceded by BOI")
+            self.expect_token(ids, start - 1, "boi", n_img)
             out.boi.append(start - 1)
-            if end >= len(ids) or ids[end] != eoi:
-                raise LayoutError(f"image {n_img} ending at {end} is not followed by EOI")
+            self.expect_token(ids, end, "eoi", n_img)
             out.eoi.append(end)
             out.gate.append(end)
             span = list(range(start, end))
@@ -223,6 +229,5 @@ FAMILY = Family(
     adapter=ChameleonAdapter,
     layout=ChameleonLayout,
     example_ids=("facebook/chameleon-7b", "facebook/chameleon-30b"),
-    tl_has_adapter=False,
     final_logits=mask_image_vocabulary,
 )

@@ -67,6 +67,7 @@ class Emu3Layout(ImageLayout):
     eof_token = "<|extra_201|>"
     native = True
     gate_description = "EOF <|extra_201|> + EOI <|image end|>"
+    processor_counted = ("image", "row_breaks")  # H*(W+1) slots, end-of-row slots included
 
     def __init__(self, processor: Any, config: Any) -> None:
         super().__init__(processor, config)

@@ -66,6 +66,7 @@ class Gemma3Layout(ImageLayout):
     eoi_token = "<end_of_image>"
     native = False
     gate_description = "none (non-native)"
+    processor_counted = ("image",)
 
     def __init__(self, processor: Any, config: Any) -> None:
         super().__init__(processor, config)

@@ -43,6 +43,7 @@ from transformer_lens.model_bridge.supported_architectures.llama import (
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
 from tl_vlm.layout import ImageLayout, LayoutError
+from tl_vlm.layout import Box, padded_square_box
 
 JANUS = "JanusForConditionalGeneration"
 
@@ -84,6 +85,7 @@ class JanusLayout(ImageLayout):
     boi_token = "<begin_of_image>"
     eoi_token = "<end_of_image>"
     gate_description = "none (non-native)"
+    processor_counted = ("boi", "image", "eoi")
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token",
                         "boi_token": "image_start_token", "eoi_token": "image_end_token"}
 
@@ -109,6 +111,12 @@ class JanusLayout(ImageLayout):
         n_images = 0 if pixels is None else int(pixels.shape[0])
         return [(self.side, self.side)] * n_images
 
+    def picture_box(self, height: int, width: int) -> Box:
+        """The processor scales the longest edge to 384 and pads to a centred square."""
+        if getattr(getattr(self.processor, "image_processor", None), "do_pad", True):
+            return padded_square_box(height, width)
+        return super().picture_box(height, width)
+
 
 FAMILY = Family(
     name="janus",
@@ -116,5 +124,4 @@ FAMILY = Family(
     adapter=JanusAdapter,
     layout=JanusLayout,
     example_ids=("deepseek-community/Janus-Pro-1B", "deepseek-community/Janus-Pro-7B"),
-    tl_has_adapter=False,
 )

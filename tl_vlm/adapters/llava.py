@@ -20,6 +20,7 @@ from transformer_lens.model_bridge.supported_architectures.llava import (
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
 from tl_vlm.layout import ImageLayout
+from tl_vlm.layout import Box, ImageView, LayoutError, resize_crop_box
 
 
 def _is_pixtral_tower(hf_config: Any) -> bool:
@@ -40,6 +41,7 @@ class LlavaLayout(ImageLayout):
     placeholder = "<image>"
     content_token = "<image>"
     gate_description = "none (no end-of-image token)"
+    processor_counted = ("image",)
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token"}
 
     def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
@@ -49,6 +51,19 @@ class LlavaLayout(ImageLayout):
         if self.config.vision_feature_select_strategy == "full":  # CLS kept: not a grid
             return [(1, side * side + 1)] * n_images
         return [(side, side)] * n_images
+
+    def picture_box(self, height: int, width: int) -> Box:
+        """What the CLIP processor keeps: shortest edge to 336, centre crop (after an
+        optional pad to a square, ``do_pad``)."""
+        return resize_crop_box(height, width, self.processor.image_processor)
+
+    def image_views(self, rows: int, cols: int, image_size: Optional[tuple[int, int]] = None,
+                    meta: Any = None) -> list[ImageView]:
+        if self.config.vision_feature_select_strategy == "full":
+            raise LayoutError(
+                "this checkpoint keeps the CLS feature (vision_feature_select_strategy='full'), "
+                "so its image tokens are not a patch grid and cannot be placed on the picture")
+        return super().image_views(rows, cols, image_size, meta)
 
 
 FAMILY = Family(

@@ -45,6 +45,7 @@ from transformer_lens.model_bridge.supported_architectures.llava_onevision impor
 from tl_vlm.adapters import Family
 from tl_vlm.attention import use_hooked_attention
 from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
+from tl_vlm.layout import Box, ImageView, padded_square_box
 
 
 class LlavaOnevisionAdapter(LlavaOnevisionArchitectureAdapter):
@@ -64,6 +65,7 @@ class OnevisionImage:
         n_base: base features (``side * side`` for the towers OneVision ships with).
         tile_rows, tile_cols: the unpadded tile map (0 x 0 in multi-image prompts).
         images_in_prompt: the prompt's ``batch_num_images`` entry.
+        image_size: the picture's ``(height, width)`` (the processor's ``image_sizes``).
     """
 
     side: int
@@ -71,6 +73,7 @@ class OnevisionImage:
     tile_rows: int
     tile_cols: int
     images_in_prompt: int
+    image_size: Optional[tuple[int, int]] = None
 
     @property
     def tiled(self) -> bool:
@@ -102,20 +105,49 @@ class OnevisionImage:
             p += 1
 
 
-def _tile_map(height: int, width: int, pinpoints: list, tile_px: int, side: int,
-              aspect: str) -> tuple[int, int]:
-    """(rows, cols) of the unpadded (and possibly shrunk) tile feature map of an image."""
+def _unpadded_tiles(height: int, width: int, pinpoints: list, tile_px: int, side: int
+                    ) -> tuple[tuple[int, int], int, int, int, int]:
+    """The tile feature map the model keeps: ``(best resolution, top, left, rows, cols)``,
+    ``top``/``left`` being the padding rows/cols it drops (in features) before the map."""
     from transformers.image_processing_utils import select_best_resolution
 
     best_h, best_w = select_best_resolution((height, width), pinpoints)
     cur_h, cur_w = best_h // tile_px * side, best_w // tile_px * side
     # Undo the letterbox padding: keep the rows/cols the resized image covers.
+    top = left = 0
     if width / height > cur_w / cur_h:
-        pad = (cur_h - int(round(height * (cur_w / width), 7))) // 2
-        cur_h -= 2 * pad
+        top = (cur_h - int(round(height * (cur_w / width), 7))) // 2
+        cur_h -= 2 * top
     else:
-        pad = (cur_w - int(round(width * (cur_h / height), 7))) // 2
-        cur_w -= 2 * pad
+        left = (cur_w - int(round(width * (cur_h / height), 7))) // 2
+        cur_w -= 2 * left
+    return (best_h, best_w), top, left, cur_h, cur_w
+
+
+def _tiles_box(height: int, width: int, pinpoints: list, tile_px: int, side: int) -> Box:
+    """The part of the picture that the (unpadded) tile map covers, in picture pixels.
+
+    The processor resizes the picture into the best resolution keeping its aspect ratio
+    and pastes it centred; the model then drops whole feature rows (or cols) of padding,
+    so the kept map can overhang the picture by part of a feature.
+    """
+    (best_h, best_w), top, left, rows, cols = _unpadded_tiles(height, width, pinpoints,
+                                                              tile_px, side)
+    if best_w / width < best_h / height:   # as transformers' get_patch_output_size
+        new_h, new_w = min(math.ceil(height * best_w / width), best_h), best_w
+    else:
+        new_h, new_w = best_h, min(math.ceil(width * best_h / height), best_w)
+    paste_y, paste_x = (best_h - new_h) // 2, (best_w - new_w) // 2
+    px = tile_px / side                     # canvas pixels per feature
+    sy, sx = height / new_h, width / new_w  # picture pixels per canvas pixel
+    return ((left * px - paste_x) * sx, (top * px - paste_y) * sy,
+            ((left + cols) * px - paste_x) * sx, ((top + rows) * px - paste_y) * sy)
+
+
+def _tile_map(height: int, width: int, pinpoints: list, tile_px: int, side: int,
+              aspect: str) -> tuple[int, int]:
+    """(rows, cols) of the unpadded (and possibly shrunk) tile feature map of an image."""
+    _, _, _, cur_h, cur_w = _unpadded_tiles(height, width, pinpoints, tile_px, side)
     max_tiles = int(aspect.strip("anyres_max_"))
     ratio = math.sqrt(cur_h * cur_w / (max_tiles * side**2))
     if ratio > 1.1:  # the model shrinks the map by bilinear interpolation
@@ -135,6 +167,7 @@ class LlavaOnevisionLayout(ImageLayout):
     content_token = "<image>"
     native = False
     gate_description = "none (no end-of-image token)"
+    processor_counted = ("image", "row_breaks")  # features and newlines
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token"}
 
     def processor_images(self, per_prompt: list[list[Any]]) -> Any:
@@ -168,8 +201,44 @@ class LlavaOnevisionLayout(ImageLayout):
             if n == 1:
                 rows, cols = _tile_map(h, w, cfg.image_grid_pinpoints, vision.image_size,
                                        side, aspect)
-            out.append(OnevisionImage(side, n_base, rows, cols, n))
+            out.append(OnevisionImage(side, n_base, rows, cols, n, (h, w)))
         return out
+
+    def image_views(self, rows: int, cols: int, image_size: Optional[tuple[int, int]] = None,
+                    meta: Any = None) -> list[ImageView]:
+        """The base grid and, for a prompt's only image, the anyres tile map.
+
+        The base grid covers the whole picture when the image is tiled (the processor
+        resizes it to ``image_size x image_size``) and the picture padded to a centred
+        square in a multi-image prompt. The tile map covers the picture as the model
+        unpads it (see :func:`_tiles_box`), below the base rows in ``positions.grid``.
+        ``meta`` is the image's :class:`OnevisionImage` (from :meth:`image_grids`).
+        """
+        if not isinstance(meta, OnevisionImage):
+            raise LayoutError(
+                "LLaVA-OneVision needs the image's OnevisionImage record (layout.image_grids("
+                "batch.inputs)) to split its tokens into the base grid and the tiles")
+        if image_size is not None and meta.image_size is not None \
+                and tuple(image_size) != tuple(meta.image_size):
+            raise LayoutError(
+                f"the picture is {image_size[1]}x{image_size[0]} (width x height) but the "
+                f"processor saw {meta.image_size[1]}x{meta.image_size[0]}; pass the "
+                f"example's own pictures, in prompt order")
+        base_rows = -(-meta.n_base // meta.side)
+        if image_size is None:  # token units: the tiles drawn as their own map
+            return [ImageView("base", 0, base_rows, meta.side,
+                              (0.0, 0.0, float(meta.side), float(base_rows))),
+                    *([ImageView("tiles", base_rows, meta.tile_rows, meta.tile_cols,
+                                 (0.0, 0.0, float(meta.tile_cols), float(meta.tile_rows)))]
+                      if meta.tiled else [])]
+        height, width = image_size
+        if not meta.tiled:
+            return [ImageView("base", 0, base_rows, meta.side, padded_square_box(height, width))]
+        vision = self.config.vision_config
+        tiles = _tiles_box(height, width, self.config.image_grid_pinpoints, vision.image_size,
+                           meta.side)
+        return [ImageView("base", 0, base_rows, meta.side, (0.0, 0.0, float(width), float(height))),
+                ImageView("tiles", base_rows, meta.tile_rows, meta.tile_cols, tiles)]
 
     def locate_row(self, ids: list[int], grids: GridQueue) -> RowLayout:
         """Split each run of ``<image>`` ids into images by their metadata lengths."""

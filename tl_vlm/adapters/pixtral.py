@@ -64,6 +64,7 @@ class PixtralLayout(ImageLayout):
     last_row_break_is_eoi = True
     native = False
     gate_description = "none; attention gathers on row breaks"
+    processor_counted = ("image", "row_breaks", "eoi")  # [IMG_END] replaces the last row's break
     processor_tokens = {"placeholder": "image_token", "content_token": "image_token",
                         "row_break_token": "image_break_token", "eoi_token": "image_end_token"}
 

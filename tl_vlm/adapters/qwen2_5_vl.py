@@ -21,5 +21,4 @@ FAMILY = Family(
     adapter=Qwen2VLAdapter,
     layout=Qwen2VLLayout,
     example_ids=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
-    tl_has_adapter=True,
 )

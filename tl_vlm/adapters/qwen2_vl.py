@@ -93,6 +93,7 @@ class Qwen2VLLayout(ImageLayout):
     eoi_token = "<|vision_end|>"
     native = False
     gate_description = "none (non-native)"
+    processor_counted = ("image",)
 
     def __init__(self, processor: Any, config: Any) -> None:
         super().__init__(processor, config)
@@ -141,5 +142,4 @@ FAMILY = Family(
     adapter=Qwen2VLAdapter,
     layout=Qwen2VLLayout,
     example_ids=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
-    tl_has_adapter=False,
 )

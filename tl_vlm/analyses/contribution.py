@@ -22,13 +22,13 @@ Averaging over a dataset, exactly:
    per layer after the mean over heads in :meth:`CrossModalContribution.per_layer` (the
    paper's ``f``). Shares are ratios of means, so the example count cancels in them.
 
-Accumulation is streamed: hooks on ``hook_pattern`` (and ``hook_v``) reduce each layer's
-``[batch, head, q, k]`` pattern to ``[head, image-side keys]`` sums at once, add them to
-running totals and return nothing, so no pattern outlives its layer and the forward pass
-is unchanged. They combine with other hooks (e.g. knockout) in one ``run_with_hooks``.
-(TransformerLens boots HF configs with ``output_attentions=True``, which by itself keeps
-every layer's pattern to the end of a pass; :func:`cross_modal_contribution` passes
-``output_attentions=False``, and so should hand-written ``run_with_hooks`` calls.)
+Accumulation is streamed and never builds a full pattern: the ``hook_pattern`` hooks
+are pattern readers (:mod:`tl_vlm.attention_edits`), so the attention function computes
+each layer's output with SDPA and hands the hooks only the rows of the text queries, a
+chunk at a time; they reduce them to ``[head, image-side keys]`` sums, add those to
+running totals and return nothing. They combine with other hooks (e.g. a knockout, listed
+first) in one ``run_with_hooks``; with any other hook on ``hook_pattern`` the layer runs
+eagerly and they read the same rows of the full pattern.
 
 Keys are grouped by :data:`DEFAULT_GROUPS`: ``boi``, ``image`` (content tokens but the
 last of each image), ``last_image``, ``eoi``, ``row_breaks``, ``specials``; a disjoint
@@ -50,15 +50,18 @@ Example (in ``toy-gated`` the text reads the image through EOI only):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_vlm._devices import weights_of
+from tl_vlm._progress import progress
+from tl_vlm.attention_edits import PatternReader
 from tl_vlm.analyses.knockout import Hook, Layers, resolve_layers
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import ImagePositions, PositionSet
@@ -66,7 +69,6 @@ from tl_vlm.positions import ImagePositions, PositionSet
 GroupFn = Callable[[ImagePositions], PositionSet]
 Queries = Union[None, PositionSet, Callable[[ImagePositions], PositionSet]]
 Grid = tuple[int, int]
-_QUERY_CHUNK = 16  # query rows copied at once when summing a pattern block
 
 
 def _content_but_last(pos: ImagePositions) -> PositionSet:
@@ -380,28 +382,8 @@ class ContributionAccumulator:
 
         return store_norms
 
-    def _pattern_hook(self, index: int, layer: int, plan: list[_Example], seq: int) -> Callable:
-        in_map = layer in self.map_layers
-
-        def accumulate(pattern: Float[Tensor, "batch head q k"], hook) -> None:
-            _check_full_pass(pattern.shape[-2], seq, "hook_pattern")
-            norms = self._norms.pop(layer, None) if self.value_weighted else None
-            if self.value_weighted and norms is None:
-                raise RuntimeError(f"blocks.{layer}.attn.hook_v did not fire before "
-                                   f"hook_pattern; the value-weighted sums need it")
-            for b, ex in enumerate(plan):
-                per_key = _sum_over_queries(pattern[b], ex.queries, ex.side).cpu()
-                self.weight_total[index].index_add_(1, ex.group, per_key)
-                if norms is not None:
-                    self.value_total[index].index_add_(1, ex.group, per_key * norms[b])
-                if in_map:
-                    self._add_map(self.map_totals, ex, per_key)
-                    if norms is not None:
-                        self._add_map(self.value_map_totals, ex, per_key * norms[b])
-            if index == 0:  # count each example once per forward pass
-                self._count(plan)
-
-        return accumulate
+    def _pattern_hook(self, index: int, layer: int, plan: list[_Example], seq: int) -> "_LayerSums":
+        return _LayerSums(self, index, layer, plan, seq)
 
     # -- bookkeeping -------------------------------------------------------------------
     def _plan(self, pos: ImagePositions, queries: Queries) -> list[_Example]:
@@ -453,10 +435,18 @@ class ContributionAccumulator:
         """``W_O^h^T W_O^h`` per head, so ``||W_O^h v|| = sqrt(v^T G_h v)`` without ever
         materialising ``[key, head, d_model]``."""
         if layer not in self._grams:
-            weight = output_projection(self.model, layer)
-            heads, d_head = self.model.cfg.n_heads, weight.shape[1] // self.model.cfg.n_heads
-            grams = [weight[:, h * d_head:(h + 1) * d_head].double() for h in range(heads)]
-            self._grams[layer] = torch.stack([w.T @ w for w in grams])
+            # One head's float64 slice at a time, from the weight in place (no copy of
+            # W_O): at 7B width a copy plus all heads in float64 is ~200 MB per layer.
+            with _output_weight(self.model, layer) as weight:
+                heads = self.model.cfg.n_heads
+                d_head = weight.shape[1] // heads
+                grams = torch.empty(heads, d_head, d_head, dtype=torch.float64,
+                                    device=weight.device)
+                for h in range(heads):
+                    w = weight[:, h * d_head:(h + 1) * d_head].double()
+                    torch.matmul(w.T, w, out=grams[h])
+                    del w
+            self._grams[layer] = grams
         return self._grams[layer]
 
     def _add_map(self, maps: dict[Grid, Tensor], ex: _Example, per_key: Tensor) -> None:
@@ -507,6 +497,80 @@ class ContributionAccumulator:
             map_counts=clone(self.map_counts),
         )
 
+    def take(self) -> CrossModalContribution:
+        """:meth:`result`, then start the sums again from zero, keeping what is cached
+        (each layer's ``W_O`` Gram matrices: a few GFLOP per layer for a 7B model). For
+        per-batch partial sums, e.g. records of a sharded run.
+
+        Example:
+            >>> from tl_vlm import HookedVLM
+            >>> from tl_vlm.toy import make_examples
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> acc = ContributionAccumulator(model)
+            >>> parts = []
+            >>> for seed in (0, 1):
+            ...     batch = model.prepare(make_examples(6, seed=seed).prompts)
+            ...     _ = model.run_with_hooks(batch, fwd_hooks=acc.hooks(batch))
+            ...     parts.append(acc.take())
+            >>> [p.n_examples for p in parts], acc.n_examples
+            ([6, 6], 0)
+        """
+        out = self.result()
+        self.weight_total.zero_()
+        if self.value_total is not None:
+            self.value_total.zero_()
+        self.n_examples = self.n_queries = 0
+        self.n_keys.zero_()
+        self.map_totals, self.value_map_totals, self.map_counts = {}, {}, {}
+        return out
+
+
+class _LayerSums(PatternReader):
+    """One layer's contribution sums: reads the pattern rows of the text queries only.
+
+    A :class:`~tl_vlm.attention_edits.PatternReader`, so the attention function hands it
+    those rows a chunk at a time (SDPA computes the layer's output) instead of building
+    the whole pattern; as a plain hook on a full pattern it reads the same rows at once.
+    """
+
+    def __init__(self, acc: "ContributionAccumulator", index: int, layer: int,
+                 plan: list[_Example], seq: int) -> None:
+        self.acc, self.index, self.layer, self.plan, self.seq = acc, index, layer, plan, seq
+        self.in_map = layer in acc.map_layers
+        self.query_masks = torch.zeros(len(plan), seq, dtype=torch.bool)
+        for b, ex in enumerate(plan):
+            self.query_masks[b, ex.queries] = True
+        self._norms: Optional[list[Tensor]] = None
+
+    def rows(self, q_len: int, k_len: int) -> Tensor:
+        _check_full_pass(q_len, self.seq, "hook_pattern")
+        return self.query_masks.any(0)
+
+    def begin(self, q_len: int, k_len: int) -> None:
+        _check_full_pass(q_len, self.seq, "hook_pattern")
+        self._norms = self.acc._norms.pop(self.layer, None) if self.acc.value_weighted else None
+        if self.acc.value_weighted and self._norms is None:
+            raise RuntimeError(f"blocks.{self.layer}.attn.hook_v did not fire before "
+                               f"hook_pattern; the value-weighted sums need it")
+        if self.index == 0:  # count each example once per forward pass
+            self.acc._count(self.plan)
+
+    def read(self, rows: Tensor, pattern: Float[Tensor, "batch head r k"]) -> None:
+        acc, norms = self.acc, self._norms
+        masks = self.query_masks.to(rows.device)[:, rows]          # [batch, r]
+        for b, ex in enumerate(self.plan):
+            if not bool(masks[b].any()):
+                continue
+            block = pattern[b][:, masks[b]][:, :, ex.side.to(pattern.device)]
+            per_key = block.sum(1, dtype=torch.float64).cpu()       # [head, side keys]
+            acc.weight_total[self.index].index_add_(1, ex.group, per_key)
+            if norms is not None:
+                acc.value_total[self.index].index_add_(1, ex.group, per_key * norms[b])
+            if self.in_map:
+                acc._add_map(acc.map_totals, ex, per_key)
+                if norms is not None:
+                    acc._add_map(acc.value_map_totals, ex, per_key * norms[b])
+
 
 def _resolve_queries(pos: ImagePositions, queries: Queries) -> PositionSet:
     out = pos.after_image if queries is None else queries if isinstance(queries, PositionSet) \
@@ -529,17 +593,6 @@ def _images(pos: ImagePositions, b: int, side_keys: Tensor) -> list[_Image]:
     return out
 
 
-def _sum_over_queries(pattern: Float[Tensor, "head q k"], queries: Int[Tensor, "nq"],
-                      keys: Int[Tensor, "nk"]) -> Float[Tensor, "head nk"]:
-    """Sum of ``pattern[:, queries, keys]`` over queries, in float64. Query rows are taken
-    a few at a time so the copy stays a small [head, chunk, keys] block."""
-    keys = keys.to(pattern.device)
-    total = pattern.new_zeros(pattern.shape[0], len(keys), dtype=torch.float64)
-    for rows in queries.to(pattern.device).split(_QUERY_CHUNK):
-        total += pattern[:, rows[:, None], keys[None, :]].sum(1, dtype=torch.float64)
-    return total
-
-
 def _check_full_pass(q_len: int, seq: int, point: str) -> None:
     if q_len != seq:
         raise ValueError(f"{point} has {q_len} positions but the batch has {seq}: contribution "
@@ -557,15 +610,23 @@ def output_projection(model, layer: int) -> Float[Tensor, "d_model head_x_d_head
         >>> output_projection(model, 0).shape         # [d_model, n_heads * d_head]
         torch.Size([64, 64])
     """
+    with _output_weight(model, layer) as weight:
+        return weight.clone()
+
+
+@contextlib.contextmanager
+def _output_weight(model, layer: int) -> Iterator[Tensor]:
+    """Layer ``layer``'s o-projection weight, readable inside the block (an offloaded
+    layer's weight is meta outside a forward), checked to be a map from the heads."""
     o = model.blocks[layer].attn.o
     linear = getattr(o, "original_component", o)
     n_heads = model.cfg.n_heads
-    with weights_of(linear):  # an offloaded layer's weight is meta outside a forward
+    with weights_of(linear):
         weight = getattr(linear, "weight", None)
         if weight is None or weight.ndim != 2 or weight.shape[1] % n_heads:
             raise ValueError(f"blocks.{layer}.attn.o is not a linear map from {n_heads} heads "
                              f"(got {type(linear).__name__}); cannot weight by values")
-        return weight.detach().clone()
+        yield weight.detach()
 
 
 def contribution_hooks(model, batch: VLMBatch, accumulator: ContributionAccumulator,
@@ -607,6 +668,7 @@ def cross_modal_contribution(
     map_layers: Optional[Layers] = None,
     groups: Optional[Mapping[str, GroupFn]] = None,
     fwd_hooks: Sequence[Hook] = (),
+    show_progress: bool = True,
 ) -> CrossModalContribution:
     """Cross-modal attention contribution (the paper's ``f``) over one or many batches.
 
@@ -619,6 +681,8 @@ def cross_modal_contribution(
         map_layers: layers averaged in the token map (default: ``layers``).
         groups: partition of the image side (default :data:`DEFAULT_GROUPS`).
         fwd_hooks: hooks to run first in every pass (e.g. a knockout to measure under).
+        show_progress: report progress over the batches (a bar in terminals and
+            notebooks, plain lines in logs).
 
     Example:
         >>> from tl_vlm import HookedVLM
@@ -633,13 +697,14 @@ def cross_modal_contribution(
         >>> contrib.weight[0, 2].shape                               # layer 3, head 2: per group
         torch.Size([6])
     """
-    batches = [batches] if isinstance(batches, VLMBatch) else list(batches)
-    if not batches:
-        raise ValueError("no batches given")
+    batches = [batches] if isinstance(batches, VLMBatch) else batches
     acc = ContributionAccumulator(model, layers, value_weighted, map_layers, groups)
-    for batch in batches:
+    # Batches are consumed one at a time (a generator is never materialised).
+    for batch in progress(batches, desc="contribution", enabled=show_progress):
         # TransformerLens boots HF configs with output_attentions=True, which would keep
         # every layer's pattern alive to the end of the pass; the hooks need none of them.
         model.run_with_hooks(batch, fwd_hooks=list(fwd_hooks) + acc.hooks(batch, queries),
-                             output_attentions=False)
+                             output_attentions=False, logits_to_keep=1)   # logits unused
+    if acc.n_examples == 0:
+        raise ValueError("no batches given")
     return acc.result()

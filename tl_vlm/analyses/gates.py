@@ -610,16 +610,11 @@ class _Search:
         """(task scores, last-position logits of the prompt pass) under ``hooks``: one
         ``task.score`` call; a read-only hook keeps the logits of its prompt forward."""
         kept: dict[str, Tensor] = {}
-        last = batch.positions.last.mask
-        at_end = bool(last[:, -1].all())    # left padding: every prompt ends at the end
 
         def keep(logits: Tensor, hook) -> None:
-            if "last" in kept:               # later calls: cached generation steps
-                return
-            if logits.shape[1] == last.shape[1]:
-                kept["last"] = self.transform(logits[last.to(logits.device)].detach()).float().cpu()
-            elif at_end:                     # generate() unembeds the last position only
-                kept["last"] = self.transform(logits[:, -1].detach()).float().cpu()
+            if "last" not in kept:           # later calls: cached generation steps
+                # full logits, or only the last positions' (logits_to_keep): last_of reads both
+                kept["last"] = self.transform(batch.last_of(logits.detach())).float().cpu()
 
         scores = self.task.score(self.model, batch, examples,
                                  fwd_hooks=list(hooks) + [("unembed.hook_out", keep)])
@@ -631,8 +626,7 @@ class _Search:
 
     @torch.no_grad()
     def metric_under(self, batch: VLMBatch, hooks: Sequence[Hook], targets, allowed) -> Tensor:
-        logits = self.model.run_with_hooks(batch, fwd_hooks=list(hooks), output_attentions=False)
-        last = self.transform(logits[batch.positions.last.mask.to(logits.device)]).float().cpu()
+        last = self.transform(self.model.last_logits(batch, fwd_hooks=hooks)).float().cpu()
         self.cost["check_forward"] += 1
         return self.metric(last, targets, allowed)
 
@@ -673,8 +667,7 @@ class _Search:
         hooks = [("blocks.0.hook_in", make_leaf)] + [
             (f"blocks.{l}.attn.hook_pattern", on_pattern) for l in range(self.n_layers)]
         with torch.enable_grad():
-            logits = self.model.run_with_hooks(batch, fwd_hooks=hooks, output_attentions=False)
-            last = self.transform(logits[pos.last.mask.to(logits.device)])
+            last = self.transform(self.model.last_logits(batch, fwd_hooks=hooks))
             m = self.metric(last, targets, allowed)
             torch.autograd.grad(m.sum(), leaf["x"])
         self.cost["grad_forward"] += 1

@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
@@ -48,6 +49,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_vlm._progress import progress
 from tl_vlm.analyses.knockout import Layers, resolve_layers
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import ImagePositions, PositionSet
@@ -108,11 +110,51 @@ def _select(batch: VLMBatch, selector: Selector, what: str, b_index: int) -> Pos
     return chosen
 
 
+def collect_residuals(model, batch: VLMBatch, points: Sequence[tuple[int, str]],
+                      picks: dict[str, tuple[Tensor, str]]) -> dict[str, Tensor]:
+    """One forward pass of ``batch``; per pick, ``[point, rows, d_model]`` float32
+    residuals at each of ``points`` (:func:`residual_points`).
+
+    A pick is ``(mask [batch, pos], how)``: ``"each"`` keeps every selected position
+    (example-major), ``"mean"`` the mean over each example's selected positions.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(3).prompts)
+        >>> out = collect_residuals(model, batch, residual_points(model, [0]),
+        ...                         {"gate": (batch.positions.gate.mask, "mean")})
+        >>> out["gate"].shape                                 # [point, example, d_model]
+        torch.Size([2, 3, 64])
+    """
+    kept: dict[str, list[Tensor]] = {name: [torch.empty(0)] * len(points) for name in picks}
+
+    def make(i: int):
+        def keep(act: Tensor, hook) -> None:
+            act = act.detach().float()
+            for name, (mask, how) in picks.items():
+                m = mask.to(act.device)
+                if how == "each":
+                    rows = act[m]
+                else:
+                    w = m.to(act.dtype)[..., None]
+                    rows = (act * w).sum(1) / w.sum(1)
+                kept[name][i] = rows.cpu()
+        return keep
+
+    with torch.no_grad():
+        model.run_with_hooks(batch, fwd_hooks=[(name, make(i)) for i, (_, name) in
+                                               enumerate(points)])
+    return {name: torch.stack(rows) for name, rows in kept.items()}
+
+
 def _collect(
     model,
     batches: Iterable[VLMBatch],
     points: list[tuple[int, str]],
     selectors: dict[str, tuple[Callable[[VLMBatch, int], PositionSet], Literal["each", "mean"]]],
+    show_progress: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, Index]]:
     """Stream ``batches``; per selector, ``[point, n, d_model]`` float32 vectors and their index.
 
@@ -122,7 +164,7 @@ def _collect(
     vectors: dict[str, list[list[Tensor]]] = {k: [[] for _ in points] for k in selectors}
     index: dict[str, Index] = {k: [] for k in selectors}
     n_batches = 0
-    for b_index, batch in enumerate(batches):
+    for b_index, batch in enumerate(progress(batches, desc="activations", enabled=show_progress)):
         if not isinstance(batch, VLMBatch):
             raise TypeError(f"batch {b_index} is a {type(batch).__name__}; pass VLMBatches "
                             f"from model.prepare(...)")
@@ -136,22 +178,10 @@ def _collect(
             else:
                 index[key] += [(b_index, e, -1) for e in range(len(batch))]
 
-        def make(i: int, masks=masks):
-            def keep(act: Tensor, hook) -> None:
-                act = act.detach().float()
-                for key, (mask, how) in masks.items():
-                    m = mask.to(act.device)
-                    if how == "each":
-                        rows = act[m]
-                    else:
-                        w = m.to(act.dtype)[..., None]
-                        rows = (act * w).sum(1) / w.sum(1)
-                    vectors[key][i].append(rows.cpu())
-            return keep
-
-        hooks = [(name, make(i)) for i, (_, name) in enumerate(points)]
-        with torch.no_grad():
-            model.run_with_hooks(batch, fwd_hooks=hooks)
+        got = collect_residuals(model, batch, points, masks)
+        for key, per_point in got.items():
+            for i, rows in enumerate(per_point):
+                vectors[key][i].append(rows)
     if n_batches == 0:
         raise ValueError("no batches given")
     out = {k: np.stack([torch.cat(rows).numpy() for rows in per_point])
@@ -271,6 +301,8 @@ def adp_clusters(
     ``compute_clustering_ADP(Z)``. Identical rows (e.g. the same token at layer 0, where
     the residual is its embedding) would give zero distances, which break the density
     estimate: each distinct row is clustered once and its copies share its cluster.
+    Rows that are still tied (parallel vectors, at cosine distance 0) have their ties
+    broken by DADApy with a little noise; its warnings about that are silenced here.
 
     Example:
         >>> import numpy as np
@@ -287,14 +319,26 @@ def adp_clusters(
     if density not in ("PAk", "kstarNN"):
         raise ValueError(f"density must be 'PAk' or 'kstarNN', got {density!r}")
     d = Data(np.ascontiguousarray(np.asarray(x, dtype=np.float64)[keep]), maxk=k, verbose=False)
-    d.compute_distances(maxk=k, metric=metric)
-    intrinsic_dim = float(d.compute_id_2NN()[0])
-    if density == "PAk":
-        d.compute_density_PAk()
-    else:
-        d.compute_density_kstarNN()
-    d.compute_clustering_ADP(Z=Z)
+    with _distance_ties_expected():
+        d.compute_distances(maxk=k, metric=metric)
+        intrinsic_dim = float(d.compute_id_2NN()[0])
+        if density == "PAk":
+            d.compute_density_PAk()
+        else:
+            d.compute_density_kstarNN()
+        d.compute_clustering_ADP(Z=Z)
     return np.asarray(d.cluster_assignment)[copy_of], intrinsic_dim
+
+
+@contextlib.contextmanager
+def _distance_ties_expected():
+    """Silence DADApy's two warnings about tied distances, which residual vectors produce
+    by design (parallel vectors are at cosine distance 0; a token's embedding repeats):
+    DADApy then breaks the ties with a little noise, as documented in the functions here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There are points with neighbours at 0 distance")
+        warnings.filterwarnings("ignore", message=r"Found \d+ nearest neighbours at identical distance")
+        yield
 
 
 def _after_image(batch: VLMBatch) -> PositionSet:
@@ -320,6 +364,7 @@ def modality_separation(
     density: Literal["PAk", "kstarNN"] = "PAk",
     final: bool = True,
     keep_vectors: bool = False,
+    show_progress: bool = True,
 ) -> ModalitySeparation:
     """How far apart text and image residuals are, layer by layer (Narrow Gate analysis 1).
 
@@ -337,6 +382,7 @@ def modality_separation(
         k, Z, metric, density: ADP settings (paper: cosine, k=16, Z=1.65).
         final: add the output of the last block as layer ``n_layers``.
         keep_vectors: keep the ``[layer, n, d_model]`` vectors in the result.
+        show_progress: report progress over the batches (terminal/notebook bar, log lines).
 
     Example:
         >>> from tl_vlm import HookedVLM
@@ -361,7 +407,7 @@ def modality_separation(
         ...          for caps, ims in loader]
         >>> sep = modality_separation(model, text, image_batches=image)        # doctest: +SKIP
     """
-    homogeneity_score = _homogeneity_score()
+    _homogeneity_score()
     _dadapy_data()  # fail before the forward passes if DADApy is missing
     points = residual_points(model, layers, final)
 
@@ -373,18 +419,50 @@ def modality_separation(
     text_pick = ("text", (draw(text_tokens, "text_tokens"), "each"))
     image_pick = ("image", (draw(image_tokens, "image_tokens"), "each"))
     if image_batches is None:
-        vecs, idx = _collect(model, batches, points, dict([text_pick, image_pick]))
+        vecs, idx = _collect(model, batches, points, dict([text_pick, image_pick]), show_progress)
         text, image = vecs["text"], vecs["image"]
         text_index, image_index = idx["text"], idx["image"]
     else:
-        tv, ti = _collect(model, batches, points, dict([text_pick]))
-        iv, ii = _collect(model, image_batches, points, dict([image_pick]))
+        tv, ti = _collect(model, batches, points, dict([text_pick]), show_progress)
+        iv, ii = _collect(model, image_batches, points, dict([image_pick]), show_progress)
         text, image, text_index, image_index = tv["text"], iv["image"], ti["text"], ii["image"]
 
+    return separation_from_vectors(
+        text, image, [label for label, _ in points], k=k, Z=Z, metric=metric,
+        density=density, seed=seed, text_index=text_index, image_index=image_index,
+        keep_vectors=keep_vectors)
+
+
+def separation_from_vectors(
+    text: Float[np.ndarray, "layer n d"],
+    image: Float[np.ndarray, "layer m d"],
+    layers: Sequence[int],
+    k: int = 16,
+    Z: float = 1.65,
+    metric: str = "cosine",
+    density: Literal["PAk", "kstarNN"] = "PAk",
+    seed: int = 0,
+    text_index: Index = (),
+    image_index: Index = (),
+    keep_vectors: bool = False,
+) -> ModalitySeparation:
+    """:func:`modality_separation`'s statistics from vectors already collected (e.g.
+    recorded batch by batch by a sharded run), one ``[n, d]`` slice per layer.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> shift = np.r_[10.0, np.zeros(4)]             # text and image on opposite sides
+        >>> text, image = rng.normal(size=(1, 60, 5)) + shift, rng.normal(size=(1, 60, 5)) - shift
+        >>> sep = separation_from_vectors(text, image, [0], k=8)
+        >>> sep.homogeneity.tolist(), sep.n_clusters.tolist()   # each cluster: one modality
+        ([1.0], [2])
+    """
+    homogeneity_score = _homogeneity_score()
     labels = np.r_[np.zeros(text.shape[1], dtype=int), np.ones(image.shape[1], dtype=int)]
     _check_k(k, len(labels), "modality separation (text and image vectors)")
     stats: dict[str, list] = {n: [] for n in ("q25", "med", "q75", "hom", "nc", "id")}
-    for i, (label, _) in enumerate(points):
+    for i, label in enumerate(layers):
         q25, med, q75 = abs_cosine_quartiles(text[i], image[i])
         pooled = np.concatenate([text[i], image[i]])
         n_distinct = len(_unique_rows(pooled)[0])
@@ -392,7 +470,7 @@ def modality_separation(
             warnings.warn(
                 f"layer {label}: only {n_distinct} distinct vectors of {len(pooled)} (the same "
                 f"tokens' embeddings?), not more than k={k}: homogeneity and intrinsic "
-                f"dimension are NaN there", stacklevel=2)
+                f"dimension are NaN there", stacklevel=3)
             hom, n_clusters, intrinsic_dim = float("nan"), -1, float("nan")
         else:
             clusters, intrinsic_dim = adp_clusters(pooled, k=k, Z=Z, metric=metric,
@@ -401,11 +479,11 @@ def modality_separation(
         for name, value in zip(stats, (q25, med, q75, hom, n_clusters, intrinsic_dim)):
             stats[name].append(value)
     return ModalitySeparation(
-        layers=[label for label, _ in points],
+        layers=list(layers),
         cos_median=np.array(stats["med"]), cos_q25=np.array(stats["q25"]),
         cos_q75=np.array(stats["q75"]), homogeneity=np.array(stats["hom"]),
         n_clusters=np.array(stats["nc"]), intrinsic_dim=np.array(stats["id"]),
-        text_index=text_index, image_index=image_index,
+        text_index=list(text_index), image_index=list(image_index),
         params=dict(k=k, Z=Z, metric=metric, density=density, seed=seed),
         text_vectors=text if keep_vectors else None,
         image_vectors=image if keep_vectors else None,
@@ -514,8 +592,7 @@ def label_overlap(x: Float[np.ndarray, "n d"], labels: Sequence[Any], k: int = 3
     _check_k(k, len(x), "neighbourhood overlap")
     codes = np.unique(np.asarray(labels), return_inverse=True)[1].reshape(-1)
     d = Data(x, maxk=k, verbose=False)
-    with warnings.catch_warnings():  # identical vectors (e.g. one token's embedding): documented
-        warnings.filterwarnings("ignore", message="There are points with neighbours at 0 distance")
+    with _distance_ties_expected():
         d.compute_distances(maxk=k, metric="euclidean")
     return float(d.return_label_overlap(codes, k=k, weighted=weighted))
 
@@ -531,6 +608,7 @@ def neighbourhood_overlap(
     weighted: bool = False,
     final: bool = True,
     keep_vectors: bool = False,
+    show_progress: bool = True,
 ) -> NeighbourhoodOverlap:
     """Semantic probing: how much each layer's neighbourhoods follow class labels.
 
@@ -549,6 +627,7 @@ def neighbourhood_overlap(
         layers: ``"all"``, an int or a sequence of layer indices (``hook_resid_pre``).
         k: neighbours (paper: 30); needs more than ``k`` examples.
         final: add the output of the last block as layer ``n_layers``.
+        show_progress: report progress over the batches (terminal/notebook bar, log lines).
 
     Example:
         >>> from tl_vlm import HookedVLM
@@ -565,8 +644,8 @@ def neighbourhood_overlap(
         ValueError: got 48 labels for 12 examples; pass one label per example, ...
     """
     [result] = neighbourhood_overlaps(model, batches, labels, [representation], layers, k,
-                                     weighted=weighted, final=final,
-                                     keep_vectors=keep_vectors).values()
+                                     weighted=weighted, final=final, keep_vectors=keep_vectors,
+                                     show_progress=show_progress).values()
     return result
 
 
@@ -581,6 +660,7 @@ def neighbourhood_overlaps(
     weighted: bool = False,
     final: bool = True,
     keep_vectors: bool = False,
+    show_progress: bool = True,
 ) -> dict[str, NeighbourhoodOverlap]:
     """:func:`neighbourhood_overlap` of several representations from one pass over the data.
 
@@ -607,7 +687,7 @@ def neighbourhood_overlaps(
             return _select(batch, selector, f"representation {name!r}", i)
 
         selectors[name] = (pick, "mean")
-    vecs, idx = _collect(model, batches, points, selectors)
+    vecs, idx = _collect(model, batches, points, selectors, show_progress)
     labels = list(labels)
     out = {}
     for name in selectors:

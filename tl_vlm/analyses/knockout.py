@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_vlm.attention_edits import EdgeCut
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import ImagePositions, PositionSet
 
@@ -162,35 +163,12 @@ def knockout_hooks(
         bad = [h for h in heads if not 0 <= h < model.cfg.n_heads]
         if bad:
             raise IndexError(f"heads {bad} outside 0..{model.cfg.n_heads - 1}")
-    key_mask, query_mask = keys.mask, queries.mask
-    head_index = None if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
-
-    def cut_edges(k_len: int, q_len: int, n_heads: int, device) -> Tensor:
-        """[batch, head, q, k] booleans: True where the edge is cut."""
-        seq = key_mask.shape[1]
-        if k_len < seq:
-            raise ValueError(f"attention over {k_len} keys but the batch has {seq} positions")
-        grow = k_len - seq  # generated tokens: never keys, queries if generated_queries
-        k = torch.cat([key_mask, key_mask.new_zeros(len(key_mask), grow)], dim=1)
-        q = torch.cat([query_mask, query_mask.new_full((len(query_mask), grow), generated_queries)], 1)
-        edges = q[:, k_len - q_len:, None] & k[:, None, :]            # [b, q, k]
-        edges = edges[:, None].expand(-1, n_heads, -1, -1)
-        if head_index is not None:
-            keep = torch.zeros(n_heads, dtype=torch.bool)
-            keep[head_index] = True
-            edges = edges & keep[None, :, None, None]
-        return edges.to(device)
-
-    def zero_hook(pattern: Float[Tensor, "batch head q k"], hook) -> Tensor:
-        b, h, q, k = pattern.shape
-        return pattern.masked_fill(cut_edges(k, q, h, pattern.device), 0.0)
-
-    def mask_hook(scores: Float[Tensor, "batch head q k"], hook) -> Tensor:
-        b, h, q, k = scores.shape
-        return scores.masked_fill(cut_edges(k, q, h, scores.device), float("-inf"))
-
-    point, fn = ("hook_pattern", zero_hook) if method == "zero" else ("hook_attn_scores", mask_hook)
-    return [(f"blocks.{layer}.attn.{point}", fn) for layer in resolve_layers(model, layers)]
+    # One EdgeCut for every layer: the attention function applies it without building
+    # the [batch, head, query, key] pattern (SDPA plus the cut rows), and its masks are
+    # built once per sequence length and device, shared across layers and generation steps.
+    cut = EdgeCut(queries.mask, keys.mask, heads=heads, semantics=method,
+                  generated_queries=generated_queries)
+    return [(f"blocks.{layer}.attn.{cut.point}", cut) for layer in resolve_layers(model, layers)]
 
 
 def gate_knockout(model, batch, layers: Layers = "all", **kw) -> list[Hook]:

@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_vlm._progress import progress
 from tl_vlm.analyses.knockout import Layers, resolve_layers
 from tl_vlm.answers import answer_token_id
 from tl_vlm.batch import VLMBatch
@@ -492,8 +493,7 @@ def _resolve_positions(positions: PositionsArg, source: VLMBatch, target: VLMBat
 
 
 def _last(logits: Tensor, batch: VLMBatch) -> Float[Tensor, "batch vocab"]:
-    last = batch.positions.last.mask.to(logits.device)
-    return logits[last].float().cpu()
+    return batch.last_of(logits).float().cpu()
 
 
 def _first_block(names: Sequence[str]) -> Optional[int]:
@@ -514,6 +514,7 @@ def patch_positions(
     span: Optional[Span] = None,
     answers: Optional[AnswerArg] = None,
     reuse_prefix: bool = True,
+    show_progress: bool = True,
 ) -> PatchingResult:
     """Patch ``positions`` of ``source`` into ``target`` at each layer of a sweep, and score.
 
@@ -533,6 +534,7 @@ def patch_positions(
         span: ``"layer"`` or ``"to_end"`` (defaults as above).
         answers: for flip rates, ``(A, B)`` per example (A: source class, B: target class;
             names or token ids) or ``(source_ids, target_ids)`` tensors.
+        show_progress: report progress over the layers (terminal/notebook bar, log lines).
         reuse_prefix: start each patched run at the first patched layer from the clean
             target's cached ``hook_resid_pre`` (same result, fewer blocks computed).
 
@@ -583,7 +585,9 @@ def patch_positions(
     if answers is not None:
         src_answer, tgt_answer = _resolve_answers(model, answers, len(target))
 
-    source_logits, source_cache = model.run_with_cache(source, names_filter=all_names)
+    # Only the last position's logits are read: compute only those rows of the unembedding.
+    source_logits, source_cache = model.run_with_cache(source, names_filter=all_names,
+                                                       logits_to_keep=source.logits_to_keep)
     source_last = _last(source_logits, source)
     silent = [name for name in all_names if name not in source_cache]
     if silent:
@@ -595,26 +599,28 @@ def patch_positions(
     hook_of = dict(patch_hooks(model, all_names, source_cache, src_pos, tgt_pos))
     del source_logits, source_cache
 
+    keep = target.logits_to_keep
     starts = {l: _first_block(names_at[l]) if reuse_prefix else None for l in layer_list}
     resid_names = sorted({f"blocks.{s}.hook_resid_pre" for s in starts.values() if s is not None})
     if resid_names:
-        clean_logits, clean_cache = model.run_with_cache(target, names_filter=resid_names)
+        clean_logits, clean_cache = model.run_with_cache(target, names_filter=resid_names,
+                                                         logits_to_keep=keep)
     else:
-        clean_logits, clean_cache = model(target), {}
+        clean_logits, clean_cache = model(target, logits_to_keep=keep), {}
     clean_last = _last(clean_logits, target)
     del clean_logits
 
     patched = []
-    for l in layer_list:
+    for l in progress(layer_list, desc="patching", unit="layers", enabled=show_progress):
         hooks = [(name, hook_of[name]) for name in names_at[l]]
         for _, fn in hooks:
             fn.calls = 0
         start = starts[l]
         if start is None:
-            logits = model.run_with_hooks(target, fwd_hooks=hooks)
+            logits = model.run_with_hooks(target, fwd_hooks=hooks, logits_to_keep=keep)
         else:
-            logits = run_from_layer(model, target, start,
-                                    clean_cache[f"blocks.{start}.hook_resid_pre"], fwd_hooks=hooks)
+            logits = run_from_layer(model, target, start, clean_cache[f"blocks.{start}.hook_resid_pre"],
+                                    fwd_hooks=hooks, logits_to_keep=keep)
         silent = [name for name, fn in hooks if fn.calls == 0]
         if silent:
             raise RuntimeError(

@@ -33,8 +33,7 @@ from tl_vlm.toy.task import (ANSWERS, QUESTION_TYPES, ToyDataset, ToyExample, To
 from tl_vlm.toy.evaluate import evaluate  # noqa: E402
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-TOY_MODELS = {"toy-gated": "gated", "toy-distributed": "distributed",
-              "toy-last-image": "last_image"}
+from tl_vlm.names import TOY_MODELS  # noqa: E402  (the CLI reads it without torch)
 
 
 def toy_model_path(name: str) -> Path:

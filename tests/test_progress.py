@@ -1,0 +1,48 @@
+"""Progress reports: plain lines in logs, nothing when disabled; no warnings in the analyses."""
+
+import warnings
+
+import torch
+
+from tl_vlm import analyses as A
+from tl_vlm._progress import progress
+
+
+def test_logs_get_plain_lines(capsys):
+    assert list(progress(range(20), desc="demo")) == list(range(20))   # stderr is not a tty here
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("[demo] 2/20 batches (10%)") and "left" in lines[0]
+    assert lines[-1].startswith("[demo] 20/20 batches (100%)") and "left" not in lines[-1]
+    assert len(lines) == 10
+    list(progress(range(20), desc="quiet", enabled=False))
+    list(progress([1], desc="one step"))
+    assert capsys.readouterr().err == ""
+
+
+def test_notebook_without_widgets_gets_a_text_bar(monkeypatch):
+    import sys
+    import types
+
+    from tqdm.std import tqdm
+
+    shell = type("ZMQInteractiveShell", (), {})()
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)      # not installed
+    bar = progress(range(3), desc="nb")
+    assert type(bar) is tqdm
+    bar.close()
+
+
+@torch.no_grad()
+def test_the_analyses_run_without_warnings(toy_models):
+    from tl_vlm.toy import make_examples
+
+    model = toy_models["toy-gated"]
+    data = make_examples(48, seed=3)
+    batches = [model.prepare(data.prompts[i:i + 24], padding_side="left") for i in (0, 24)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A.cross_modal_contribution(model, iter(batches), show_progress=False)
+        A.modality_separation(model, batches, show_progress=False)
+        A.neighbourhood_overlaps(model, batches, data.labels, k=5, show_progress=False)
+        model.generate(batches[0], max_new_tokens=2, fwd_hooks=A.gate_knockout(model, batches[0]))

@@ -1,0 +1,76 @@
+"""Progress for long loops that reads well wherever it lands.
+
+- a terminal: a tqdm bar on stderr;
+- a notebook: tqdm's widget bar when ipywidgets is installed, else a text bar (never
+  tqdm's "IProgress not found" warning);
+- a log file or pipe (stderr is not a terminal): a plain line every ~10%, every 10
+  minutes and at the end, e.g.
+  ``[contribution] 12/40 batches (30%), 1m05s elapsed, about 2m32s left``.
+
+Example:
+    >>> total = sum(progress(range(3), desc="demo", enabled=False))   # off: the iterable itself
+    >>> total
+    3
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+def _in_notebook() -> bool:
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _lines(iterable: Iterable[T], total: Optional[int], desc: str, unit: str,
+           interval: float = 600.0) -> Iterator[T]:
+    """Plain progress lines for logs: at ~10% steps, at the end, and at least every
+    ``interval`` seconds (a step of a long job still says it is alive)."""
+    start, next_report, done = time.monotonic(), 0.1, 0
+    last = start
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if total and (done / total >= next_report or done == total or now - last >= interval):
+            last = now
+            elapsed = now - start
+            left = elapsed / done * (total - done)
+            print(f"[{desc}] {done}/{total} {unit} ({done / total:.0%}), {_clock(elapsed)} "
+                  f"elapsed" + (f", about {_clock(left)} left" if done < total else ""),
+                  file=sys.stderr, flush=True)
+            while next_report <= done / total:
+                next_report += 0.1
+
+
+def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
+             unit: str = "batches", enabled: Optional[bool] = True) -> Iterable[T]:
+    """``iterable``, reporting progress as suits the output (see the module docstring).
+
+    ``enabled=False`` returns the iterable untouched; a loop of one step shows nothing.
+    """
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    if not enabled or total == 1:
+        return iterable
+    if _in_notebook():
+        try:
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm
+        except ImportError:
+            from tqdm.std import tqdm
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)
+    if sys.stderr.isatty():
+        from tqdm.std import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr)
+    return _lines(iterable, total, desc, unit)

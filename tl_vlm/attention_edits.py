@@ -1,0 +1,296 @@
+"""Attention edits that never need the whole ``[batch, head, query, key]`` pattern.
+
+A hook on ``hook_pattern`` sees the full pattern: for a 16k-token prompt in a batch of 8
+that is tens of GB per layer. The Narrow Gate analyses touch only a sliver of it:
+
+- a **knockout** cuts the edges from a query set Q to a key set K (post-softmax zero, or
+  pre-softmax ``-inf``): an outer product per example, optionally for some heads;
+- **cross-modal contribution** reads the rows of the text queries only.
+
+Hooks of these two kinds are objects (:class:`EdgeCut`, :class:`PatternReader`) that
+still work as ordinary TransformerLens hooks on the full pattern, but also tell the
+attention function (:mod:`tl_vlm.attention`) what they need. When every hook on a layer's
+``hook_attn_scores``/``hook_pattern`` is one of them, the layer runs
+:func:`fused_attention`: PyTorch's SDPA for the output, and the pattern only for the query
+rows an edit touches, a chunk of rows at a time:
+
+- ``"mask"`` cuts go into SDPA's boolean mask (softmax renormalises over what is left);
+- ``"zero"`` cuts (the paper's: no renormalisation) subtract what the cut edges carried,
+  ``out[q] -= sum over cut k of p[q, k] v[k]``, with ``p`` the row's softmax;
+- readers get the pattern rows they asked for, after the cuts listed before them.
+
+Results equal the eager computation with the hooks on the full pattern (to float
+rounding): the same rows are computed the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+#: elements of one ``[batch, head, rows, keys]`` block computed at once (chunks of rows),
+#: and at most this many rows per chunk
+QUERY_CHUNK_ELEMENTS = 1 << 24
+QUERY_CHUNK_ROWS = 256
+
+
+class AttentionEdit:
+    """Base of the hooks the attention function can apply without the full pattern.
+
+    Example:
+        >>> issubclass(EdgeCut, AttentionEdit), issubclass(PatternReader, AttentionEdit)
+        (True, True)
+    """
+
+    point = "hook_pattern"
+
+
+class EdgeCut(AttentionEdit):
+    """Cut attention from ``queries`` to ``keys`` (per example), optionally in some heads.
+
+    ``semantics="zero"`` (a ``hook_pattern`` hook) zeroes the cut weights after the softmax
+    without renormalising, as the Narrow Gate paper does; ``"mask"`` (a
+    ``hook_attn_scores`` hook) sets their scores to ``-inf`` before it. During cached
+    generation the queries are the new tokens: they are in the query set when
+    ``generated_queries`` is true, and are never keys.
+
+    One object serves every layer and generation step: the masks for a sequence length
+    and device are built once and reused.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> from tl_vlm.toy import make_examples
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> batch = model.prepare(make_examples(2).prompts)
+        >>> pos = batch.positions
+        >>> cut = EdgeCut(pos.all.mask, pos.gate.mask)
+        >>> pattern = torch.full((2, 4, 46, 46), 0.5)
+        >>> out = cut(pattern, None)                         # as a plain hook
+        >>> out[0, :, -1, pos.gate[0]].tolist(), out[0, 0, -1, 0].item()
+        ([[0.0], [0.0], [0.0], [0.0]], 0.5)
+    """
+
+    def __init__(self, query_mask: Bool[Tensor, "batch pos"], key_mask: Bool[Tensor, "batch pos"],
+                 heads: Optional[Sequence[int]] = None, semantics: str = "zero",
+                 generated_queries: bool = True) -> None:
+        if semantics not in ("zero", "mask"):
+            raise ValueError(f"semantics must be 'zero' or 'mask', got {semantics!r}")
+        self.query_mask = query_mask.bool().cpu()
+        self.key_mask = key_mask.bool().cpu()
+        self.heads = None if heads is None else list(heads)
+        self.semantics = semantics
+        self.point = "hook_pattern" if semantics == "zero" else "hook_attn_scores"
+        self.generated_queries = generated_queries
+        self._cache: dict[tuple, tuple[Tensor, Tensor, Optional[Tensor]]] = {}
+
+    def factors(self, k_len: int, n_heads: int, device: torch.device
+                ) -> tuple[Bool[Tensor, "batch k"], Bool[Tensor, "batch k"], Optional[Tensor]]:
+        """``(queries, keys, heads)`` over all ``k_len`` positions (generated ones
+        included) on ``device``; ``heads`` is ``[n_heads]`` or None for all heads."""
+        key = (k_len, n_heads, str(device))
+        if key not in self._cache:
+            seq = self.key_mask.shape[1]
+            if k_len < seq:
+                raise ValueError(f"attention over {k_len} keys but the batch has {seq} positions")
+            grow = k_len - seq  # generated tokens: never keys, queries if generated_queries
+            b = len(self.key_mask)
+            keys = torch.cat([self.key_mask, self.key_mask.new_zeros(b, grow)], 1)
+            queries = torch.cat([self.query_mask,
+                                 self.query_mask.new_full((b, grow), self.generated_queries)], 1)
+            heads = None
+            if self.heads is not None:
+                heads = torch.zeros(n_heads, dtype=torch.bool)
+                heads[self.heads] = True
+                heads = heads.to(device)
+            self._cache[key] = (queries.to(device), keys.to(device), heads)
+        return self._cache[key]
+
+    def edges(self, rows: Int[Tensor, "r"], q_len: int, k_len: int, n_heads: int,
+              device: torch.device) -> Bool[Tensor, "batch head_or_1 r k"]:
+        """Cut edges of the query rows ``rows`` (indices among this call's ``q_len`` queries)."""
+        queries, keys, heads = self.factors(k_len, n_heads, device)
+        q = queries[:, k_len - q_len:][:, rows]
+        edges = q[:, None, :, None] & keys[:, None, None, :]
+        return edges if heads is None else edges & heads[None, :, None, None]
+
+    def __call__(self, tensor: Float[Tensor, "batch head q k"], hook: Any) -> Tensor:
+        b, h, q, k = tensor.shape
+        rows = torch.arange(q, device=tensor.device)
+        edges = self.edges(rows, q, k, h, tensor.device)
+        return tensor.masked_fill(edges, 0.0 if self.semantics == "zero" else float("-inf"))
+
+
+class PatternReader(AttentionEdit):
+    """A read-only ``hook_pattern`` hook that needs some query rows only.
+
+    Subclasses say which rows (:meth:`rows`) and consume them (:meth:`read`, called with
+    chunks of rows, in order); :meth:`begin` runs once per attention call. Called as a
+    plain hook on the full pattern it reads all its rows in one chunk, so the two ways
+    of running give the same sums.
+
+    Example (the mean attention that the last query pays to the first key):
+        >>> class FirstKey(PatternReader):
+        ...     def rows(self, q_len, k_len):
+        ...         return torch.arange(q_len) == q_len - 1
+        ...     def read(self, rows, pattern):
+        ...         self.value = pattern[..., 0].mean().item()
+        >>> reader = FirstKey()
+        >>> reader(torch.full((1, 2, 3, 3), 0.25), None), reader.value
+        (None, 0.25)
+    """
+
+    def rows(self, q_len: int, k_len: int) -> Bool[Tensor, "q"]:
+        """Which of this call's ``q_len`` query rows the reader needs (any example)."""
+        raise NotImplementedError
+
+    def begin(self, q_len: int, k_len: int) -> None:
+        """Called once per attention call, before the first :meth:`read`."""
+
+    def read(self, rows: Int[Tensor, "r"], pattern: Float[Tensor, "batch head r k"]) -> None:
+        raise NotImplementedError
+
+    def __call__(self, pattern: Float[Tensor, "batch head q k"], hook: Any) -> None:
+        b, h, q, k = pattern.shape
+        self.begin(q, k)
+        rows = self.rows(q, k).to(pattern.device).nonzero().flatten()
+        if rows.numel():
+            self.read(rows, pattern[:, :, rows])
+        return None
+
+
+def allowed_keys(mask: Optional[Tensor], rows: Int[Tensor, "r"], q_len: int, k_len: int,
+                 causal: bool) -> Bool[Tensor, "batch_or_1 1 r k"]:
+    """Which keys each query row may attend to, from the boolean (SDPA-style) mask or,
+    when the mask was skipped (None), from causality as SDPA's ``is_causal`` applies it.
+
+    Example:
+        >>> allowed_keys(None, torch.tensor([0, 2]), 3, 3, causal=True)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 1]]
+    """
+    if mask is not None:
+        return mask[:, :, rows] if mask.dtype == torch.bool else mask[:, :, rows] > torch.finfo(mask.dtype).min
+    k = torch.arange(k_len, device=rows.device)
+    if not causal or q_len == 1:
+        return torch.ones(1, 1, len(rows), k_len, dtype=torch.bool, device=rows.device)
+    return (k[None, :] <= rows[:, None])[None, None]  # upper-left, like SDPA's is_causal
+
+
+def _grouped(x: Tensor, n_rep: int) -> Tensor:
+    """``[b, heads, r, d] -> [b, kv_heads, rep * r, d]`` (query head h = kv * rep + i)."""
+    b, h, r, d = x.shape
+    return x.reshape(b, h // n_rep, n_rep * r, d)
+
+
+def pattern_rows(query: Tensor, key: Tensor, rows: Int[Tensor, "r"], scaling: float,
+                 allowed: Tensor, score_cuts: Sequence[EdgeCut], n_rep: int) -> Tensor:
+    """The eager pattern ``[b, h, r, k]`` of the query rows ``rows`` (same ops as eager
+    attention: scores in the model dtype, softmax in float32, mask-style cuts first).
+
+    Example:
+        >>> q = k = torch.zeros(1, 2, 3, 4)                      # equal scores everywhere
+        >>> rows = torch.tensor([2])
+        >>> pattern_rows(q, k, rows, 0.5, allowed_keys(None, rows, 3, 3, True), [], 1)[0, 0]
+        tensor([[0.3333, 0.3333, 0.3333]])
+    """
+    b, h, _, d = query.shape
+    k_len = key.shape[2]
+    q = _grouped(query[:, :, rows], n_rep)
+    scores = torch.matmul(q, key.transpose(2, 3)).view(b, h, len(rows), k_len) * scaling
+    min_value = torch.finfo(scores.dtype).min
+    scores = scores + torch.where(allowed, torch.zeros((), dtype=scores.dtype, device=scores.device),
+                                  torch.tensor(min_value, dtype=scores.dtype, device=scores.device))
+    for cut in score_cuts:
+        scores = scores.masked_fill(cut.edges(rows, query.shape[2], k_len, h, scores.device),
+                                    float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+def cut_mask(mask: Optional[Tensor], score_cuts: Sequence[EdgeCut], q_len: int, k_len: int,
+             n_heads: int, causal: bool, device: torch.device) -> Tensor:
+    """The SDPA boolean mask with every ``"mask"`` cut removed from what may be attended.
+
+    Example:
+        >>> everything = torch.ones(1, 3, dtype=torch.bool)
+        >>> cut = EdgeCut(everything, torch.tensor([[True, False, False]]), semantics="mask")
+        >>> cut_mask(None, [cut], 3, 3, 2, True, torch.device("cpu"))[0, 0].int().tolist()
+        [[0, 0, 0], [0, 1, 0], [0, 1, 1]]
+    """
+    rows = torch.arange(q_len, device=device)
+    allowed = allowed_keys(mask, rows, q_len, k_len, causal)
+    for cut in score_cuts:
+        allowed = allowed & ~cut.edges(rows, q_len, k_len, n_heads, device)
+    return allowed
+
+
+def fused_attention(sdpa, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                    mask: Optional[Tensor], scaling: float, score_cuts: Sequence[EdgeCut],
+                    pattern_edits: Sequence[AttentionEdit], **kwargs: Any) -> Tensor:
+    """Attention output ``[b, q, h, d]`` with the edits applied, never holding more of
+    the pattern than one chunk of rows (see the module docstring).
+
+    ``sdpa`` is Hugging Face's ``sdpa_attention_forward`` (so the unedited part is
+    computed exactly as with ``attn_implementation="sdpa"``).
+
+    Example (a cut of the first key, without renormalisation, equals the eager edit):
+        >>> from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        >>> module = torch.nn.Module()
+        >>> q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+        >>> cut = EdgeCut(torch.ones(1, 4, dtype=torch.bool), torch.tensor([[1, 0, 0, 0]]).bool())
+        >>> out = fused_attention(sdpa_attention_forward, module, q, k, v, None, 8 ** -0.5, [], [cut])
+        >>> rows = torch.arange(4)
+        >>> p = cut(pattern_rows(q, k, rows, 8 ** -0.5, allowed_keys(None, rows, 4, 4, True), [], 1), None)
+        >>> torch.allclose(out, (p @ v).transpose(1, 2), atol=1e-6)
+        True
+    """
+    b, h, q_len, d = query.shape
+    k_len = key.shape[2]
+    device = query.device
+    causal = getattr(module, "is_causal", True)
+    n_rep = h // key.shape[1]
+    sdpa_mask = mask if not score_cuts else cut_mask(mask, score_cuts, q_len, k_len, h, causal, device)
+    out, _ = sdpa(module, query, key, value, sdpa_mask, dropout=0.0, scaling=scaling, **kwargs)
+    if not pattern_edits:
+        return out
+    cuts = [e for e in pattern_edits if isinstance(e, EdgeCut)]
+    readers = [e for e in pattern_edits if isinstance(e, PatternReader)]
+    for reader in readers:
+        reader.begin(q_len, k_len)
+    needed = torch.zeros(q_len, dtype=torch.bool, device=device)
+    for reader in readers:
+        needed |= reader.rows(q_len, k_len).to(device)
+    key_cols = torch.zeros(b, k_len, dtype=torch.bool, device=device)
+    for cut in cuts:
+        queries, keys, _ = cut.factors(k_len, h, device)
+        needed |= queries[:, k_len - q_len:].any(0)
+        key_cols |= keys
+    cols = key_cols.any(0).nonzero().flatten()  # the only keys a zero-cut subtracts
+    rows_all = needed.nonzero().flatten()
+    chunk = min(QUERY_CHUNK_ROWS, max(1, QUERY_CHUNK_ELEMENTS // max(1, b * h * k_len)))
+    v_cols = value[:, :, cols]
+    for rows in rows_all.split(chunk):
+        allowed = allowed_keys(mask, rows, q_len, k_len, causal)
+        if not readers and not _any_cut_allowed(cuts, rows, allowed, q_len, k_len, h, device):
+            continue  # e.g. rows before the gate: causally they never see it
+        pattern = pattern_rows(query, key, rows, scaling, allowed, score_cuts, n_rep)
+        removed = None
+        for edit in pattern_edits:
+            if isinstance(edit, EdgeCut):
+                edges = edit.edges(rows, q_len, k_len, h, device)
+                taken = pattern.masked_fill(~edges, 0.0)[..., cols]
+                removed = taken if removed is None else removed + taken
+                pattern = pattern.masked_fill(edges, 0.0)
+            else:
+                edit.read(rows, pattern)
+        if removed is not None and len(cols):
+            carried = torch.matmul(_grouped(removed, n_rep), v_cols).view(b, h, len(rows), d)
+            out[:, rows] = out[:, rows] - carried.transpose(1, 2).to(out.dtype)
+    return out
+
+
+def _any_cut_allowed(cuts: Sequence[EdgeCut], rows: Tensor, allowed: Tensor, q_len: int,
+                     k_len: int, n_heads: int, device: torch.device) -> bool:
+    return any(bool((cut.edges(rows, q_len, k_len, n_heads, device) & allowed).any())
+               for cut in cuts)
