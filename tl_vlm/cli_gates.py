@@ -48,12 +48,14 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default="gate-report", help="output directory")
     p.add_argument("--n-examples", type=_positive_int, default=None,
                    help="the first N examples of the task (default: all; toy: 240)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="examples per forward pass (the search holds one backward's activations)")
     p.add_argument("--coco-root", default=None, help="folder holding the COCO images")
     p.add_argument("--image-cache", default=None, help="cache of downloaded COCO images")
     p.add_argument("--prompt-style", default=None, choices=("paper", "clean", "chat"),
                    help="prompt templates of the dataset tasks (default: paper)")
-    p.add_argument("--vqa-mode", default="zero-shot", choices=("zero-shot", "prompt"))
+    p.add_argument("--vqa-mode", default="zero-shot", choices=("zero-shot", "prompt"),
+                   help="VQA instruction: the short one or the authors' long block")
     p.add_argument("--queries", default="all", choices=("all", "text"),
                    help="whose attention a knockout cuts: every position (the paper) or text")
     p.add_argument("--no-rows", action="store_true", help="leave out the per-row classes")
