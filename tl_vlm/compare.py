@@ -167,17 +167,22 @@ def _knockout_figure(runs: Sequence[Run]) -> Optional[tuple[Any, list[str], list
     conditions = [c for c in CONDITION_NAMES if any(c in r.results["accuracy"]["conditions"] for r in have)]
     fig = go.Figure()
     rows = []
+    metrics = {r.results["accuracy"].get("metric", "accuracy") for r in have}
+    top = 1.0
     for r in have:
-        conds = r.results["accuracy"]["conditions"]
+        res = r.results["accuracy"]
+        conds = res["conditions"]
         ys = [conds[c]["mean"] if c in conds else None for c in conditions]
+        top = max([top] + [y for y in ys if y is not None])
         fig.add_trace(go.Bar(x=[CONDITION_NAMES[c] for c in conditions], y=ys, name=r.name,
                              legendgroup=r.name, showlegend=False, marker_color=r.colour,
                              hovertemplate=f"{html.escape(r.name)}: %{{y:.3f}}<extra></extra>"))
-        rows.append([r.name, GROUPS[r.native]] + ["" if y is None else y for y in ys]
-                    + [r.results["accuracy"].get("chance") or ""])
-    fig.update_layout(barmode="group", title="Task accuracy under attention knockout (all layers)",
-                      yaxis=dict(title="accuracy", range=[0, 1.1]))
-    header = ["model", "kind"] + [CONDITION_NAMES[c] for c in conditions] + ["chance"]
+        rows.append([r.name, GROUPS[r.native], res.get("metric", "accuracy")]
+                    + ["" if y is None else y for y in ys] + [res.get("chance") or ""])
+    metric = metrics.pop() if len(metrics) == 1 else "score"       # CIDEr is not bounded by 1
+    fig.update_layout(barmode="group", title=f"Task {metric} under attention knockout (all layers)",
+                      yaxis=dict(title=metric, range=[0, 1.1 * top]))
+    header = ["model", "kind", "metric"] + [CONDITION_NAMES[c] for c in conditions] + ["chance"]
     return fig, header, rows
 
 
@@ -381,8 +386,9 @@ def write_comparison(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]
     parts = [f"<style>{EXTRA_CSS}</style>", f"<h1>Narrow Gate: {len(runs)} runs compared</h1>",
              shared_legend(runs)]
     info = [[r.name, GROUPS[r.native], r.meta.get("family", ""), r.n_layers or "",
-             r.meta.get("dataset", ""), r.meta.get("examples", ""), str(r.path)] for r in runs]
-    parts.append(html_table(["model", "kind", "family", "layers", "dataset", "examples", "run"],
+             r.meta.get("task", r.meta.get("dataset", "")), r.meta.get("examples", ""),
+             str(r.path)] for r in runs]
+    parts.append(html_table(["model", "kind", "family", "layers", "task", "examples", "run"],
                             info))
     for step, title, make in FIGURES:
         made = make(runs)
