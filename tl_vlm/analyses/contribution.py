@@ -372,11 +372,14 @@ class ContributionAccumulator:
             _check_full_pass(v.shape[1], seq, "hook_v")
             gram = self._gram(layer).to(v.device)
             heads = gram.shape[0]
-            kv_of_head = torch.arange(heads, device=v.device) // (heads // v.shape[2])
+            group = heads // v.shape[2]                 # query heads per kv head (GQA)
             norms = []
             for b, ex in enumerate(plan):
-                vb = v[b, ex.side.to(v.device)][:, kv_of_head].double()   # [key, head, d]
-                sq = torch.einsum("khd,hde,khe->hk", vb, gram, vb)
+                side = v[b, ex.side.to(v.device)]       # [key, kv_head, d]
+                sq = torch.empty(heads, side.shape[0], dtype=torch.float64, device=v.device)
+                for h in range(heads):                  # one head at a time: small float64 blocks
+                    vh = side[:, h // group].double()   # [key, d]
+                    sq[h] = ((vh @ gram[h]) * vh).sum(-1)
                 norms.append(sq.clamp_min(0).sqrt().cpu())
             self._norms[layer] = norms
 
