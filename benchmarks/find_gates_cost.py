@@ -7,8 +7,12 @@ words of text after the image one example is ~290 tokens. Batch: 4 examples.
 Pass 1 of ``find_gates`` (what covers every single position) runs, per batch: the task's
 clean forward, one forward with gradients and its backward, and one forward per distinct
 position class, ``3 + n_classes`` passes. The script times pass 1 (``cost["seconds"]``:
-clean + gradient + classes) against one plain forward (median of ``--reps``), with and
-without the per-row classes, and prints the ratio next to the pass count. The checks
+clean + gradient + classes) against one forward timed just before it (the median of
+three; a shared machine drifts), with and without the per-row classes, and prints the
+median ratio over ``--reps`` searches next to the pass count. Two units: a plain forward
+(attention through the fused kernel) and a forward with a read-only hook on every
+attention pattern (tl_vlm's eager attention, which every knockout and the gradient pass
+take). The checks
 (exact knockouts of chosen positions), the layer sweep and the neighbourhood overlap are
 extra passes that the ratio leaves out.
 
@@ -76,30 +80,42 @@ def main() -> None:
         if str(args.device).startswith("cuda"):
             torch.cuda.synchronize()
 
-    with torch.no_grad():
-        for _ in range(2):
-            model(batch)
+    # Every pass of the search edits or reads the attention pattern, which takes tl_vlm's
+    # eager attention; a plain forward takes the fused kernel. Both are timed as units.
+    pattern_read = [(f"blocks.{l}.attn.hook_pattern", lambda pattern, hook: None)
+                    for l in range(model.cfg.n_layers)]
+
+    def forward_seconds(hooks) -> float:
+        """Median of three forwards (timed next to each search: the machine drifts)."""
         times = []
-        for _ in range(args.reps):
-            sync()
-            t0 = time.perf_counter()
-            model(batch)
-            sync()
-            times.append(time.perf_counter() - t0)
-    forward = statistics.median(times)
-    print(f"one forward: {forward * 1e3:.1f} ms (median of {args.reps})")
+        with torch.no_grad():
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                model.run_with_hooks(batch, fwd_hooks=hooks)
+                sync()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    forward_seconds([])                                  # warm-up
     for rows in (False, True):
-        ratios = []
-        for _ in range(max(1, args.reps // 2)):
+        ratios: dict[str, list[float]] = {"plain": [], "eager": []}
+        units: dict[str, list[float]] = {"plain": [], "eager": []}
+        for _ in range(args.reps):
+            units["plain"].append(forward_seconds([]))
+            units["eager"].append(forward_seconds(pattern_read))
             gates = A.find_gates(model, task, batch_size=args.batch, rows=rows, check_top=1,
                                  check_random=0, layer_sweep=False, overlap=False)
             seconds = sum(gates.cost["seconds"].values()) / gates.cost["batches"]
-            ratios.append(seconds / forward)
+            for unit in ratios:
+                ratios[unit].append(seconds / units[unit][-1])
         cost = gates.cost
+        shown = "; ".join(
+            f"{statistics.median(ratios[u]):.1f} x a {u} forward ({statistics.median(units[u]) * 1e3:.0f} ms, "
+            f"range {min(ratios[u]):.1f}-{max(ratios[u]):.1f})" for u in ratios)
         print(f"rows={str(rows):5}: {cost['n_classes']} classes -> {cost['passes_per_batch']} "
-              f"passes per batch; measured {statistics.median(ratios):.1f} forwards per batch "
-              f"(median; find_gates' own baseline gives {cost['time_ratio']}); seconds per "
-              f"phase (all batches) {cost['seconds']}")
+              f"passes per batch; measured (median of {args.reps}) {shown}; seconds per "
+              f"phase, last run: {cost['seconds']}")
 
 
 if __name__ == "__main__":

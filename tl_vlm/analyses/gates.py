@@ -704,16 +704,21 @@ class _Search:
         self.clean_score += scores.sum().item()
         self.clean_metric += clean.sum().item()
         named = candidate_classes(pos, self.rows)
+        names = list(named)
+        # [batch, pos, class] membership, read as Python lists once (not per position)
+        member = torch.stack([s.mask for s in named.values()], dim=-1).tolist()
+        ids = batch.input_ids.tolist()
         for b in range(len(examples)):
             self.several_images |= pos.n_images(b) > 1
-            for key, p in position_roles(pos, b):
-                self.est[key] = self.est.get(key, torch.zeros(self.n_layers)) + est[:, b, p]
+            roles = position_roles(pos, b)
+            per_key = est[:, b, [p for _, p in roles]].T                # [roles, layer]
+            for (key, p), value in zip(roles, per_key):
+                self.est[key] = self.est.get(key, torch.zeros(self.n_layers)) + value
                 self.count[key] += 1
-                inside = {name for name, s in named.items() if s.mask[b, p]}
+                inside = {n for n, is_in in zip(names, member[b][p]) if is_in}
                 self.member[key] = self.member.get(key, inside) & inside
                 if key not in self.tokens:
-                    ids = batch.input_ids[b, p].item()
-                    self.tokens[key] = self.model.layout.tokenizer.convert_ids_to_tokens(ids)
+                    self.tokens[key] = self.model.layout.tokenizer.convert_ids_to_tokens(ids[b][p])
         done: list[tuple[str, PositionSet, Tensor, Tensor]] = []
         for name, keys in named.items():
             same = next(((n, sc, ls) for n, k, sc, ls in done if k == keys), None)
