@@ -38,6 +38,7 @@ MODULES = [
     "tl_vlm.prefix",
     "tl_vlm.attention",
     "tl_vlm.attention_edits",
+    "tl_vlm.adapters._attention_bridge",
     "tl_vlm.positions",
     "tl_vlm.batch",
     "tl_vlm.tasks",

@@ -268,3 +268,24 @@ def test_layout_errors_name_expected_found_and_what_to_do(toy_models):
         model.prepare([prompt.replace("<racm3:break>", "what")])
     with pytest.raises(LayoutError, match=r"expected EOI '<eoss>' .* but found 'what'.*truncated"):
         model.prepare([prompt.replace("<eoss>", "what")])
+
+
+@pytest.mark.parametrize("first", ["transformer_lens", "tl_vlm.attention", "tl_vlm.attention_edits",
+                                   "tl_vlm.adapters", "tl_vlm.adapters.llava", "tl_vlm.model",
+                                   "tl_vlm.analyses"])
+def test_registration_whatever_is_imported_first(first):
+    """Whichever module a user imports first, TL's table ends up holding tl_vlm's adapter
+    classes, and nothing warns (no circular import on the way)."""
+    script = textwrap.dedent(f"""
+        import {first}
+        import transformer_lens
+        from transformer_lens.factories import architecture_adapter_factory as factory
+        table = factory.SUPPORTED_ARCHITECTURES
+        print(table["ChameleonForConditionalGeneration"].__module__,
+              table["LlavaForConditionalGeneration"].__name__)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["tl_vlm.adapters.chameleon", "SharedArchitectureAdapter"]

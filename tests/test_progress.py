@@ -31,6 +31,19 @@ def test_notebook_without_widgets_gets_a_text_bar(monkeypatch):
     bar = progress(range(3), desc="nb")
     assert type(bar) is tqdm
     bar.close()
+    from transformers.utils import logging as hf_logging
+
+    from tl_vlm._progress import quiet_hub_bars_in_bare_notebooks
+
+    was_on = hf_logging.is_progress_bar_enabled()   # other tests may have turned them off
+    hf_logging.enable_progress_bar()
+    try:
+        with quiet_hub_bars_in_bare_notebooks():   # no "IProgress not found" while loading
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        if not was_on:
+            hf_logging.disable_progress_bar()
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Iterable, Iterator, Optional, TypeVar
@@ -25,6 +26,32 @@ T = TypeVar("T")
 def _in_notebook() -> bool:
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _widgets_missing() -> bool:
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def quiet_hub_bars_in_bare_notebooks() -> Iterator[None]:
+    """Within the block, transformers' own progress bars ("Loading weights") are off in a
+    notebook without ipywidgets, where tqdm would print "IProgress not found" instead."""
+    if not (_in_notebook() and _widgets_missing()):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _clock(seconds: float) -> str:

@@ -29,6 +29,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from tl_vlm import _tl_compat
 from tl_vlm._devices import resolve_dtype
+from tl_vlm._progress import quiet_hub_bars_in_bare_notebooks
 from tl_vlm.adapters import Family, family_for_config
 from tl_vlm.batch import VLMBatch
 from tl_vlm.layout import ImageLayout, LayoutError
@@ -140,7 +141,7 @@ class HookedVLM(TransformerBridge):
         dtype = resolve_dtype(dtype)
         device = check_placement(device, device_map, n_devices, max_memory, offload_folder)
         name_or_path = resolve_model_name(name_or_path)
-        with offline_if_local(name_or_path):
+        with offline_if_local(name_or_path), quiet_hub_bars_in_bare_notebooks():
             hf_config = AutoConfig.from_pretrained(name_or_path,
                                                    trust_remote_code=trust_remote_code)
             family = family_for_config(hf_config)

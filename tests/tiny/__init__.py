@@ -71,6 +71,28 @@ def image(seed: int, size: tuple[int, int] = (20, 24)) -> Image.Image:
     return Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8"))
 
 
+def tiny_checkpoint(family_module: Any, root: Any = None) -> str:
+    """Build a tiny random checkpoint with a ``tests/tiny`` family module (its ``build``),
+    saved like a real one; returns its directory. The tutorials in ``docs/`` use it.
+    transformers' "Writing model shards" bars are off: noise for a model this small."""
+    import tempfile
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    path = Path(root or tempfile.mkdtemp()) / family_module.__name__.rsplit(".", 1)[-1]
+    path.mkdir(parents=True)
+    torch.manual_seed(0)
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        family_module.build(path)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+    return str(path)
+
+
 @dataclass
 class TinySpec:
     """How to build and exercise one family's tiny model.

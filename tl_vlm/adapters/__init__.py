@@ -144,4 +144,10 @@ def family_for_config(hf_config: Any) -> Family:
     )
 
 
-_READY = True  # last line: TL's import (triggered above) may call back before this
+# The bridge every adapter uses for its text attention (public here; its module is
+# private so that families() does not take it for a family module).
+from tl_vlm.adapters._attention_bridge import (  # noqa: E402,F401
+    HookedAttentionBridge, default_attention_outside_text, use_hooked_attention)
+
+_READY = True  # TL's import (triggered above) may have called back before this line:
+_autoload.register_if_imported()  # then it deferred, and registering happens now

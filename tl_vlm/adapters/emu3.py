@@ -43,7 +43,7 @@ from transformer_lens.model_bridge.supported_architectures.emu3 import (
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.attention import use_hooked_attention
+from tl_vlm.adapters._attention_bridge import use_hooked_attention
 from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout
 
 

@@ -35,7 +35,7 @@ from transformer_lens.model_bridge.supported_architectures.gemma3_multimodal imp
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.attention import use_hooked_attention
+from tl_vlm.adapters._attention_bridge import use_hooked_attention
 from tl_vlm.layout import ImageLayout, LayoutError
 
 

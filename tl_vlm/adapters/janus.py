@@ -41,7 +41,7 @@ from transformer_lens.model_bridge.supported_architectures.llama import (
 
 
 from tl_vlm.adapters import Family
-from tl_vlm.attention import use_hooked_attention
+from tl_vlm.adapters._attention_bridge import use_hooked_attention
 from tl_vlm.layout import ImageLayout, LayoutError
 from tl_vlm.layout import Box, padded_square_box
 

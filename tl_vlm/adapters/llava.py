@@ -18,7 +18,7 @@ from transformer_lens.model_bridge.supported_architectures.llava import (
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.attention import use_hooked_attention
+from tl_vlm.adapters._attention_bridge import use_hooked_attention
 from tl_vlm.layout import ImageLayout
 from tl_vlm.layout import Box, ImageView, LayoutError, resize_crop_box
 

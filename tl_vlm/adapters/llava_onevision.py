@@ -43,7 +43,7 @@ from transformer_lens.model_bridge.supported_architectures.llava_onevision impor
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.attention import use_hooked_attention
+from tl_vlm.adapters._attention_bridge import use_hooked_attention
 from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
 from tl_vlm.layout import Box, ImageView, padded_square_box
 
