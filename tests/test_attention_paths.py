@@ -130,3 +130,50 @@ def test_a_knockout_on_2k_tokens_never_builds_a_query_by_key_tensor(toy_models):
         model.run_with_hooks(batch, fwd_hooks=knock + _identity_hooks(model))
     assert eager.largest >= full, "the guard must see the eager pattern"
     assert fused.largest < seq * seq, (fused.largest, seq * seq)
+
+
+@torch.no_grad()
+def test_a_cut_of_every_query_computes_no_pattern_row(toy_models, monkeypatch):
+    """The paper's knockout (every position stops attending to the keys) is SDPA on
+    zeroed values: not one pattern row is computed; a cut of some queries needs theirs."""
+    import tl_vlm.attention_edits as edits
+    from tl_vlm.toy import make_examples
+
+    model = toy_models["toy-gated"]
+    batch = model.prepare(make_examples(3).prompts, padding_side="left")
+    rows = []
+    real = edits.pattern_rows
+    monkeypatch.setattr(edits, "pattern_rows", lambda q, *a, **k: rows.append(len(a[1])) or real(q, *a, **k))
+    model.run_with_hooks(batch, fwd_hooks=A.gate_knockout(model, batch))
+    assert rows == []
+    model.run_with_hooks(batch, fwd_hooks=A.gate_knockout(model, batch, heads=[0]))
+    assert rows, "a cut of some heads subtracts what the cut rows carried"
+
+
+@pytest.mark.parametrize("name", ["chameleon", "qwen2_vl", "gemma3", "llava_onevision"])
+def test_key_scale_equals_the_eager_pattern_edit_and_its_gradient(tiny_zoo, name):
+    """A KeyScale on the values (fused) gives the outputs and the gradients with respect
+    to the scale that the same edit on the eager pattern gives."""
+    from tl_vlm.attention_edits import KeyScale
+
+    model, batch = tiny_zoo.batch(name, padding_side="left")
+    pos = batch.positions
+    mask = batch.attention_mask.bool()
+    gen = torch.Generator().manual_seed(0)
+    for queries in (None, pos.text.mask):
+        results = []
+        for eager in (False, True):
+            scales = [torch.rand(pos.all.mask.shape, generator=gen.manual_seed(l)).requires_grad_(True)
+                      for l in range(model.cfg.n_layers)]
+            hooks = [(f"blocks.{l}.attn.hook_pattern",
+                      KeyScale(s, query_mask=queries, padding=pos.padding.mask))
+                     for l, s in enumerate(scales)]
+            with record_paths() as paths:
+                logits = model.run_with_hooks(batch, fwd_hooks=hooks + (_identity_hooks(model) if eager else []))
+            assert set(paths) == {"eager" if eager else "fused"}
+            grads = torch.autograd.grad(logits[mask].float().pow(2).mean(), scales)
+            results.append((logits[mask].detach(), torch.stack(grads) * mask))   # padding aside
+        (fused, g_fused), (ref, g_ref) = results
+        torch.testing.assert_close(fused, ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(g_fused, g_ref, atol=1e-5 * float(g_ref.abs().max()), rtol=1e-4)
+        assert float(g_ref.abs().max()) > 0

@@ -13,8 +13,9 @@ cheapest computation that honours the hooks attached *now*:
 
 - **sdpa** -- nothing hooks ``hook_attn_scores``/``hook_pattern``: PyTorch's fused SDPA,
   exactly Hugging Face's ``attn_implementation="sdpa"`` (no pattern is ever built);
-- **fused** -- every hook there is a knockout or a pattern reader
-  (:mod:`tl_vlm.attention_edits`): SDPA plus the pattern of the rows those edits touch;
+- **fused** -- every hook there is a knockout, a key scale or a pattern reader
+  (:mod:`tl_vlm.attention_edits`): SDPA (on scaled values where an edit concerns every
+  query) plus the pattern of the rows the other edits touch;
 - **eager** -- anything else (a user's own pattern hook, a backward hook, a cache of the
   pattern): HF's eager attention, firing ``hook_attn_scores`` (pre-softmax, mask added)
   and ``hook_pattern`` (post-softmax) *inside* the computation, so edits reach the output.
@@ -45,7 +46,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tl_vlm.attention_edits import AttentionEdit, EdgeCut, PatternReader, fused_attention
+from tl_vlm.attention_edits import AttentionEdit, EdgeCut, KeyScale, PatternReader, fused_attention
 
 ATTN_IMPLEMENTATION = "tl_vlm"
 
@@ -151,8 +152,8 @@ def _plan(bridge) -> Optional[tuple[list[EdgeCut], list[AttentionEdit]]]:
         return None
     if not all(isinstance(f, EdgeCut) and f.point == "hook_attn_scores" for f in scores):
         return None
-    if not all(isinstance(f, PatternReader) or (isinstance(f, EdgeCut) and f.point == "hook_pattern")
-               for f in pattern):
+    if not all(isinstance(f, (PatternReader, KeyScale)) or
+               (isinstance(f, EdgeCut) and f.point == "hook_pattern") for f in pattern):
         return None
     return scores, pattern
 

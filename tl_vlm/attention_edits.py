@@ -15,9 +15,14 @@ attention function (:mod:`tl_vlm.attention`) what they need. When every hook on 
 rows an edit touches, a chunk of rows at a time:
 
 - ``"mask"`` cuts go into SDPA's boolean mask (softmax renormalises over what is left);
-- ``"zero"`` cuts (the paper's: no renormalisation) subtract what the cut edges carried,
+- ``"zero"`` cuts (the paper's: no renormalisation) of *every* query's edges into some
+  keys, and :class:`KeyScale` edits, scale those keys' value vectors before SDPA:
+  ``sum over k of p[q, k] s[k] v[k]`` is the output with the column ``k`` of the pattern
+  scaled by ``s[k]`` (zero for a cut). No pattern row is computed at all, and a gradient
+  with respect to ``s`` flows through SDPA's own backward;
+- other ``"zero"`` cuts (some queries, some heads) subtract what the cut edges carried,
   ``out[q] -= sum over cut k of p[q, k] v[k]``, with ``p`` the row's softmax;
-- readers get the pattern rows they asked for, after the cuts listed before them.
+- readers get the pattern rows they asked for, after the edits listed before them.
 
 Results equal the eager computation with the hooks on the full pattern (to float
 rounding): the same rows are computed the same way.
@@ -75,11 +80,15 @@ class EdgeCut(AttentionEdit):
 
     def __init__(self, query_mask: Bool[Tensor, "batch pos"], key_mask: Bool[Tensor, "batch pos"],
                  heads: Optional[Sequence[int]] = None, semantics: str = "zero",
-                 generated_queries: bool = True) -> None:
+                 generated_queries: bool = True,
+                 padding: Optional[Bool[Tensor, "batch pos"]] = None) -> None:
         if semantics not in ("zero", "mask"):
             raise ValueError(f"semantics must be 'zero' or 'mask', got {semantics!r}")
         self.query_mask = query_mask.bool().cpu()
         self.key_mask = key_mask.bool().cpu()
+        # Padding rows' outputs are never read (no other position attends to them): a cut
+        # of every non-padding query may treat them as queries too, and cut by the values.
+        self.padding = None if padding is None else padding.bool().cpu()
         self.heads = None if heads is None else list(heads)
         self.semantics = semantics
         self.point = "hook_pattern" if semantics == "zero" else "hook_attn_scores"
@@ -108,6 +117,30 @@ class EdgeCut(AttentionEdit):
             self._cache[key] = (queries.to(device), keys.to(device), heads)
         return self._cache[key]
 
+    def key_factor(self, q_len: int, k_len: int, n_heads: int, device: torch.device
+                   ) -> Optional[Float[Tensor, "batch k"]]:
+        """``1 - keys`` when this call's cut is the same as zeroing the cut keys' value
+        vectors (post-softmax zero, all heads, every query of the call but padding);
+        None otherwise."""
+        if self.semantics != "zero" or self.heads is not None:
+            return None
+        key = ("factor", q_len, k_len, str(device))
+        if key not in self._cache:
+            queries, keys, _ = self.factors(k_len, n_heads, device)
+            rows = queries[:, k_len - q_len:]
+            if self.padding is not None:
+                seq = self.padding.shape[1]
+                pad = torch.cat([self.padding, self.padding.new_zeros(len(self.padding), k_len - seq)], 1)
+                rows = rows | pad[:, k_len - q_len:].to(device)
+            self._cache[key] = (~keys).float() if bool(rows.all()) else None
+        return self._cache[key]
+
+    def apply_rows(self, pattern: Float[Tensor, "batch head r k"], rows: Int[Tensor, "r"],
+                   q_len: int) -> Tensor:
+        """``pattern`` (the query rows ``rows``) with the cut edges zeroed."""
+        b, h, _, k = pattern.shape
+        return pattern.masked_fill(self.edges(rows, q_len, k, h, pattern.device), 0.0)
+
     def edges(self, rows: Int[Tensor, "r"], q_len: int, k_len: int, n_heads: int,
               device: torch.device) -> Bool[Tensor, "batch head_or_1 r k"]:
         """Cut edges of the query rows ``rows`` (indices among this call's ``q_len`` queries)."""
@@ -121,6 +154,77 @@ class EdgeCut(AttentionEdit):
         rows = torch.arange(q, device=tensor.device)
         edges = self.edges(rows, q, k, h, tensor.device)
         return tensor.masked_fill(edges, 0.0 if self.semantics == "zero" else float("-inf"))
+
+
+class KeyScale(AttentionEdit):
+    """Scale the attention every query pays to each key by a factor per (example, key),
+    after the softmax and without renormalising: ``pattern[b, h, q, k] *= scale[b, k]``.
+
+    ``scale`` is ``[batch, pos]`` (keys beyond it, generated tokens, keep 1). Scale 0 is
+    the paper's knockout of those keys; a ``scale`` that requires grad gives, after a
+    backward pass, ``d metric / d scale[b, k]``: the attribution-patching estimate of
+    knocking ``k`` out (see :func:`tl_vlm.analyses.gates.find_gates`). The attention
+    function applies it to the value vectors (``p s v = p (s v)``), so it costs what a
+    plain SDPA forward (and backward) costs.
+
+    Example (half the weight on key 0, for every query):
+        >>> scale = torch.tensor([[0.5, 1.0, 1.0]])
+        >>> out = KeyScale(scale)(torch.full((1, 2, 3, 3), 0.3), None)
+        >>> out[0, 0].tolist()[2]
+        [0.15000000596046448, 0.30000001192092896, 0.30000001192092896]
+    """
+
+    point = "hook_pattern"
+
+    def __init__(self, scale: Float[Tensor, "batch pos"],
+                 query_mask: Optional[Bool[Tensor, "batch pos"]] = None,
+                 padding: Optional[Bool[Tensor, "batch pos"]] = None) -> None:
+        if scale.dim() != 2:
+            raise ValueError(f"scale must be [batch, pos], got shape {tuple(scale.shape)}")
+        self.scale = scale
+        # Queries whose attention is scaled (None: all; generated tokens always are), and
+        # padding rows, whose outputs nobody reads.
+        self.query_mask = None if query_mask is None else query_mask.bool().cpu()
+        self.padding = None if padding is None else padding.bool().cpu()
+
+    def scale_over(self, k_len: int, device: torch.device) -> Float[Tensor, "batch k"]:
+        """The scale over all ``k_len`` keys (1 for generated ones), on ``device``."""
+        scale = self.scale.to(device)
+        grow = k_len - scale.shape[1]
+        if grow < 0:
+            raise ValueError(f"attention over {k_len} keys but the scale covers {scale.shape[1]}")
+        return torch.cat([scale, scale.new_ones(len(scale), grow)], 1) if grow else scale
+
+    def query_rows(self, k_len: int, device: torch.device,
+                   with_padding: bool = False) -> Bool[Tensor, "batch k"]:
+        """Which of all ``k_len`` positions are scaled queries (``with_padding``: or padding)."""
+        b, seq = self.scale.shape
+        grow = k_len - seq
+        queries = self.query_mask if self.query_mask is not None else torch.ones(b, seq, dtype=torch.bool)
+        if with_padding and self.padding is not None:
+            queries = queries | self.padding
+        return torch.cat([queries, queries.new_ones(b, grow)], 1).to(device)
+
+    def key_factor(self, q_len: int, k_len: int, n_heads: int, device: torch.device
+                   ) -> Optional[Float[Tensor, "batch k"]]:
+        """The scale over the keys when it applies to every query of this call (padding
+        aside), so that it may scale the values; None otherwise."""
+        if self.query_mask is not None and \
+                not bool(self.query_rows(k_len, device, with_padding=True)[:, k_len - q_len:].all()):
+            return None
+        return self.scale_over(k_len, device)
+
+    def apply_rows(self, pattern: Float[Tensor, "batch head r k"], rows: Int[Tensor, "r"],
+                   q_len: int) -> Tensor:
+        k_len = pattern.shape[-1]
+        factor = self.scale_over(k_len, pattern.device)[:, None, None, :].to(pattern.dtype)
+        if self.query_mask is not None:
+            scaled = self.query_rows(k_len, pattern.device)[:, k_len - q_len:][:, rows]
+            factor = torch.where(scaled[:, None, :, None], factor, torch.ones_like(factor))
+        return pattern * factor
+
+    def __call__(self, pattern: Float[Tensor, "batch head q k"], hook: Any) -> Tensor:
+        return self.apply_rows(pattern, torch.arange(pattern.shape[2]), pattern.shape[2])
 
 
 class PatternReader(AttentionEdit):
@@ -251,42 +355,64 @@ def fused_attention(sdpa, module: torch.nn.Module, query: Tensor, key: Tensor, v
     causal = getattr(module, "is_causal", True)
     n_rep = h // key.shape[1]
     sdpa_mask = mask if not score_cuts else cut_mask(mask, score_cuts, q_len, k_len, h, causal, device)
-    out, _ = sdpa(module, query, key, value, sdpa_mask, dropout=0.0, scaling=scaling, **kwargs)
-    if not pattern_edits:
-        return out
-    cuts = [e for e in pattern_edits if isinstance(e, EdgeCut)]
+    # Edits of every query's edges into some keys: scale those keys' values instead.
+    by_value: dict[int, Tensor] = {}
+    for edit in pattern_edits:
+        factor = edit.key_factor(q_len, k_len, h, device) if hasattr(edit, "key_factor") else None
+        if factor is not None:
+            by_value[id(edit)] = factor
+    scaled_value = value
+    if by_value:
+        factor = torch.stack(list(by_value.values())).prod(0) if len(by_value) > 1 \
+            else next(iter(by_value.values()))
+        scaled_value = value * factor[:, None, :, None].to(value.dtype)
+    out, _ = sdpa(module, query, key, scaled_value, sdpa_mask, dropout=0.0, scaling=scaling, **kwargs)
+    by_rows = [e for e in pattern_edits if not isinstance(e, PatternReader) and id(e) not in by_value]
     readers = [e for e in pattern_edits if isinstance(e, PatternReader)]
+    if not by_rows and not readers:
+        return out
     for reader in readers:
         reader.begin(q_len, k_len)
     needed = torch.zeros(q_len, dtype=torch.bool, device=device)
     for reader in readers:
         needed |= reader.rows(q_len, k_len).to(device)
     key_cols = torch.zeros(b, k_len, dtype=torch.bool, device=device)
-    for cut in cuts:
-        queries, keys, _ = cut.factors(k_len, h, device)
+    cuts = []
+    for edit in by_rows:
+        if isinstance(edit, EdgeCut):
+            queries, keys, _ = edit.factors(k_len, h, device)
+            cuts.append(edit)
+        else:   # a KeyScale of some queries only: any key may change
+            queries, keys = edit.query_rows(k_len, device), key_cols.new_ones(b, k_len)
         needed |= queries[:, k_len - q_len:].any(0)
         key_cols |= keys
-    cols = key_cols.any(0).nonzero().flatten()  # the only keys a zero-cut subtracts
+    cols = key_cols.any(0).nonzero().flatten()  # the only keys an edit by rows changes
     rows_all = needed.nonzero().flatten()
     chunk = min(QUERY_CHUNK_ROWS, max(1, QUERY_CHUNK_ELEMENTS // max(1, b * h * k_len)))
-    v_cols = value[:, :, cols]
+    v_cols = value[:, :, cols]                  # unscaled: the pattern carries the scales
+    # Readers only read: no autograd graph for their rows.
+    grad = torch.is_grad_enabled() and bool(by_rows)
     for rows in rows_all.split(chunk):
         allowed = allowed_keys(mask, rows, q_len, k_len, causal)
-        if not readers and not _any_cut_allowed(cuts, rows, allowed, q_len, k_len, h, device):
+        if not readers and len(cuts) == len(by_rows) and \
+                not _any_cut_allowed(cuts, rows, allowed, q_len, k_len, h, device):
             continue  # e.g. rows before the gate: causally they never see it
-        pattern = pattern_rows(query, key, rows, scaling, allowed, score_cuts, n_rep)
-        removed = None
-        for edit in pattern_edits:
-            if isinstance(edit, EdgeCut):
-                edges = edit.edges(rows, q_len, k_len, h, device)
-                taken = pattern.masked_fill(~edges, 0.0)[..., cols]
-                removed = taken if removed is None else removed + taken
-                pattern = pattern.masked_fill(edges, 0.0)
-            else:
-                edit.read(rows, pattern)
-        if removed is not None and len(cols):
-            carried = torch.matmul(_grouped(removed, n_rep), v_cols).view(b, h, len(rows), d)
-            out[:, rows] = out[:, rows] - carried.transpose(1, 2).to(out.dtype)
+        with torch.set_grad_enabled(grad):
+            pattern = pattern_rows(query, key, rows, scaling, allowed, score_cuts, n_rep)
+            removed = None
+            for edit in pattern_edits:
+                if isinstance(edit, PatternReader):
+                    edit.read(rows, pattern.detach())
+                    continue
+                edited = edit.apply_rows(pattern, rows, q_len)
+                if id(edit) not in by_value:     # in the values already if it is there
+                    taken = (pattern - edited)[..., cols]
+                    removed = taken if removed is None else removed + taken
+                pattern = edited
+            if removed is not None and len(cols):
+                carried = torch.matmul(_grouped(removed, n_rep), v_cols).view(b, h, len(rows), d)
+                out = out.index_put((torch.arange(b, device=device)[:, None], rows[None, :]),
+                                    out[:, rows] - carried.transpose(1, 2).to(out.dtype))
     return out
 
 

@@ -164,10 +164,11 @@ def knockout_hooks(
         if bad:
             raise IndexError(f"heads {bad} outside 0..{model.cfg.n_heads - 1}")
     # One EdgeCut for every layer: the attention function applies it without building
-    # the [batch, head, query, key] pattern (SDPA plus the cut rows), and its masks are
-    # built once per sequence length and device, shared across layers and generation steps.
+    # the [batch, head, query, key] pattern (SDPA on zeroed values when every query is
+    # cut, else SDPA plus the cut rows); its masks are built once per sequence length and
+    # device, shared across layers and generation steps.
     cut = EdgeCut(queries.mask, keys.mask, heads=heads, semantics=method,
-                  generated_queries=generated_queries)
+                  generated_queries=generated_queries, padding=pos.padding.mask)
     return [(f"blocks.{layer}.attn.{cut.point}", cut) for layer in resolve_layers(model, layers)]
 
 
