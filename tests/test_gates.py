@@ -5,6 +5,7 @@ family's tiny random model; ``tl-vlm find-gate`` writes its report."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from tl_vlm import analyses as A, cli
 from tl_vlm.analyses.gates import GateSearch, _spearman, candidate_classes, position_roles
-from tl_vlm.tasks import Example, GenerationTask, toy_task
+from tl_vlm.tasks import Example, GenerationTask, NextTokenTask, toy_task
 
 N = 24
 
@@ -61,6 +62,34 @@ def test_estimates_agree_with_exact_knockouts(searches, name):
         assert check["names"][0] == max(zip(check["exact"], check["names"]))[1]
 
 
+def test_the_estimate_is_the_gradient_times_the_pattern_by_hand(toy_models):
+    """The gradient pass (key scales on the values, SDPA) equals sum over heads and
+    queries of dM/dA * A computed on the eager pattern, layer by layer."""
+    from tl_vlm.analyses.gates import GateMetric, _Search
+
+    model = toy_models["toy-gated"]
+    task = toy_task(6)
+    batch = task.prepare(model, task.examples)
+    search = _Search(model, task, GateMetric("log_odds"), "all", rows=False, alpha=1.0)
+    got = search.attribution(batch, task.examples)
+    patterns = {}
+
+    def keep(pattern, hook):
+        patterns[hook.layer()] = pattern
+        return pattern
+
+    layers = range(model.cfg.n_layers)
+    hooks = [(f"blocks.{l}.attn.hook_pattern", keep) for l in layers]
+    with torch.enable_grad():
+        last = search.transform(model.last_logits(batch, fwd_hooks=hooks))
+        metric = search.metric(last, got["targets"], got["allowed"]).sum()
+        grads = torch.autograd.grad(metric, [patterns[l] for l in layers])
+    by_hand = torch.stack([(g * patterns[l]).sum((1, 2)).detach() for l, g in zip(layers, grads)])
+    side = batch.positions.image_side.mask
+    torch.testing.assert_close(got["estimate"][:, side], by_hand[:, side], atol=1e-5, rtol=1e-4)
+    assert float(by_hand[:, side].abs().max()) > 1e-3
+
+
 def test_classes_are_exact_knockouts(toy_models, searches):
     """A class's effect is the drop of the metric under knockout_hooks, by hand."""
     model, gates = toy_models["toy-gated"], searches["toy-gated"]
@@ -93,23 +122,28 @@ def test_classes_are_exact_knockouts(toy_models, searches):
     assert gates.candidate("image_side").share == pytest.approx(1.0)
 
 
-def test_cost_is_three_passes_plus_one_per_class(toy_models):
-    """Pass 1 runs 2 forwards + 1 backward + one forward per distinct class; the count of
-    forward passes the model actually ran matches the accounting."""
+def test_cost_is_a_gradient_pass_plus_one_forward_per_class(toy_models):
+    """Pass 1 runs 1 forward with gradients (the clean run too) + its backward + one
+    forward per distinct class, every one on the SDPA kernel (no pattern built): within
+    3 + n_classes forward-equivalents. The forwards the model ran match the accounting."""
+    from tl_vlm.attention import record_paths
+
     model = toy_models["toy-gated"]
     fired = []
-    with model.hooks(fwd_hooks=[("blocks.0.hook_in", lambda x, hook: fired.append(x.shape[1]))]):
+    with model.hooks(fwd_hooks=[("blocks.0.hook_in", lambda x, hook: fired.append(x.shape[1]))]), \
+            record_paths() as paths:
         gates = A.find_gates(model, toy_task(N), batch_size=12, rows=False, overlap=False,
-                             check_top=2, check_random=1)
+                             check_top=2, check_random=1, contribution=False)
     cost = gates.cost
     classes = [c.name for c in gates.classes]
     assert classes == ["image_side", "boi", "first_image", "last_image", "image", "eoi"]
     assert "gate: the same positions as eoi" in gates.notes[0]        # knocked out once
-    assert cost["n_classes"] == 6 and cost["passes_per_batch"] == 9
+    assert cost["n_classes"] == 6 and cost["passes_per_batch"] == 8 and cost["budget_forwards"] == 9
     passes = cost["passes"]
-    assert passes["forward"] == 2 * (1 + 6) and passes["grad_forward"] == 2 == passes["backward"]
+    assert passes["forward"] == 2 * 6 and passes["grad_forward"] == 2 == passes["backward"]
     assert len(fired) == 4 + passes["forward"] + passes["grad_forward"] + passes["check_forward"]
     assert cost["time_ratio"] > 0 and cost["baseline_forward_s"] > 0
+    assert set(paths) <= {"sdpa", "fused"} and "fused" in paths
 
 
 def test_json_round_trip(searches):
@@ -126,6 +160,9 @@ def test_a_generation_task_uses_the_models_own_answer(toy_models):
                          overlap=False, check_random=0)
     assert gates.clean_score == 1.0 and gates.gate == ["eoi"], gates.summary()
     assert gates.candidate("eoi").score < 0.6                      # generation is blinded too
+    # a task that generates is scored by a clean pass of its own: one more forward a batch
+    assert gates.cost["passes_per_batch"] == 3 + gates.cost["n_classes"]
+    assert gates.cost["passes"]["forward"] == 1 + gates.cost["n_classes"]
 
 
 def test_roles_and_classes_on_a_left_padded_batch(toy_models):
@@ -176,6 +213,11 @@ def test_every_family_runs_end_to_end(tiny_zoo, family):
     assert all(len(c.per_layer) == model.cfg.n_layers for c in gates.positions)
     assert gates.cost["passes_per_batch"] == 3 + gates.cost["n_classes"]
     json.dumps(gates.to_dict())
+    # a next-token task: the gradient pass (SDPA forward and backward) is the clean run
+    quick = A.find_gates(model, NextTokenTask(family, examples), batch_size=2, check_top=1,
+                         check_random=0, rows=False, overlap=False, layer_sweep=False)
+    assert quick.cost["passes_per_batch"] == 2 + quick.cost["n_classes"]
+    assert all(math.isfinite(c.estimate) for c in quick.positions)
 
 
 def test_cli_find_gate_writes_the_report(tmp_path, capsys):

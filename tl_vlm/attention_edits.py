@@ -261,7 +261,7 @@ class PatternReader(AttentionEdit):
         self.begin(q, k)
         rows = self.rows(q, k).to(pattern.device).nonzero().flatten()
         if rows.numel():
-            self.read(rows, pattern[:, :, rows])
+            self.read(rows, pattern[:, :, rows].detach())   # reading joins no autograd graph
         return None
 
 

@@ -382,6 +382,14 @@ class Task(abc.ABC):
         evaluation = self.evaluate(examples, self.predict(model, batch, examples, fwd_hooks))
         return torch.tensor(evaluation.scores, dtype=torch.float)
 
+    def score_from_logits(self, model: Any, examples: Sequence[Example],
+                          last_logits: Float[Tensor, "batch vocab"]) -> Optional[Float[Tensor, "batch"]]:
+        """The scores :meth:`score` would give, from the last position's logits of one
+        forward over the prompts; None when the prediction needs more (generation).
+        It lets an analysis that runs its own forward (with gradients, say) score the
+        task from it instead of running the model once more."""
+        return None
+
     def chance(self) -> Optional[float]:
         """Expected score of a guess that ignores the image (None when unknown)."""
         return None
@@ -487,17 +495,41 @@ class NextTokenTask(Task):
 
             hooks.append((f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep))
         last = model.last_logits(batch, fwd_hooks=hooks).float().cpu()   # [batch, vocab]
-        candidates = self._candidates(model)
-        if candidates is None:
-            predicted = last.argmax(-1)
-        else:
-            predicted = torch.stack([candidates[ex.kind][row[candidates[ex.kind]].argmax()]
-                                     for row, ex in zip(last, examples)])
+        predicted = self._predicted(model, examples, last)
         tok = model.layout.tokenizer
         extra = {"token": predicted.tolist(),
                  "answer_token": self.answer_ids(model, examples).tolist()}
         outputs = [tok.decode([t]).strip() for t in extra["token"]]
         return Predictions(outputs, extra, {"final": kept[0]} if kept else {})
+
+    def _predicted(self, model: Any, examples: Sequence[Example],
+                   last: Float[Tensor, "batch vocab"]) -> Int[Tensor, "batch"]:
+        """The predicted token of each example: the best admitted answer, or the argmax."""
+        candidates = self._candidates(model)
+        if candidates is None:
+            return last.argmax(-1)
+        return torch.stack([candidates[ex.kind][row[candidates[ex.kind]].argmax()]
+                            for row, ex in zip(last, examples)])
+
+    def score_from_logits(self, model: Any, examples: Sequence[Example],
+                          last_logits: Float[Tensor, "batch vocab"]) -> Optional[Float[Tensor, "batch"]]:
+        """Accuracy per example from the last position's logits (what :meth:`score` reads).
+
+        Example:
+            >>> from tl_vlm import HookedVLM
+            >>> model = HookedVLM.from_pretrained("toy-gated")
+            >>> task = toy_task(4)
+            >>> batch = task.prepare(model, task.examples)
+            >>> last = model.last_logits(batch)
+            >>> torch.equal(task.score_from_logits(model, task.examples, last),
+            ...             task.score(model, batch, task.examples))
+            True
+        """
+        if type(self).predict is not NextTokenTask.predict or \
+                type(self).evaluate is not NextTokenTask.evaluate:
+            return None     # a subclass scores in its own way: through score()
+        predicted = self._predicted(model, examples, last_logits.detach().float().cpu())
+        return (predicted == self.answer_ids(model, examples)).float()
 
     def evaluate(self, examples: Sequence[Example], predictions: Predictions,
                  scoring: Scoring = Scoring()) -> Evaluation:

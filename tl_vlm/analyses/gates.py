@@ -24,7 +24,11 @@ renormalisation). Shares are effects divided by the ``image_side`` effect.
       estimate(k) = sum over layers l, heads h, queries q of dM/dA[l, h, q, k] * A[l, h, q, k]
 
   is the first-order change of ``M`` (its drop) when the edges into ``k`` go from their
-  clean values to their knocked-out value, zero. The "corrupted" run of attribution
+  clean values to their knocked-out value, zero. It is the derivative of ``M`` with
+  respect to a scale ``s[l, k]`` on every edge into ``k``
+  (:class:`~tl_vlm.attention_edits.KeyScale`), which the attention function applies to
+  ``k``'s value vector (``p s v = p (s v)``): the pattern is never built, and the
+  backward is SDPA's own. The "corrupted" run of attribution
   patching is the knockout of *every* image-side key: on the edges into any image-side
   key its pattern is exactly zero, the value a single knockout gives them, so the
   activation difference is ``-A`` on those edges and is known without running it. That
@@ -51,11 +55,16 @@ whole image side moves the score by less than ``min_effect``. The layers: the ga
 when distributed, the whole image side) is knocked out in the last ``w`` layers only;
 "from layer L on" is the latest start that still has 0.9 of the all-layer effect.
 
-**Cost per batch** (:attr:`GateSearch.cost`): a clean forward (task score, metric targets
-and the cross-modal contribution, read-only), a forward with gradients and its backward
-(every single position, every layer), and one forward per class (``image_side`` included):
-``3 + n_classes`` passes. The checks, the layer sweep and the neighbourhood overlap are
-extra passes, counted apart.
+**Cost per batch** (:attr:`GateSearch.cost`): one forward with gradients and its
+backward (every single position, every layer), which at ``alpha`` = 1 is also the clean
+run (task score, metric targets, the cross-modal contribution read-only) when the task
+scores from one forward (next-token tasks; a task that generates runs its own clean
+pass as well), and one forward per class (``image_side`` included). Every pass runs
+PyTorch's SDPA kernel: knockouts of every query and the gradient's scales act on the
+value vectors. A backward costs about two forwards, so the search costs
+``3 + n_classes`` forward-equivalents (``budget_forwards``; ``time_ratio`` is the time
+measured per batch over one plain forward). The checks, the layer sweep and the
+neighbourhood overlap are extra passes, counted apart.
 
 Example (toy-gated routes every visual fact through EOI):
     >>> from tl_vlm import HookedVLM
@@ -72,12 +81,13 @@ Example (toy-gated routes every visual fact through EOI):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -86,6 +96,7 @@ from torch import Tensor
 from tl_vlm.analyses.contribution import ContributionAccumulator
 from tl_vlm.analyses.knockout import Hook, knockout_hooks, resolve_layers
 from tl_vlm.analyses.logit_lens import final_logit_transform
+from tl_vlm.attention_edits import KeyScale
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import ImagePositions, PositionSet
 
@@ -342,8 +353,11 @@ class GateSearch:
             ``spearman``, ``top_k``, ``top_k_agree`` (positions in both top-k lists, among
             the checked ones), ``alpha``, ``completeness`` (the estimates' sum over
             ``total_effect``).
-        cost: passes and seconds per phase; ``passes_per_batch`` (= 3 + ``n_classes``) and
-            ``time_ratio`` (the search's seconds per batch over one plain forward's).
+        cost: passes and seconds per phase; ``passes_per_batch`` (forwards and backwards
+            run: 2 + ``n_classes`` for a next-token task, one more for a task that
+            generates), ``budget_forwards`` (3 + ``n_classes``: a backward is about two
+            forwards) and ``time_ratio`` (the search's seconds per batch over one plain
+            forward's).
         notes: anything skipped, and why.
 
     Example:
@@ -465,7 +479,7 @@ class GateSearch:
             best one / two positions: 0.921 / 0.926 of the image effect; best class: eoi (0.921)
             layers (eoi knocked out in the last w layers, ...): last 1: 0.286, ..., last 4: 0.921
             estimate vs exact on 5 positions: Spearman 1, top-5 agree on 5
-            cost: 9 passes per batch (3 + 6 classes), ... x one forward
+            cost: 8 passes per batch (6 classes), ... x one forward (budget: 9)
             classes (exact): image 1.11, image_side 1, eoi 0.921, first_image 0.028, boi ...
             top positions: eoi 0.921, image (0, 0) 0.028, image (0, 2) 0.0237, ...
             note: gate: the same positions as eoi in every example (not listed apart)
@@ -491,9 +505,10 @@ class GateSearch:
             lines.append(f"estimate vs exact on {len(self.check['names'])} positions: Spearman "
                          f"{fmt(self.check['spearman'])}, top-{self.check['top_k']} agree on "
                          f"{self.check['top_k_agree']}")
+        budget = self.cost.get("budget_forwards", 3 + self.cost["n_classes"])
         lines.append(f"cost: {self.cost['passes_per_batch']} passes per batch "
-                     f"(3 + {self.cost['n_classes']} classes), {fmt(self.cost.get('time_ratio'))} x "
-                     f"one forward")
+                     f"({self.cost['n_classes']} classes), {fmt(self.cost.get('time_ratio'))} x "
+                     f"one forward (budget: {budget})")
         lines.append("classes (exact): " + ", ".join(
             f"{c.name} {fmt(c.share)}" for c in sorted(self.classes, key=lambda c: -c.effect)))
         lines.append("top positions: " + ", ".join(
@@ -631,51 +646,42 @@ class _Search:
         return self.metric(last, targets, allowed)
 
     # attribution ---------------------------------------------------------------------
-    def attribution(self, batch: VLMBatch, targets, allowed) -> tuple[Float[Tensor, "layer batch pos"], Tensor]:
-        """Per (layer, example, key): the derivative of the metric with respect to a gate
-        variable multiplying the key's edges, taken with every image-side edge scaled by
-        ``alpha`` (one forward, one backward). The sum over layers estimates the drop
-        when the key is knocked out."""
+    def attribution(self, batch: VLMBatch, examples, extra: Sequence[Hook] = (),
+                    clean: Optional[tuple] = None) -> dict[str, Any]:
+        """Per (layer, example, key): the derivative of the metric with respect to a scale
+        on every edge into the key (:class:`~tl_vlm.attention_edits.KeyScale`, applied to
+        the values: SDPA forward and backward), taken with the image-side scales at
+        ``alpha``: one forward, one backward. The sum over layers estimates the drop when
+        the key is knocked out. ``extra`` hooks ride along (the contribution's readers);
+        ``clean`` is ``(targets, allowed)`` when a clean pass already fixed them, else the
+        targets are read from this pass's logits (at ``alpha`` = 1 it *is* the clean run).
+
+        Returns ``estimate [layer, batch, pos]``, ``metric``, ``last`` (the final
+        transform's logits) and ``raw_last`` (the model's), ``targets``, ``allowed``."""
         pos = batch.positions
-        q_mask = self.query_set(pos).mask
-        scaled_edges = (q_mask[:, :, None] & pos.image_side.mask[:, None, :])[:, None]
-        alpha = self.alpha
-        per_layer: dict[int, Tensor] = {}
-        leaf: dict[str, Tensor] = {}
-
-        def make_leaf(x: Tensor, hook) -> Tensor:
-            # The backward stops here: only the patterns' gradients are wanted.
-            leaf["x"] = x.detach().requires_grad_(True)
-            return leaf["x"]
-
-        def on_pattern(pattern: Tensor, hook) -> Tensor:
-            layer = int(hook.name.split(".")[1])
-            unscaled = pattern.detach()
-            if alpha != 1.0:
-                gate = torch.where(scaled_edges.to(pattern.device), alpha, 1.0).to(pattern.dtype)
-                pattern = pattern * gate
-
-            def reduce(grad: Tensor) -> None:
-                # d metric / d (gate variable of key k) = sum_{h, q} grad * unscaled pattern
-                edge = (grad.float() * unscaled.float()).sum(1)           # [batch, q, k]
-                per_layer[layer] = torch.einsum("bqk,bq->bk", edge,
-                                                q_mask.float().to(edge.device)).cpu()
-
-            pattern.register_hook(reduce)
-            return pattern
-
-        hooks = [("blocks.0.hook_in", make_leaf)] + [
-            (f"blocks.{l}.attn.hook_pattern", on_pattern) for l in range(self.n_layers)]
-        with torch.enable_grad():
-            last = self.transform(self.model.last_logits(batch, fwd_hooks=hooks))
+        queries = None if self.queries == "all" else self.query_set(pos).mask
+        base = torch.where(pos.image_side.mask, self.alpha, 1.0)
+        scales = [base.clone().requires_grad_(True) for _ in range(self.n_layers)]
+        hooks = list(extra) + [
+            (f"blocks.{l}.attn.hook_pattern", KeyScale(s, query_mask=queries, padding=pos.padding.mask))
+            for l, s in enumerate(scales)]
+        with torch.enable_grad(), _no_weight_grads(self.model):
+            raw = self.model.last_logits(batch, fwd_hooks=hooks)
+            last = self.transform(raw)
+            targets, allowed = clean if clean is not None else \
+                self.targets(examples, last.detach().float().cpu())
             m = self.metric(last, targets, allowed)
-            torch.autograd.grad(m.sum(), leaf["x"])
+            if not m.requires_grad:
+                raise RuntimeError("no gradient reached the metric from the attention scales")
+            grads = torch.autograd.grad(m.sum(), scales, allow_unused=True)
         self.cost["grad_forward"] += 1
         self.cost["backward"] += 1
-        missing = sorted(set(range(self.n_layers)) - set(per_layer))
+        missing = [l for l, g in enumerate(grads) if g is None]
         if missing:
-            raise RuntimeError(f"no gradient reached the attention pattern of layers {missing}")
-        return torch.stack([per_layer[l] for l in range(self.n_layers)]), m.detach().cpu()
+            raise RuntimeError(f"no gradient reached the attention scales of layers {missing}")
+        return {"estimate": torch.stack([g.float().cpu() for g in grads]),
+                "metric": m.detach().float().cpu(), "last": last.detach().float().cpu(),
+                "raw_last": raw.detach(), "targets": targets, "allowed": allowed}
 
     # one batch -------------------------------------------------------------------------
     def add(self, start: int, batch: VLMBatch, examples,
@@ -685,21 +691,34 @@ class _Search:
         extra = []
         if contribution is not None and not pos.after_image.is_empty():
             extra = [(name, _first_call_only(fn)) for name, fn in contribution.hooks(batch)]
-        scores, clean_last = self.scored(batch, examples, extra)
-        targets, allowed = self.targets(examples, clean_last)
-        clean = self.metric(clean_last, targets, allowed)
+        # At alpha = 1 the gradient pass is the clean run: when the task scores from the
+        # last logits of one forward (next-token tasks), that pass is the clean one too.
+        scores = None
+        if self.alpha == 1.0:
+            grad = self.attribution(batch, examples, extra)
+            scores = self.task.score_from_logits(self.model, examples, grad["raw_last"])
+        if scores is None:       # a task that generates, or a gradient away from the clean run
+            scores, clean_last = self.scored(batch, examples, [] if self.alpha == 1.0 else extra)
+            targets, allowed = self.targets(examples, clean_last)
+            clean = self.metric(clean_last, targets, allowed)
+            if self.alpha == 1.0:
+                # The same inputs must give the same metric (up to the dtype's rounding),
+                # else the two passes measure different runs.
+                tol = (1e-3 if self.model.dtype == torch.float32 else 5e-2) * (1 + clean.abs().max().item())
+                if not torch.allclose(grad["metric"], clean, atol=tol):
+                    raise RuntimeError("the gradient pass and the clean pass disagree on the metric "
+                                       f"({grad['metric'].tolist()} vs {clean.tolist()})")
+                if not torch.equal(grad["targets"], targets):
+                    grad = self.attribution(batch, examples, clean=(targets, allowed))
+            else:
+                grad = self.attribution(batch, examples, clean=(targets, allowed))
+        else:
+            clean, targets, allowed = grad["metric"], grad["targets"], grad["allowed"]
+            scores = scores.float().cpu()
+        est = grad["estimate"]
         self.clean_of[start] = (clean, targets, allowed)    # the later passes' baseline
-        t1 = time.perf_counter()
-        est, clean_grad = self.attribution(batch, targets, allowed)
-        # At alpha = 1 the gradient pass is the clean run: the same inputs must give the
-        # same metric (up to the dtype's rounding), else the two passes measure different runs.
-        tol = (1e-3 if self.model.dtype == torch.float32 else 5e-2) * (1 + clean.abs().max().item())
-        if self.alpha == 1.0 and not torch.allclose(clean_grad, clean, atol=tol):
-            raise RuntimeError("the gradient pass and the clean pass disagree on the metric "
-                               f"({clean_grad.tolist()} vs {clean.tolist()})")
         t2 = time.perf_counter()
-        self.seconds["clean"] += t1 - t0
-        self.seconds["gradient"] += t2 - t1
+        self.seconds["clean_and_gradient"] += t2 - t0
         self.n += len(examples)
         self.clean_score += scores.sum().item()
         self.clean_metric += clean.sum().item()
@@ -744,6 +763,20 @@ class _Search:
 
     def label(self, key: Key) -> str:
         return role_label(key, self.several_images)
+
+
+@contextlib.contextmanager
+def _no_weight_grads(model) -> Iterator[None]:
+    """Within the block no parameter requires grad: the backward computes the gradients
+    of the attention scales only, and the forward keeps no input for a weight gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _first_call_only(fn: Callable) -> Callable:
@@ -848,7 +881,7 @@ def find_gates(
         >>> abs(gates.candidate("eoi").share) < 0.01                 # EOI carries nothing here
         True
         >>> gates.cost["passes_per_batch"], gates.cost["n_classes"]  # 12 classes; gate = eoi
-        (15, 12)
+        (14, 12)
         >>> find_gates(model, toy_task(12), queries="image")
         Traceback (most recent call last):
         ...
@@ -944,9 +977,12 @@ def find_gates(
     top_exact = set(by_exact[:k])
     n_classes = search.class_forwards / search.batches
     n_classes = int(n_classes) if n_classes.is_integer() else round(n_classes, 2)
-    per_batch = (search.seconds["clean"] + search.seconds["gradient"] + search.seconds["classes"]) \
-        / len(chunks)
-    cost = {"batches": len(chunks), "n_classes": n_classes, "passes_per_batch": 3 + n_classes,
+    per_batch = (search.seconds["clean_and_gradient"] + search.seconds["classes"]) / len(chunks)
+    passes = (search.cost["forward"] + search.cost["grad_forward"] + search.cost["backward"]) \
+        / search.batches
+    cost = {"batches": len(chunks), "n_classes": n_classes,
+            "passes_per_batch": int(passes) if float(passes).is_integer() else round(passes, 2),
+            "budget_forwards": 3 + n_classes,
             "passes": dict(search.cost), "seconds": {k: round(v, 4) for k, v in search.seconds.items()},
             "baseline_forward_s": round(baseline, 4),
             "time_ratio": round(per_batch / baseline, 2) if baseline > 0 else None}
