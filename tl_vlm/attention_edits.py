@@ -40,6 +40,7 @@ from torch import Tensor
 #: and at most this many rows per chunk
 QUERY_CHUNK_ELEMENTS = 1 << 24
 QUERY_CHUNK_ROWS = 256
+_CPU = torch.device("cpu")   # where edits decide which rows and keys they touch (no device sync)
 
 
 class AttentionEdit:
@@ -125,14 +126,14 @@ class EdgeCut(AttentionEdit):
         if self.semantics != "zero" or self.heads is not None:
             return None
         key = ("factor", q_len, k_len, str(device))
-        if key not in self._cache:
-            queries, keys, _ = self.factors(k_len, n_heads, device)
+        if key not in self._cache:   # decided on the CPU masks: no device sync
+            queries, keys, _ = self.factors(k_len, n_heads, _CPU)
             rows = queries[:, k_len - q_len:]
             if self.padding is not None:
                 seq = self.padding.shape[1]
                 pad = torch.cat([self.padding, self.padding.new_zeros(len(self.padding), k_len - seq)], 1)
-                rows = rows | pad[:, k_len - q_len:].to(device)
-            self._cache[key] = (~keys).float() if bool(rows.all()) else None
+                rows = rows | pad[:, k_len - q_len:]
+            self._cache[key] = (~keys).float().to(device) if bool(rows.all()) else None
         return self._cache[key]
 
     def apply_rows(self, pattern: Float[Tensor, "batch head r k"], rows: Int[Tensor, "r"],
@@ -210,7 +211,7 @@ class KeyScale(AttentionEdit):
         """The scale over the keys when it applies to every query of this call (padding
         aside), so that it may scale the values; None otherwise."""
         if self.query_mask is not None and \
-                not bool(self.query_rows(k_len, device, with_padding=True)[:, k_len - q_len:].all()):
+                not bool(self.query_rows(k_len, _CPU, with_padding=True)[:, k_len - q_len:].all()):
             return None
         return self.scale_over(k_len, device)
 
@@ -373,30 +374,37 @@ def fused_attention(sdpa, module: torch.nn.Module, query: Tensor, key: Tensor, v
         return out
     for reader in readers:
         reader.begin(q_len, k_len)
-    needed = torch.zeros(q_len, dtype=torch.bool, device=device)
+    # Which rows and keys: decided on the CPU masks (no device sync per layer).
+    needed = torch.zeros(q_len, dtype=torch.bool)
     for reader in readers:
-        needed |= reader.rows(q_len, k_len).to(device)
-    key_cols = torch.zeros(b, k_len, dtype=torch.bool, device=device)
+        needed |= reader.rows(q_len, k_len).cpu()
+    key_cols = torch.zeros(b, k_len, dtype=torch.bool)
     cuts = []
     for edit in by_rows:
         if isinstance(edit, EdgeCut):
-            queries, keys, _ = edit.factors(k_len, h, device)
+            queries, keys, _ = edit.factors(k_len, h, _CPU)
             cuts.append(edit)
         else:   # a KeyScale of some queries only: any key may change
-            queries, keys = edit.query_rows(k_len, device), key_cols.new_ones(b, k_len)
+            queries, keys = edit.query_rows(k_len, _CPU), key_cols.new_ones(b, k_len)
         needed |= queries[:, k_len - q_len:].any(0)
         key_cols |= keys
-    cols = key_cols.any(0).nonzero().flatten()  # the only keys an edit by rows changes
+    cols = key_cols.any(0).nonzero().flatten().to(device)  # the only keys an edit by rows changes
     rows_all = needed.nonzero().flatten()
     chunk = min(QUERY_CHUNK_ROWS, max(1, QUERY_CHUNK_ELEMENTS // max(1, b * h * k_len)))
     v_cols = value[:, :, cols]                  # unscaled: the pattern carries the scales
     # Readers only read: no autograd graph for their rows.
     grad = torch.is_grad_enabled() and bool(by_rows)
-    for rows in rows_all.split(chunk):
+    for rows_on_cpu in rows_all.split(chunk):
+        rows = rows_on_cpu.to(device)
         allowed = allowed_keys(mask, rows, q_len, k_len, causal)
-        if not readers and len(cuts) == len(by_rows) and \
-                not _any_cut_allowed(cuts, rows, allowed, q_len, k_len, h, device):
-            continue  # e.g. rows before the gate: causally they never see it
+        if not readers and len(cuts) == len(by_rows):
+            # e.g. rows before the gate: causally they never see it (a plain causal mask,
+            # None, is decided on the CPU; a mask tensor where it is)
+            seen = _any_cut_allowed(cuts, rows, allowed, q_len, k_len, h, device) if mask is not None \
+                else _any_cut_allowed(cuts, rows_on_cpu, allowed_keys(None, rows_on_cpu, q_len, k_len, causal),
+                                      q_len, k_len, h, _CPU)
+            if not seen:
+                continue
         with torch.set_grad_enabled(grad):
             pattern = pattern_rows(query, key, rows, scaling, allowed, score_cuts, n_rep)
             removed = None
