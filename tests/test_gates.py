@@ -275,3 +275,15 @@ def test_contribution_and_overlap_per_class(toy_models):
         == pytest.approx(image.contribution, abs=1e-6)
     assert len(eoi.overlap) == 5 and gates.candidate("row 0").overlap is None   # not a probe
     assert gates.cost["passes"]["overlap_forward"] == 2
+
+
+def test_the_gradient_pass_leaves_no_graph_in_the_contribution(toy_models):
+    """The contribution's readers ride along the gradient pass: what they keep is detached
+    (no autograd graph kept alive across batches, no requires_grad warning)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gates = A.find_gates(toy_models["toy-gated"], toy_task(12), batch_size=12, rows=False,
+                             overlap=False, check_random=0, layer_sweep=False)
+    assert gates.candidate("eoi").contribution > 0.5

@@ -370,6 +370,7 @@ class ContributionAccumulator:
     def _value_hook(self, layer: int, plan: list[_Example], seq: int) -> Callable:
         def store_norms(v: Float[Tensor, "batch pos kv_head d_head"], hook) -> None:
             _check_full_pass(v.shape[1], seq, "hook_v")
+            v = v.detach()                              # reading joins no autograd graph
             gram = self._gram(layer).to(v.device)
             heads = gram.shape[0]
             group = heads // v.shape[2]                 # query heads per kv head (GQA)
