@@ -610,6 +610,7 @@ class _Search:
         self.class_forwards = 0
         self.batches = 0
         self.clean_of: dict[int, tuple] = {}       # batch start -> (metric, targets, allowed)
+        self.logit_scoring = False                  # the task scores from the last logits
         self.cost = Counter()
         self.seconds = Counter()
 
@@ -623,7 +624,14 @@ class _Search:
 
     def scored(self, batch: VLMBatch, examples, hooks: Sequence[Hook]) -> tuple[Tensor, Tensor]:
         """(task scores, last-position logits of the prompt pass) under ``hooks``: one
-        ``task.score`` call; a read-only hook keeps the logits of its prompt forward."""
+        forward when the task scores from the last logits, else one ``task.score`` call,
+        with a read-only hook keeping the logits of its prompt forward."""
+        if self.logit_scoring:
+            with torch.no_grad():
+                raw = self.model.last_logits(batch, fwd_hooks=list(hooks))
+            self.cost["forward"] += 1
+            return (self.task.score_from_logits(self.model, examples, raw).float().cpu(),
+                    self.transform(raw).float().cpu())
         kept: dict[str, Tensor] = {}
 
         def keep(logits: Tensor, hook) -> None:
@@ -697,6 +705,7 @@ class _Search:
         if self.alpha == 1.0:
             grad = self.attribution(batch, examples, extra)
             scores = self.task.score_from_logits(self.model, examples, grad["raw_last"])
+            self.logit_scoring = scores is not None     # the class passes: one forward each
         if scores is None:       # a task that generates, or a gradient away from the clean run
             scores, clean_last = self.scored(batch, examples, [] if self.alpha == 1.0 else extra)
             targets, allowed = self.targets(examples, clean_last)
