@@ -100,3 +100,21 @@ def test_a_local_source_never_contacts_the_hub(tiny_zoo, tiny_data, tmp_path, no
                  "--n-examples", "4", "--steps", "accuracy", "--conditions", "none") == 0
     assert no_network == [], f"sockets were opened: {no_network}"
     assert json.loads((out / "source.json").read_text())["sha"] is None
+
+
+def test_imagenet_open_vocabulary_end_to_end(sp_chameleon_path, tiny_data, tmp_path):
+    """The same rows scored open-vocabulary: greedy 5 tokens, correct when they start
+    with one of the label's lemmas (every lemma is a reference)."""
+    from tl_vlm.taskset import load_task
+
+    task, source = load_task("imagenet_open", data=tiny_data.path("imagenet"))
+    assert type(task).__name__ == "OpenClassTask" and task.max_new_tokens == 5
+    assert source["task"] == "imagenet_open" and len(task) == 12
+    lemmas = {ex.answers[0]: ex.references for ex in task.examples}
+    assert all(refs[0] == first and len(refs) >= 1 for first, refs in lemmas.items())
+    out = tmp_path / "imagenet_open"
+    assert _main(sp_chameleon_path, "imagenet_open", tiny_data.path("imagenet"), out) == 0
+    acc = _results(out)["accuracy"]
+    assert acc["metric"] == "name_prefix_accuracy"
+    assert acc["conditions"]["random"]["draws"] == 5
+    assert all(0 <= c["mean"] <= 1 for c in acc["conditions"].values())

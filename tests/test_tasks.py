@@ -152,3 +152,16 @@ def test_toy_predictions_do_not_depend_on_the_batch_size(toy_models):
     task = toy_task(17)
     by_size = _predictions_by_batch_size(toy_models["toy-gated"], task)
     assert by_size[1] == by_size[8]
+
+
+def test_open_class_task_scores_name_prefixes():
+    from tl_vlm.tasks import Example, OpenClassTask, Predictions, starts_with_name
+
+    names = ("great white shark", "white shark", "man-eater")
+    examples = [Example("This animal is a", references=names)] * 6
+    said = [" great white shark in the", "n white shark.", " man eater", " shark", "",
+            " great white"]
+    result = OpenClassTask("in", examples).evaluate(examples, Predictions(said))
+    assert result.scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]        # "n white" is not "white"
+    assert starts_with_name("The white shark", names) and not starts_with_name("catfish", ["cat"])
+    assert OpenClassTask("in", examples).chance() is None

@@ -45,7 +45,7 @@ examples:
 An interrupted command resumes when it is run again with the same settings."""
 
 from tl_vlm.names import CONDITIONS as CONDITION_CHOICES
-from tl_vlm.names import TOY_MODELS
+from tl_vlm.names import TASK_NAMES, TOY_MODELS
 
 
 class CLIError(Exception):
@@ -520,7 +520,7 @@ def _task_defaults(args: argparse.Namespace) -> str:
     task = args.task or ("toy" if args.model in TOY_MODELS else None)
     if task is None:
         raise CLIError("--task is required for a model other than the toy models: one of "
-                       "vqav2, flickr30k, coco, imagenet, steering, or a JSONL file")
+                       f"{', '.join(TASK_NAMES[1:])}, or a JSONL file")
     try:
         kind = task_kind(task)
     except (ValueError, FileNotFoundError) as err:

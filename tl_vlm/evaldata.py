@@ -323,6 +323,13 @@ SOURCES: dict[str, EvalSource] = {s.name: s for s in (
         "all", None, None, None, _IMAGENET_COLUMNS,
         notes="100 classes x 100 images; the id is the row index."),
     EvalSource(
+        "imagenet_open", "imagenet",
+        SourceSpec("RitAreaSciencePark/imagenet_short_text_100_classes_x_100_samples",
+                   "train"),
+        "all", None, None, None, _IMAGENET_COLUMNS,
+        notes="The ImageNet rows, scored open-vocabulary: greedy 5 tokens, correct when "
+              "the continuation starts with one of the label's lemmas."),
+    EvalSource(
         "steering", "imagenet",
         SourceSpec("RitAreaSciencePark/counterfactual_dataset_20_classes_x_100_samples",
                    "train"),
@@ -341,7 +348,7 @@ def eval_source(name: Union[str, EvalSource]) -> EvalSource:
         >>> eval_source("gqa")
         Traceback (most recent call last):
         ...
-        KeyError: "unknown evaluation set 'gqa'; known: coco, flickr30k, imagenet, steering, vqav2"
+        KeyError: "unknown evaluation set 'gqa'; known: coco, flickr30k, imagenet, imagenet_open, steering, vqav2"
     """
     if isinstance(name, EvalSource):
         return name
@@ -676,6 +683,28 @@ def imagenet_class_name(label: Any, synset: Optional[str] = None,
     return name
 
 
+def imagenet_class_names(label: Any, synset: Optional[str] = None,
+                         names: Optional[Sequence[str]] = None) -> tuple[str, ...]:
+    """Every lemma of ``label`` as a name (``_`` -> space), the first one first: what an
+    open-vocabulary answer may start with.
+
+    Example:
+        >>> imagenet_class_names("great_white_shark, white_shark, man-eater")
+        ('great white shark', 'white shark', 'man-eater')
+        >>> imagenet_class_names(3, synset="tiger_shark.n.01")
+        ('tiger shark',)
+    """
+    first = imagenet_class_name(label, synset, names)
+    if isinstance(label, (list, tuple)):
+        label = label[0] if label else ""
+    if not isinstance(label, str) and names is not None:
+        label = names[int(label)]
+    if not isinstance(label, str):
+        return (first,)
+    lemmas = [part.replace("_", " ").strip() for part in label.split(",")]
+    return tuple(dict.fromkeys([first] + [lemma for lemma in lemmas if lemma]))
+
+
 def steering_pairs(root_labels: Sequence[str]) -> list[tuple[str, str]]:
     """The authors' counterfactual pairs: distinct root labels, sorted, paired in turn
     (base, target).
@@ -768,10 +797,11 @@ def _coco_example(row: Mapping[str, Any], index: int, resolver: ImageResolver,
 
 def _imagenet_example(row: Mapping[str, Any], index: int, kind: str,
                       names: Optional[Sequence[str]]) -> Example:
-    name = imagenet_class_name(row["label"], row.get("synset"), names)
+    all_names = imagenet_class_names(row["label"], row.get("synset"), names)
     meta = {"row": index, **{k: row[k] for k in ("label", "root_label", "synset", "offset")}}
-    return Example(row["text"], (row["image"],), (name,), label=row["root_label"], kind=kind,
-                   id=index, meta=meta)
+    # answers: the class name (closed set); references: every lemma (open vocabulary)
+    return Example(row["text"], (row["image"],), all_names[:1], label=row["root_label"],
+                   kind=kind, id=index, references=all_names, meta=meta)
 
 
 def to_examples(source: Union[str, EvalSource], ds: "datasets.Dataset",

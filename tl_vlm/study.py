@@ -54,12 +54,13 @@ from torch import Tensor
 from tl_vlm import analyses as A
 from tl_vlm._progress import progress
 from tl_vlm.runstore import RunStore, dumps, write_atomic
-from tl_vlm.tasks import (CaptionTask, Example, GenerationTask, NextTokenTask, Predictions,
-                          Scoring, Task, overlap_k)
+from tl_vlm.tasks import (CaptionTask, Example, GenerationTask, NextTokenTask, OpenClassTask,
+                          Predictions, Scoring, Task, overlap_k)
 
 from tl_vlm.names import CONDITIONS, STEPS  # noqa: F401  (re-exported)
 
-TASK_CLASSES = {cls.__name__: cls for cls in (NextTokenTask, GenerationTask, CaptionTask)}
+TASK_CLASSES = {cls.__name__: cls for cls in (NextTokenTask, GenerationTask, CaptionTask,
+                                              OpenClassTask)}
 
 
 @dataclass

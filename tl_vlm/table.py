@@ -29,7 +29,8 @@ from tl_vlm.runstore import RunStore, dumps, write_atomic
 
 TABLE_TASKS = ("vqav2", "flickr30k", "coco", "imagenet")
 TASK_TITLES = {"vqav2": "VQAv2", "flickr30k": "Flickr30k", "coco": "COCO", "imagenet": "ImageNet",
-               "steering": "steering set", "toy": "toy task"}
+               "imagenet_open": "ImageNet (open vocabulary)", "steering": "steering set",
+               "toy": "toy task"}
 CONDITION_TITLES = {"none": "none", "gate": "gate (EOI)", "img_to_text": "img→text",
                     "random": "10 random"}
 
@@ -272,7 +273,9 @@ def _task_heading(task: str, cells: dict, models: Sequence[str]) -> tuple[str, s
     scoring = result.get("scoring", {})
     how = {"vqa_accuracy": f"VQA accuracy, normalisation {scoring.get('vqa_normalise')}",
            "cider": f"CIDEr-D, {scoring.get('cider')} tokens",
-           "accuracy": "closed-set first-token accuracy"}.get(result["metric"], result["metric"])
+           "accuracy": "closed-set first-token accuracy",
+           "name_prefix_accuracy": "greedy 5 tokens starting with a lemma of the class"
+           }.get(result["metric"], result["metric"])
     if result.get("classes"):
         how += (f" over {result['classes']} classes, first-token collision rate "
                 f"{result['collision_rate']:.2f}")

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import abc
 import json
+import re
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -708,6 +709,62 @@ class CaptionTask(GenerationTask):
         metrics = {f"cider_{r.tokenize}": r.corpus for r in results.values()}
         return Evaluation(self.metric, chosen.corpus, [chosen.per_image[i] for i in said],
                           metrics)
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words, any run of non-alphanumerics a separator ("man-eater": two)."""
+    return re.sub(r"[^0-9a-z]+", " ", text.lower()).split()
+
+
+def starts_with_name(text: str, names: Sequence[str]) -> bool:
+    """Whether ``text`` begins, word for word (a leading article aside), with one of
+    ``names``.
+
+    Example:
+        >>> starts_with_name(" great white shark swimming", ["great white shark", "white shark"])
+        True
+        >>> starts_with_name("an English setter.", ["English setter"]), starts_with_name("catfish", ["cat"])
+        (True, False)
+    """
+    said = _words(text)
+    if said[:1] in (["a"], ["an"], ["the"]):
+        said = said[1:]
+    for name in names:
+        want = _words(name)
+        if want and said[:len(want)] == want:
+            return True
+    return False
+
+
+@dataclass
+class OpenClassTask(GenerationTask):
+    """Open-vocabulary classification (the eval spec's ImageNet variant): greedy
+    continuation of up to 5 tokens after the prompt ("... This animal is a"), correct when
+    it starts, word for word, with one of the class's names (:func:`starts_with_name`; the
+    names are the examples' ``references``, else their ``answers``: every lemma of an
+    ImageNet label). No candidate set, so no chance level.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> task = OpenClassTask("toy-open", toy_task(4).examples, max_new_tokens=2, prompt_kind=None)
+        >>> said = task.predict(model, task.prepare(model, task.examples), task.examples)
+        >>> result = task.evaluate(task.examples, said)
+        >>> said.outputs, result.metric, result.scores
+        (['red', 'square', 'top-left', 'green'], 'name_prefix_accuracy', [1.0, 1.0, 1.0, 1.0])
+    """
+
+    max_new_tokens: int = 5
+    prompt_kind: Optional[str] = "imagenet"
+    metric = "name_prefix_accuracy"
+
+    def evaluate(self, examples: Sequence[Example], predictions: Predictions,
+                 scoring: Scoring = Scoring()) -> Evaluation:
+        _check_lengths(examples, predictions)
+        scores = [float(starts_with_name(extract_answer(text, scoring.extract),
+                                         ex.references or ex.answers))
+                  for text, ex in zip(predictions.outputs, examples)]
+        return Evaluation(self.metric, sum(scores) / len(scores), scores)
 
 
 def toy_task(n: int = 240, seed: int = 0) -> NextTokenTask:

@@ -1,24 +1,27 @@
 """The main job's tasks by name: the toy task, the paper's evaluation sets, a JSONL file.
 
 :func:`load_task` turns ``"vqav2"``, ``"flickr30k"``, ``"coco"``, ``"imagenet"``,
-``"steering"``, ``"toy"`` or the path of a JSONL file into a :class:`~tl_vlm.tasks.Task`
+``"imagenet_open"``, ``"steering"``, ``"toy"`` or the path of a JSONL file into a
+:class:`~tl_vlm.tasks.Task`
 and a provenance record for the run directory. The paper's sets load through
 :func:`tl_vlm.evaldata.load_rows`, from the hub or from a local copy (``data``: a
 directory laid out as ``<dir>/data/<split>-*.parquet``, or a parquet file or glob) by
 the same ``load_dataset`` call; images stay on disk until a batch needs them.
 
-=========== ============================ ============================================
-name        task                         prompt, decoding, metric
-=========== ============================ ============================================
-vqav2       :class:`GenerationTask`      VQA template, greedy 20 tokens, VQA accuracy
-flickr30k   :class:`CaptionTask`         caption template, greedy 60 tokens, CIDEr-D
-coco        :class:`CaptionTask`         same; images from URLs (``coco_root``/cache)
-imagenet    :class:`NextTokenTask`       image + "This animal is a", closed set over the
-                                         100 class names (merged first tokens), chi_out
-steering    :class:`NextTokenTask`       the counterfactual set: root-label classes,
-                                         patching pairs from sorted root labels
-toy         :class:`NextTokenTask`       the toy models' task (held-out examples)
-=========== ============================ ============================================
+============= ============================ ============================================
+name          task                         prompt, decoding, metric
+============= ============================ ============================================
+vqav2         :class:`GenerationTask`      VQA template, greedy 20 tokens, VQA accuracy
+flickr30k     :class:`CaptionTask`         caption template, greedy 60 tokens, CIDEr-D
+coco          :class:`CaptionTask`         same; images from URLs (``coco_root``/cache)
+imagenet      :class:`NextTokenTask`       image + "This animal is a", closed set over the
+                                           100 class names (merged first tokens), chi_out
+imagenet_open :class:`OpenClassTask`       the same rows, greedy 5 tokens, correct when the
+                                           continuation starts with one of the lemmas
+steering      :class:`NextTokenTask`       the counterfactual set: root-label classes,
+                                           patching pairs from sorted root labels
+toy           :class:`NextTokenTask`       the toy models' task (held-out examples)
+============= ============================ ============================================
 
 Example:
     >>> task, source = load_task("toy", n=24)
@@ -27,7 +30,7 @@ Example:
     >>> load_task("gqa")
     Traceback (most recent call last):
     ...
-    ValueError: unknown task 'gqa': choose from toy, vqav2, flickr30k, coco, imagenet, steering, or give the path of a JSONL file
+    ValueError: unknown task 'gqa': choose from toy, vqav2, flickr30k, coco, imagenet, steering, imagenet_open, or give the path of a JSONL file
 
     The paper's VQAv2 questions on a host with hub access, or from a local copy:
 
@@ -133,7 +136,7 @@ def load_task(name: str, data: Optional[Union[str, Path]] = None, n: Optional[in
 
 
 def _dataset_task(name: str, data, n, coco_root, image_cache, style) -> tuple["Task", dict]:
-    from tl_vlm.tasks import CaptionTask, GenerationTask, NextTokenTask
+    from tl_vlm.tasks import CaptionTask, GenerationTask, NextTokenTask, OpenClassTask
     from tl_vlm.evaldata import (SOURCES, ImageResolver, load_rows, row_ids, source_record,
                                  steering_pairs, to_examples)
 
@@ -157,6 +160,9 @@ def _dataset_task(name: str, data, n, coco_root, image_cache, style) -> tuple["T
     if name == "imagenet":
         return NextTokenTask(name, examples, prompt_kind="imagenet", on_collision="merge",
                              final_representation=True, **style), record
+    if name == "imagenet_open":
+        return OpenClassTask(name, examples, max_new_tokens=5, prompt_kind="imagenet",
+                             **style), record
     # steering: the classes are the root labels; the model names one ("dog").
     examples = [replace(ex, answers=(root_label_name(ex.klass),), kind="steering")
                 for ex in examples]

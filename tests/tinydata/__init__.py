@@ -66,11 +66,12 @@ SCHEMAS: dict[str, Features] = {
         "offset": Value("string"),
     }),
 }
-SCHEMAS["steering"] = SCHEMAS["imagenet"]
+SCHEMAS["steering"] = SCHEMAS["imagenet_open"] = SCHEMAS["imagenet"]
 
 SPLITS = {"vqav2": "validation", "flickr30k": "test", "coco": "test", "imagenet": "train",
-          "steering": "train"}
-N_ROWS = {"vqav2": 50, "flickr30k": 12, "coco": 6, "imagenet": 12, "steering": 8}
+          "imagenet_open": "train", "steering": "train"}
+N_ROWS = {"vqav2": 50, "flickr30k": 12, "coco": 6, "imagenet": 12, "imagenet_open": 12,
+          "steering": 8}
 
 WORDS = ["red", "blue", "two", "yes", "no", "cat", "dog", "left"]
 ANIMALS = [  # (label: lemma list, synset, wnid offset, root label)
@@ -148,6 +149,7 @@ def _imagenet_like(classes: list[tuple[str, str, str, str]]):
 
 BUILDERS = {"vqav2": _vqav2, "flickr30k": _flickr30k, "coco": _coco,
             "imagenet": _imagenet_like(ANIMALS[:4]),
+            "imagenet_open": _imagenet_like(ANIMALS[:4]),   # the ImageNet rows again
             "steering": _imagenet_like(ANIMALS[2:])}   # 4 root labels: 2 pairs
 
 
