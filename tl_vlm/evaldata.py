@@ -292,6 +292,8 @@ class EvalSource:
 
 
 _IMAGENET_COLUMNS = ("image", "text", "label", "root_label", "synset", "offset")
+_IMAGENET_SPEC = SourceSpec("RitAreaSciencePark/imagenet_short_text_100_classes_x_100_samples",
+                            "train")
 
 SOURCES: dict[str, EvalSource] = {s.name: s for s in (
     EvalSource(
@@ -317,16 +319,10 @@ SOURCES: dict[str, EvalSource] = {s.name: s for s in (
         ("url", "sentences", "cocoid", "imgid", "filename", "filepath", "sentids", "split"),
         notes="Rows hold COCO val2014 URLs, not images (ImageResolver)."),
     EvalSource(
-        "imagenet", "imagenet",
-        SourceSpec("RitAreaSciencePark/imagenet_short_text_100_classes_x_100_samples",
-                   "train"),
-        "all", None, None, None, _IMAGENET_COLUMNS,
+        "imagenet", "imagenet", _IMAGENET_SPEC, "all", None, None, None, _IMAGENET_COLUMNS,
         notes="100 classes x 100 images; the id is the row index."),
     EvalSource(
-        "imagenet_open", "imagenet",
-        SourceSpec("RitAreaSciencePark/imagenet_short_text_100_classes_x_100_samples",
-                   "train"),
-        "all", None, None, None, _IMAGENET_COLUMNS,
+        "imagenet_open", "imagenet", _IMAGENET_SPEC, "all", None, None, None, _IMAGENET_COLUMNS,
         notes="The ImageNet rows, scored open-vocabulary: greedy 5 tokens, correct when "
               "the continuation starts with one of the label's lemmas."),
     EvalSource(
