@@ -861,6 +861,9 @@ def find_gates(
     Args:
         task: a :class:`~tl_vlm.tasks.Task` (its examples, batching and score).
         batch_size, limit: examples per forward pass; only the first ``limit`` examples.
+            The gradient pass keeps every layer's activations for its backward, as a
+            training step does (but no weight gradients, no attention pattern): size
+            ``batch_size`` for that, not for a plain forward.
         metric: ``"log_odds"`` (default), ``"logprob"`` or a :class:`GateMetric`.
         queries: whose attention is cut: ``"all"`` positions (the paper's EOI knockout;
             generated tokens too) or ``"text"`` (non-image-side) only.
