@@ -29,6 +29,10 @@ contribution_last   the same hooks via ``run_with_hooks(..., logits_to_keep=)`` 
 cache               ``run_with_cache(batch, names_filter=<every resid_pre>)``     hf
 cache_last          the same with ``logits_to_keep=batch.logits_to_keep``         hf_last
 generate_knockout   ``model.generate(batch, N, fwd_hooks=gate_knockout(...))``    hf_generate
+hf_gradient         HF sdpa, last logits, backward to the first decoder layer's   --
+                    input (no weight gradients)
+gate_gradient       ``find_gates``' gradient pass: a ``KeyScale`` on every layer, hf_gradient
+                    backward to the scales (no weight gradients)
 ==================  ============================================================  ==========
 
 ``contribution`` computes logits at every position because ``cross_modal_contribution``
@@ -91,10 +95,11 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 TARGETS = {"forward": (1.05, 1.02), "forward_last": (1.05, 1.02), "knockout": (1.15, 1.10),
            "contribution": (1.15, 1.10), "contribution_last": (1.15, 1.10),
            "cache": (1.15, 1.10), "cache_last": (1.15, 1.10),
-           "generate_knockout": (1.10, None)}
+           "generate_knockout": (1.10, None), "gate_gradient": (1.15, 1.10)}
 BASELINE = {"forward": "hf", "forward_last": "hf_last", "knockout": "hf_last",
             "contribution": "hf", "contribution_last": "hf_last", "cache": "hf",
-            "cache_last": "hf_last", "generate_knockout": "hf_generate"}
+            "cache_last": "hf_last", "generate_knockout": "hf_generate",
+            "gate_gradient": "hf_gradient"}
 
 
 @dataclass(frozen=True)
@@ -116,11 +121,11 @@ class ModelSpec:
 
 
 FULL_OPS = ("hf", "hf_last", "forward", "forward_last", "knockout", "contribution",
-            "contribution_last", "cache", "cache_last")
+            "contribution_last", "cache", "cache_last", "hf_gradient", "gate_gradient")
 # At 4k tokens and a 152k vocabulary, logits at every position cost more than the two
 # decoder layers: measure those only where an API computes them anyway.
 LONG_OPS = ("hf", "hf_last", "forward_last", "knockout", "contribution", "contribution_last",
-            "cache_last")
+            "cache_last", "hf_gradient", "gate_gradient")
 CHAMELEON_7B = dict(layers=2, hidden=4096, heads=32, kv_heads=32, mlp=11008, vocab=65536)
 QWEN2_VL_7B = dict(layers=2, hidden=3584, heads=28, kv_heads=4, mlp=18944, vocab=152064,
                    mrope_section=(16, 24, 24), max_positions=32768)
@@ -232,6 +237,7 @@ def _unwrap(module):
 
 def operations(spec: ModelSpec, model, hf, batch, new_tokens: int = 0) -> dict[str, Callable]:
     """name -> zero-argument callable; ``model`` or ``hf`` may be None (memory children)."""
+    import torch
     from transformers import DynamicCache
 
     from tl_vlm.analyses.contribution import ContributionAccumulator, cross_modal_contribution
@@ -253,8 +259,46 @@ def operations(spec: ModelSpec, model, hf, batch, new_tokens: int = 0) -> dict[s
                            do_sample=False, pad_token_id=pad, return_dict_in_generate=True,
                            output_logits=True, past_key_values=DynamicCache())
 
+    def gate_gradient():
+        """find_gates' gradient pass: a KeyScale on every layer, d(last logits)/d(scales)."""
+        from tl_vlm.analyses.gates import _no_weight_grads
+        from tl_vlm.attention_edits import KeyScale
+
+        pos = batch.positions
+        scales = [torch.ones(pos.all.mask.shape, requires_grad=True)
+                  for _ in range(model.cfg.n_layers)]
+        hooks = [(f"blocks.{l}.attn.hook_pattern", KeyScale(s, padding=pos.padding.mask))
+                 for l, s in enumerate(scales)]
+        with torch.enable_grad(), _no_weight_grads(model):
+            last = model.last_logits(batch, fwd_hooks=hooks)
+            return torch.autograd.grad(last.float().logsumexp(-1).sum(), scales)
+
+    def hf_gradient():
+        """The same backward on HF sdpa: d(last logits)/d(first decoder layer's input)."""
+        from tl_vlm.analyses.gates import _no_weight_grads
+
+        first = next(m for m in hf.modules() if type(m).__name__.endswith("DecoderLayer"))
+        leaf = {}
+
+        def as_leaf(module, args, kwargs):
+            if args:
+                leaf["x"] = args[0].detach().requires_grad_(True)
+                return (leaf["x"], *args[1:]), kwargs
+            leaf["x"] = kwargs["hidden_states"].detach().requires_grad_(True)
+            return args, {**kwargs, "hidden_states": leaf["x"]}
+
+        handle = first.register_forward_pre_hook(as_leaf, with_kwargs=True)
+        try:
+            with torch.enable_grad(), _no_weight_grads(hf):
+                logits = hf(**batch.inputs, logits_to_keep=keep).logits
+                return torch.autograd.grad(logits.float().logsumexp(-1).sum(), leaf["x"])
+        finally:
+            handle.remove()
+
     ops = {
         "hf": lambda: hf(**batch.inputs),
+        "hf_gradient": hf_gradient,
+        "gate_gradient": gate_gradient,
         "hf_last": lambda: hf(**batch.inputs, logits_to_keep=keep),
         "forward": lambda: model(batch),
         "forward_last": lambda: model.last_logits(batch),
@@ -614,7 +658,7 @@ def render(results: Path, out: Optional[Path]) -> str:
             t = next((r for r in timing if (r["model"], r["dtype"], r["batch_size"])
                       == (name, dtype, b)), None)
             parts = []
-            for base in ("hf", "hf_last", "hf_generate"):
+            for base in ("hf", "hf_last", "hf_generate", "hf_gradient"):
                 if t is not None and base in t["wall"]:
                     parts.append(f"{base} {statistics.median(t['wall'][base]):.1f} s")
                 if (name, dtype, b, base) in memory:
