@@ -210,7 +210,6 @@ def _progressive_figure(runs: Sequence[Run]):
 def _contribution_figure(runs: Sequence[Run]):
     """Per layer, the value-weighted share of text -> image attention that goes to the
     gate (EOI) and to the image content tokens."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     have = [r for r in runs if "contribution" in r.results]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
@@ -43,7 +42,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_vlm.layout import Box, ImageView
+from tl_vlm.layout import ImageView
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go

@@ -94,7 +94,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_vlm.analyses.contribution import ContributionAccumulator
-from tl_vlm.analyses.knockout import Hook, knockout_hooks, resolve_layers
+from tl_vlm.analyses.knockout import Hook, knockout_hooks
 from tl_vlm.analyses.logit_lens import final_logit_transform
 from tl_vlm.attention_edits import KeyScale
 from tl_vlm.batch import VLMBatch

@@ -31,9 +31,7 @@ import operator
 
 from typing import Callable, Literal, Optional, Sequence, Union
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
+import torch  # noqa: F401  (the docstring examples use it)
 
 from tl_vlm.attention_edits import EdgeCut
 from tl_vlm.batch import VLMBatch
