@@ -109,6 +109,10 @@ def test_notebook_runs(path: Path, executed: dict):
     assert printed.strip() == _PREFIX_MARK + sys.prefix, \
         f"the kernel ran another interpreter: {printed!r} (expected prefix {sys.prefix})"
     nb.cells.pop()   # the check cell is not part of the tutorial
+    warned = [f"cell {i}: {out['text'].strip()[:200]}" for i, c in enumerate(nb.cells)
+              if c.cell_type == "code" for out in c.get("outputs", [])
+              if out.get("name") == "stderr" and "Warning" in out.get("text", "")]
+    assert not warned, f"{path.name} prints warnings a reader would see:\n" + "\n".join(warned)
     check_figures_render_outside_jupyterlab(nb, path.name)
     executed[path.name] = nb
 

@@ -59,3 +59,18 @@ def test_the_analyses_run_without_warnings(toy_models):
         A.modality_separation(model, batches, show_progress=False)
         A.neighbourhood_overlaps(model, batches, data.labels, k=5, show_progress=False)
         model.generate(batches[0], max_new_tokens=2, fwd_hooks=A.gate_knockout(model, batches[0]))
+
+
+def test_no_iprogress_warning_without_widgets(monkeypatch):
+    import sys
+    import warnings
+
+    from tl_vlm._progress import quiet_tqdm_widget_warning
+
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)      # not installed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_tqdm_widget_warning()
+        warnings.warn("IProgress not found. Please update jupyter and ipywidgets.")
+        warnings.warn("something else")
+    assert [str(w.message) for w in caught] == ["something else"]

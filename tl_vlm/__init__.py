@@ -20,6 +20,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from tl_vlm._progress import quiet_tqdm_widget_warning  # noqa: E402
+
+quiet_tqdm_widget_warning()   # before transformers imports tqdm.auto
+
 # Attribute -> module. Imported on first use so that the start-up hook
 # (tl_vlm._autoload, run from a .pth file) never pulls in torch.
 _LAZY = {

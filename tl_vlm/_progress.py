@@ -16,8 +16,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import time
+import warnings
 from typing import Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
@@ -34,6 +36,20 @@ def _widgets_missing() -> bool:
     except ImportError:
         return True
     return False
+
+
+def quiet_tqdm_widget_warning() -> None:
+    """Without ipywidgets, drop tqdm's "IProgress not found" warning, which the first
+    import of ``tqdm.auto`` (by transformers, the hub) prints in every fresh notebook
+    kernel: tl_vlm's bars are text bars there. Run when ``tl_vlm`` is imported, which
+    its start-up hook does before any notebook exists, hence no notebook check (tqdm
+    issues the warning only in notebooks); with ipywidgets installed nothing changes."""
+    try:
+        missing = importlib.util.find_spec("ipywidgets") is None
+    except ValueError:          # a module object without a spec (set to None)
+        missing = True
+    if missing:
+        warnings.filterwarnings("ignore", message="IProgress not found")
 
 
 @contextlib.contextmanager
