@@ -18,51 +18,24 @@ Run: ``.venv/bin/python benchmarks/find_gates_cost.py [--layers 8] [--hidden 256
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-TEXT = " ".join(["describe the image a cat"] * 6)   # 30 words after the image
+from _chameleon import TEXT, parser, random_chameleon
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-
-    import warnings
+    p = parser(__doc__.splitlines()[0], layers=8, hidden=256)
+    p.add_argument("--batches", type=int, default=2)
+    args = p.parse_args()
+    model = random_chameleon(args)
 
     import torch
 
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
     from tests.tiny import image
-    from tests.tiny.chameleon import build as build_chameleon
-    from tl_vlm import HookedVLM, analyses as A
+    from tl_vlm import analyses as A
     from tl_vlm.tasks import Example, NextTokenTask
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        build_chameleon(Path(tmp), layers=args.layers, hidden=args.hidden, heads=8,
-                        image_size=args.image_size)
-        model = HookedVLM.from_pretrained(tmp, device=args.device)
     n = args.batch * args.batches
     task = NextTokenTask("bench", [Example(TEXT, images=(image(i, (args.image_size,) * 2),),
                                            answers=("cat",)) for i in range(n)])
