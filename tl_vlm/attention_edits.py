@@ -43,6 +43,15 @@ QUERY_CHUNK_ROWS = 256
 _CPU = torch.device("cpu")   # where edits decide which rows and keys they touch (no device sync)
 
 
+def _grown(mask: Tensor, k_len: int, fill) -> Tensor:
+    """``[batch, pos]`` extended to ``k_len`` positions with ``fill``: the tokens that
+    ``generate`` added after the prompt."""
+    grow = k_len - mask.shape[1]
+    if grow < 0:
+        raise ValueError(f"attention over {k_len} keys but the batch has {mask.shape[1]} positions")
+    return torch.cat([mask, mask.new_full((len(mask), grow), fill)], 1) if grow else mask
+
+
 class AttentionEdit:
     """Base of the hooks the attention function can apply without the full pattern.
 
@@ -102,14 +111,9 @@ class EdgeCut(AttentionEdit):
         included) on ``device``; ``heads`` is ``[n_heads]`` or None for all heads."""
         key = (k_len, n_heads, str(device))
         if key not in self._cache:
-            seq = self.key_mask.shape[1]
-            if k_len < seq:
-                raise ValueError(f"attention over {k_len} keys but the batch has {seq} positions")
-            grow = k_len - seq  # generated tokens: never keys, queries if generated_queries
-            b = len(self.key_mask)
-            keys = torch.cat([self.key_mask, self.key_mask.new_zeros(b, grow)], 1)
-            queries = torch.cat([self.query_mask,
-                                 self.query_mask.new_full((b, grow), self.generated_queries)], 1)
+            # generated tokens: never keys, queries if generated_queries
+            keys = _grown(self.key_mask, k_len, False)
+            queries = _grown(self.query_mask, k_len, self.generated_queries)
             heads = None
             if self.heads is not None:
                 heads = torch.zeros(n_heads, dtype=torch.bool)
@@ -130,9 +134,7 @@ class EdgeCut(AttentionEdit):
             queries, keys, _ = self.factors(k_len, n_heads, _CPU)
             rows = queries[:, k_len - q_len:]
             if self.padding is not None:
-                seq = self.padding.shape[1]
-                pad = torch.cat([self.padding, self.padding.new_zeros(len(self.padding), k_len - seq)], 1)
-                rows = rows | pad[:, k_len - q_len:]
+                rows = rows | _grown(self.padding, k_len, False)[:, k_len - q_len:]
             self._cache[key] = (~keys).float().to(device) if bool(rows.all()) else None
         return self._cache[key]
 
@@ -190,21 +192,16 @@ class KeyScale(AttentionEdit):
 
     def scale_over(self, k_len: int, device: torch.device) -> Float[Tensor, "batch k"]:
         """The scale over all ``k_len`` keys (1 for generated ones), on ``device``."""
-        scale = self.scale.to(device)
-        grow = k_len - scale.shape[1]
-        if grow < 0:
-            raise ValueError(f"attention over {k_len} keys but the scale covers {scale.shape[1]}")
-        return torch.cat([scale, scale.new_ones(len(scale), grow)], 1) if grow else scale
+        return _grown(self.scale.to(device), k_len, 1.0)
 
     def query_rows(self, k_len: int, device: torch.device,
                    with_padding: bool = False) -> Bool[Tensor, "batch k"]:
         """Which of all ``k_len`` positions are scaled queries (``with_padding``: or padding)."""
-        b, seq = self.scale.shape
-        grow = k_len - seq
-        queries = self.query_mask if self.query_mask is not None else torch.ones(b, seq, dtype=torch.bool)
+        queries = self.query_mask if self.query_mask is not None else \
+            torch.ones(self.scale.shape, dtype=torch.bool)
         if with_padding and self.padding is not None:
             queries = queries | self.padding
-        return torch.cat([queries, queries.new_ones(b, grow)], 1).to(device)
+        return _grown(queries, k_len, True).to(device)
 
     def key_factor(self, q_len: int, k_len: int, n_heads: int, device: torch.device
                    ) -> Optional[Float[Tensor, "batch k"]]:

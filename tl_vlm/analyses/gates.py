@@ -513,7 +513,7 @@ class GateSearch:
             f"{c.name} {fmt(c.share)}" for c in sorted(self.classes, key=lambda c: -c.effect)))
         lines.append("top positions: " + ", ".join(
             f"{c.name} {fmt(c.share)}{'' if c.exact is not None else ' (est.)'}"
-            for c in sorted(self.positions, key=lambda c: -c.effect)[:5]))
+            for c in self.ranking[:5]))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
