@@ -198,14 +198,39 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for layers a --device-map puts on 'disk'")
 
 
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --task, --data: what one model is run on (narrow-gate, find-gate)."""
+    from tl_vlm.names import TASK_NAMES
+
+    p.add_argument("--model", default="toy-gated",
+                   help=f"{' or '.join(TOY_MODELS)} (shipped), a local checkpoint or a hub id")
+    p.add_argument("--task", default=None,
+                   help=f"{', '.join(TASK_NAMES)}, or a JSONL file of {{image, question, "
+                        f"answers}} lines (default: toy for the toy models)")
+    p.add_argument("--data", default=None,
+                   help="a local copy of the task's dataset: a directory laid out as "
+                        "<dir>/data/<split>-*.parquet, a parquet file or a glob (default: "
+                        "the hub)")
+
+
 def _add_task_arguments(p: argparse.ArgumentParser) -> None:
-    """Data, prompt and decoding flags of the dataset tasks."""
-    p.add_argument("--n-examples", type=_positive_int, default=None,
-                   help="examples per task: the first N of the paper's selection (default: "
-                        "all of it; toy: 240)")
+    """Data, prompt, batching and random-knockout flags of the dataset tasks."""
+    _add_data_arguments(p)
     p.add_argument("--batch-size", type=_positive_int, default=32,
                    help="examples per batch; fixes padding and so the numerics: keep it when "
                         "resuming or sharding")
+    p.add_argument("--random-k", type=_positive_int, default=10,
+                   help="image tokens knocked out per random draw")
+    p.add_argument("--random-draws", type=_positive_int, default=None,
+                   help="random knockout draws (default: 5 for VQA and ImageNet, 3 for "
+                        "captions and the toy task)")
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """Which examples, where COCO's images are, the prompt templates."""
+    p.add_argument("--n-examples", type=_positive_int, default=None,
+                   help="examples per task: the first N of the paper's selection (default: "
+                        "all of it; toy: 240)")
     p.add_argument("--coco-root", default=None,
                    help="folder holding the COCO images as <filepath>/<filename> (val2014/...)")
     p.add_argument("--image-cache", default=None,
@@ -216,11 +241,6 @@ def _add_task_arguments(p: argparse.ArgumentParser) -> None:
                         "stray quotes (clean), or the checkpoint's chat template (chat)")
     p.add_argument("--vqa-mode", default="zero-shot", choices=("zero-shot", "prompt"),
                    help="VQA instruction: the short one or the authors' long block")
-    p.add_argument("--random-k", type=_positive_int, default=10,
-                   help="image tokens knocked out per random draw")
-    p.add_argument("--random-draws", type=_positive_int, default=None,
-                   help="random knockout draws (default: 5 for VQA and ImageNet, 3 for "
-                        "captions and the toy task)")
 
 
 def _add_scoring_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,7 +266,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _narrow_gate_parser(sub) -> None:
-    from tl_vlm.names import STEPS, TASK_NAMES
+    from tl_vlm.names import STEPS
 
     p = sub.add_parser(
         "narrow-gate", formatter_class=_Formatter,
@@ -260,15 +280,7 @@ def _narrow_gate_parser(sub) -> None:
                "  tl-vlm narrow-gate --model toy-gated --task vqav2 --data path/to/vqav2 "
                "--n-examples 50 --out runs/toy-vqa\n"
                "  tl-vlm narrow-gate --model M --task imagenet --shard auto --out runs/m-in")
-    p.add_argument("--model", default="toy-gated",
-                   help=f"{' or '.join(TOY_MODELS)} (shipped), a local checkpoint or a hub id")
-    p.add_argument("--task", default=None,
-                   help=f"{', '.join(TASK_NAMES)}, or a JSONL file of {{image, question, "
-                        f"answers}} lines (default: toy for the toy models)")
-    p.add_argument("--data", default=None,
-                   help="a local copy of the task's dataset: a directory laid out as "
-                        "<dir>/data/<split>-*.parquet, a parquet file or a glob (default: "
-                        "the hub)")
+    _add_source_arguments(p)
     p.add_argument("--out", default="narrow-gate-report", help="output directory (resumable)")
     p.add_argument("--steps", type=_name_list(STEPS, "step"), default=None,
                    help=f"comma-separated subset of {','.join(STEPS)} (default: the steps "

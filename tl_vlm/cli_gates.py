@@ -29,8 +29,8 @@ def add_commands(sub) -> None:
         'toy-gated'
     """
     # The CLI module imports this one while it loads: its helpers are read at call time.
-    from tl_vlm.cli import _Formatter, _add_model_arguments, _positive_int
-    from tl_vlm.names import TASK_NAMES, TOY_MODELS
+    from tl_vlm.cli import (_Formatter, _add_data_arguments, _add_model_arguments,
+                            _add_source_arguments, _positive_int)
 
     p = sub.add_parser(
         "find-gate", formatter_class=_Formatter,
@@ -39,23 +39,11 @@ def add_commands(sub) -> None:
                     "position's effect on the task (checked by exact knockouts); say whether\n"
                     "the image reaches the text narrowly, distributed or mixed, and from\n"
                     "which layer on. Writes OUT/index.html and OUT/gates.json.")
-    p.add_argument("--model", default="toy-gated",
-                   help=f"{' or '.join(TOY_MODELS)} (shipped), a local checkpoint or a hub id")
-    p.add_argument("--task", default=None,
-                   help=f"{', '.join(TASK_NAMES)}, or a JSONL file of {{image, question, "
-                        f"answers}} lines (default: toy for the toy models)")
-    p.add_argument("--data", default=None, help="a local copy of the task's dataset")
+    _add_source_arguments(p)
     p.add_argument("--out", default="gate-report", help="output directory")
-    p.add_argument("--n-examples", type=_positive_int, default=None,
-                   help="the first N examples of the task (default: all; toy: 240)")
+    _add_data_arguments(p)
     p.add_argument("--batch-size", type=_positive_int, default=16,
                    help="examples per forward pass (the search holds one backward's activations)")
-    p.add_argument("--coco-root", default=None, help="folder holding the COCO images")
-    p.add_argument("--image-cache", default=None, help="cache of downloaded COCO images")
-    p.add_argument("--prompt-style", default=None, choices=("paper", "clean", "chat"),
-                   help="prompt templates of the dataset tasks (default: paper)")
-    p.add_argument("--vqa-mode", default="zero-shot", choices=("zero-shot", "prompt"),
-                   help="VQA instruction: the short one or the authors' long block")
     p.add_argument("--queries", default="all", choices=("all", "text"),
                    help="whose attention a knockout cuts: every position (the paper) or text")
     p.add_argument("--no-rows", action="store_true", help="leave out the per-row classes")
