@@ -41,12 +41,23 @@ renormalisation). Shares are effects divided by the ``image_side`` effect.
   the corrupted one; the pattern multiplying it is then that run's, unscaled, which makes
   the product exactly the derivative with respect to a gate variable on the key's edges).
 
+  Each example's estimate is clipped at zero before the mean over examples. A knockout's
+  exact drops are almost never negative (on the three toy models, 2-14% of their mass),
+  the first-order ones often are (30-80%): at the clean run, paths through later layers
+  cancel, and a key whose removal hurts can have a negative slope there (the toy's BOI).
+  Clipped, the estimates rank every position better (Spearman with exhaustive exact
+  knockouts at n=240: 0.88, 0.97, 0.89 on toy-gated, -distributed, -last-image; unclipped
+  0.67, 0.73, 0.54).
+
   The estimate is first order: where the model saturates (the toy models answer with
   log-odds ~11), it can understate a gate's effect tenfold and more (``completeness``,
-  the estimates' sum over the image side's exact effect, shows how much), so it serves
-  to rank positions, and is checked against exact knockouts on the ``check_top`` best
-  and ``check_random`` random other positions (Spearman correlation and top-k agreement
-  in :attr:`GateSearch.check`); a checked position's ``effect`` is its exact one.
+  the estimates' sum over the image side's exact effect, shows how much), and it cannot
+  see a knockout that flips a few answers outright (the toy-last-image's second-best
+  position drops the log-odds by 15-20 in 3% of the examples, by ~0 elsewhere). So it
+  serves to rank positions, and is checked against exact knockouts on the ``check_top``
+  best and ``check_random`` random other positions (Spearman correlation and top-k
+  agreement in :attr:`GateSearch.check`); a checked position's ``effect`` is its exact
+  one, with its standard error (``exact_se``).
 
 **Verdict.** ``narrow`` when the best one or two single positions, knocked out together,
 take at least ``narrow`` (0.6) of the image's effect; ``distributed`` when they take less
@@ -283,11 +294,16 @@ class GateCandidate:
         effect: mean drop of the metric when it is knocked out: exact where known
             (``exact``), else the estimate.
         share: ``effect`` over the whole image side's exact effect.
-        estimate: the first-order (attribution) estimate of the drop; for a class, the sum
-            of its positions' estimates.
+        estimate: the first-order (attribution) estimate of the drop, each example's
+            clipped at zero before the mean (see the module docstring); for a class, the
+            sum of its positions' unclipped estimates.
         exact: the exact knockout's drop (classes; checked positions); None if not run.
+        exact_se: its standard error over the examples (None with one example): two
+            positions whose exact drops differ by less than a few of these are not ranked
+            by this sample.
         score: the task's score under the knockout (classes).
-        per_layer: estimated drop when it is knocked out in one layer only, per layer.
+        per_layer: estimated drop when it is knocked out in one layer only, per layer
+            (unclipped: their sum is the plain first-order mean).
         contribution: its share of the value-weighted text -> image-side attention,
             pooled over layers (None where the contribution groups cannot tell).
         contribution_per_layer: the same per layer (classes that are contribution groups).
@@ -319,6 +335,7 @@ class GateCandidate:
     share: float
     estimate: Optional[float] = None
     exact: Optional[float] = None
+    exact_se: Optional[float] = None
     score: Optional[float] = None
     per_layer: list[float] = field(default_factory=list)
     contribution: Optional[float] = None
@@ -350,8 +367,11 @@ class GateSearch:
         layers: the layer sweep: ``target`` (what was knocked out), ``widths`` (w, the
             last-w layers), ``effect`` (drop per w), ``from_layer``.
         check: the estimate against exact knockouts: ``names``, ``estimate``, ``exact``,
-            ``spearman``, ``top_k``, ``top_k_agree`` (positions in both top-k lists, among
-            the checked ones), ``alpha``, ``completeness`` (the estimates' sum over
+            ``exact_se``, ``spearman``, ``top_k``, ``top_k_agree`` (positions in both top-k
+            lists, among the checked ones), ``top_k_settled`` (how many of the exact top k
+            lead the exact (k+1)-th by more than two standard errors: beyond those, the
+            sample does not rank the positions, and neither list can agree but by
+            chance), ``alpha``, ``completeness`` (the estimates' sum over
             ``total_effect``).
         cost: passes and seconds per phase; ``passes_per_batch`` (forwards and backwards
             run: 2 + ``n_classes`` for a next-token task, one more for a task that
@@ -478,10 +498,10 @@ class GateSearch:
             ... 12 examples; metric: log_odds of the answer; knockout queries: all; ...
             best one / two positions: 0.921 / 0.926 of the image effect; best class: eoi (0.921)
             layers (eoi knocked out in the last w layers, ...): last 1: 0.286, ..., last 4: 0.921
-            estimate vs exact on 7 positions: Spearman 0.786, top-5 agree on 4
+            estimate vs exact on 7 positions: Spearman 0.893, top-5 agree on 4 (of the exact top 5, 1 leads ...)
             cost: 8 passes per batch (6 classes), ... x one forward (budget: 9)
             classes (exact): image 1.11, image_side 1, eoi 0.921, first_image 0.028, boi ...
-            top positions: eoi 0.921, image (0, 0) 0.028, image (0, 2) 0.0237, boi 0.0196, ...
+            top positions (share ± standard error): eoi 0.921 ± 0.14, image (0, 0) 0.028 ± 0.013, ...
             note: gate: the same positions as eoi in every example (not listed apart)
         """
         def fmt(x: Optional[float]) -> str:
@@ -502,18 +522,27 @@ class GateSearch:
             lines.append(f"layers ({' + '.join(self.layers['target'])} knocked out in the last "
                          f"w layers, share of the image effect): {sweep}")
         if self.check.get("names"):
+            settled = self.check.get("top_k_settled")
             lines.append(f"estimate vs exact on {len(self.check['names'])} positions: Spearman "
                          f"{fmt(self.check['spearman'])}, top-{self.check['top_k']} agree on "
-                         f"{self.check['top_k_agree']}")
+                         f"{self.check['top_k_agree']}" + ("" if settled is None else
+                         f" (of the exact top {self.check['top_k']}, {settled} "
+                         f"lead{'s' if settled == 1 else ''} the next by over 2 standard errors)"))
         budget = self.cost.get("budget_forwards", 3 + self.cost["n_classes"])
         lines.append(f"cost: {self.cost['passes_per_batch']} passes per batch "
                      f"({self.cost['n_classes']} classes), {fmt(self.cost.get('time_ratio'))} x "
                      f"one forward (budget: {budget})")
         lines.append("classes (exact): " + ", ".join(
             f"{c.name} {fmt(c.share)}" for c in sorted(self.classes, key=lambda c: -c.effect)))
-        lines.append("top positions: " + ", ".join(
-            f"{c.name} {fmt(c.share)}{'' if c.exact is not None else ' (est.)'}"
-            for c in self.ranking[:5]))
+        def share_of(c: GateCandidate) -> str:
+            if c.exact is None:
+                return f"{fmt(c.share)} (est.)"
+            if c.exact_se is None or not self.total_effect:
+                return fmt(c.share)
+            return f"{fmt(c.share)} ± {c.exact_se / abs(self.total_effect):.2g}"
+
+        lines.append("top positions (share ± standard error): " + ", ".join(
+            f"{c.name} {share_of(c)}" for c in self.ranking[:5]))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -596,11 +625,13 @@ class _Search:
         self.n = 0
         self.clean_score = 0.0
         self.clean_metric = 0.0
-        # class name -> [sum of metric drops, sum of scores, examples, positions]
+        # class name -> [sum of metric drops, sum of scores, examples, positions,
+        #                sum of squared drops]
         self.classes: dict[str, list[float]] = {}
         self.class_layers: dict[str, Tensor] = {}
         # role -> sums over the examples that have it
         self.est: dict[Key, Tensor] = {}          # [layer] summed estimate
+        self.drop: Counter = Counter()              # summed per-example estimate clipped at 0
         self.count: Counter = Counter()
         self.tokens: dict[Key, str] = {}
         self.member: dict[Key, set] = {}           # classes holding the role wherever it is
@@ -740,8 +771,10 @@ class _Search:
             self.several_images |= pos.n_images(b) > 1
             roles = position_roles(pos, b)
             per_key = est[:, b, [p for _, p in roles]].T                # [roles, layer]
-            for (key, p), value in zip(roles, per_key):
+            clipped = per_key.sum(1).clamp(min=0).tolist()
+            for (key, p), value, drop in zip(roles, per_key, clipped):
                 self.est[key] = self.est.get(key, torch.zeros(self.n_layers)) + value
+                self.drop[key] += drop
                 self.count[key] += 1
                 inside = {n for n, is_in in zip(names, member[b][p]) if is_in}
                 self.member[key] = self.member.get(key, inside) & inside
@@ -759,11 +792,12 @@ class _Search:
                 self.alias_of.setdefault(name, set()).add(same[0])
             present = keys.counts > 0
             drop = (clean - self.metric(last_k, targets, allowed))[present]
-            entry = self.classes.setdefault(name, [0.0, 0.0, 0, 0])
+            entry = self.classes.setdefault(name, [0.0, 0.0, 0, 0, 0.0])
             entry[0] += drop.sum().item()
             entry[1] += scores_k[present].sum().item()
             entry[2] += int(present.sum())
             entry[3] += int(keys.counts.sum())
+            entry[4] += drop.pow(2).sum().item()
             layer_est = torch.einsum("lbp,bp->l", est, keys.mask.float())
             self.class_layers[name] = self.class_layers.get(name, torch.zeros(self.n_layers)) + layer_est
         self.class_forwards += len(done)
@@ -936,8 +970,8 @@ def find_gates(
         notes.append("no contribution: no example has text after the image")
 
     # Single positions: estimates, then exact checks on the best and a random sample.
-    keys = sorted(search.est, key=lambda k: -search.est[k].sum().item() / search.count[k])
-    estimate = {k: search.est[k].sum().item() / search.count[k] for k in keys}
+    estimate = {k: search.drop[k] / search.count[k] for k in search.est}
+    keys = sorted(estimate, key=lambda k: -estimate[k])
     rng = random.Random(seed)
     top = keys if check_all else keys[:check_top]
     rest = [k for k in keys if k not in top]
@@ -946,15 +980,16 @@ def find_gates(
     known = _exact_from_classes(search)
     checked += [k for k in keys if k in known and k not in checked]
     total = search.classes[_IMAGE_SIDE][0] / search.classes[_IMAGE_SIDE][2]
-    exact = {k: known[k] for k in checked if k in known}
-    exact.update(_exact_positions(search, chunks, [k for k in checked if k not in known], say))
+    measured = {k: known[k] for k in checked if k in known}         # key -> (mean, se)
+    measured.update(_exact_positions(search, chunks, [k for k in checked if k not in known], say))
+    exact = {k: mean for k, (mean, _) in measured.items()}
     by_exact = sorted(exact, key=lambda k: -exact[k])
     best = by_exact[:2]
     union = _exact_positions(search, chunks, [tuple(best)], say, together=True) if len(best) == 2 else {}
     # Knockouts need not add up (cutting BOI as well can *lessen* a gate's effect), so
     # the best "one or two" is the larger of the best one and the best two together.
     one = exact[best[0]]
-    two = max(one, union[tuple(best)]) if len(best) == 2 else one
+    two = max(one, union[tuple(best)][0]) if len(best) == 2 else one
     top_shares = [one / total, two / total] if total else [float("nan")] * 2
 
     # Verdict.
@@ -983,7 +1018,7 @@ def find_gates(
     overlap_note = _add_overlap(model, task, chunks, classes, overlap, search)
     if overlap_note:
         notes.append(overlap_note)
-    positions = _position_candidates(search, keys, estimate, exact, total, contrib, classes)
+    positions = _position_candidates(search, keys, estimate, measured, total, contrib, classes)
     # The narrowest class that carries (nearly) as much as the best one: last_image, not
     # the row it ends, when both carry everything.
     pool = [c for c in classes if c.name not in ("image", _IMAGE_SIDE)]
@@ -1015,7 +1050,9 @@ def find_gates(
         check={"names": [search.label(k) for k in checked],
                "estimate": [estimate[k] for k in checked], "exact": [exact[k] for k in checked],
                "spearman": _spearman([estimate[k] for k in checked], [exact[k] for k in checked]),
-               "top_k": k, "top_k_agree": len(top_est & top_exact), "alpha": alpha,
+               "exact_se": [measured[k][1] for k in checked],
+               "top_k": k, "top_k_agree": len(top_est & top_exact),
+               "top_k_settled": _settled(by_exact, measured, k), "alpha": alpha,
                "completeness": sum(estimate.values()) / total if total else float("nan")},
         cost=cost, notes=notes)
 
@@ -1033,15 +1070,44 @@ def _baseline_forward(model, batch: VLMBatch, repeats: int = 3) -> float:
     return min(times)
 
 
+def _settled(by_exact: list, measured: dict, k: int) -> Optional[int]:
+    """How many of the exact top ``k`` lead the next one by more than two standard errors
+    of the difference: the part of the top-k this sample ranks at all (None when fewer
+    than k + 1 positions were measured, or a standard error is missing)."""
+    if len(by_exact) <= k:
+        return None
+    runner_up, se_r = measured[by_exact[k]]
+    if se_r is None:
+        return None
+    count = 0
+    for key in by_exact[:k]:
+        mean, se = measured[key]
+        if se is None:
+            return None
+        count += mean - runner_up > 2 * math.sqrt(se * se + se_r * se_r)
+    return count
+
+
+def _mean_and_se(total: float, squares: float, n: int) -> tuple[float, Optional[float]]:
+    """Mean and its standard error (sample standard deviation over sqrt(n); None below
+    two examples) from a sum and a sum of squares over ``n`` examples."""
+    mean = total / n
+    if n < 2:
+        return mean, None
+    variance = max(0.0, (squares - n * mean * mean) / (n - 1))
+    return mean, math.sqrt(variance / n)
+
+
 def _exact_from_classes(search: _Search) -> dict:
     """Positions whose exact knockout a class pass has run: the class's one position per
-    example, in exactly the examples that have the position (same drop, same examples)."""
+    example, in exactly the examples that have the position (same drop, same examples).
+    Key -> (mean drop, its standard error)."""
     known = {}
     for key, names in search.member.items():
         for name in sorted(names & search.distinct):
-            drop, _, n, n_pos = search.classes[name]
+            drop, _, n, n_pos, squares = search.classes[name]
             if name != _IMAGE_SIDE and n_pos == n == search.count[key]:
-                known[key] = drop / n
+                known[key] = _mean_and_se(drop, squares, n)
                 break
     return known
 
@@ -1049,8 +1115,8 @@ def _exact_from_classes(search: _Search) -> dict:
 def _exact_positions(search: _Search, chunks, keys: Sequence, say, together: bool = False
                      ) -> dict:
     """Exact mean drop per role (or per tuple of roles knocked out together), over the
-    examples that have it."""
-    sums, counts = Counter(), Counter()
+    examples that have it, with its standard error: key -> (mean, se)."""
+    sums, squares, counts = Counter(), Counter(), Counter()
     for start, examples in chunks:
         batch = search.task.prepare(search.model, examples)
         pos = batch.positions.to("cpu")
@@ -1065,9 +1131,10 @@ def _exact_positions(search: _Search, chunks, keys: Sequence, say, together: boo
             hooks = search.knockout(batch, PositionSet.from_lists(rows, pos.seq_len))
             drop = clean - search.metric_under(batch, hooks, targets, allowed)
             sums[key] += drop[present].sum().item()
+            squares[key] += drop[present].pow(2).sum().item()
             counts[key] += int(present.sum())
     say(f"[find_gates] exact knockouts of {len(keys)} position set(s)")
-    return {k: sums[k] / counts[k] for k in keys if counts[k]}
+    return {k: _mean_and_se(sums[k], squares[k], counts[k]) for k in keys if counts[k]}
 
 
 def _layer_sweep(search: _Search, chunks, target: Optional[list], total: float, say) -> dict:
@@ -1135,8 +1202,8 @@ def _class_candidates(search: _Search, total: float, contrib) -> list[GateCandid
         pooled = value.sum((0, 1)) / value.sum()
         per_layer = contrib.per_layer(value_weighted=True)            # [layer, group]
         token_map = contrib.token_map() if len(contrib.grids) == 1 else None
-    for name, (drop, score, n, n_pos) in search.classes.items():
-        effect = drop / n
+    for name, (drop, score, n, n_pos, squares) in search.classes.items():
+        effect, se = _mean_and_se(drop, squares, n)
         share_c = layers_c = None
         if pooled is not None:
             if name in _CLASS_GROUPS:
@@ -1149,22 +1216,24 @@ def _class_candidates(search: _Search, total: float, contrib) -> list[GateCandid
         out.append(GateCandidate(
             name=name, kind="class", role=name, effect=effect,
             share=effect / total if total else float("nan"),
-            estimate=search.class_layers[name].sum().item() / n, exact=effect, score=score / n,
+            estimate=search.class_layers[name].sum().item() / n, exact=effect, exact_se=se,
+            score=score / n,
             per_layer=(search.class_layers[name] / n).tolist(), contribution=share_c,
             contribution_per_layer=layers_c, n_examples=n, n_positions=n_pos / n))
     return out
 
 
-def _position_candidates(search: _Search, keys, estimate, exact, total, contrib,
+def _position_candidates(search: _Search, keys, estimate, measured, total, contrib,
                          classes: list[GateCandidate]) -> list[GateCandidate]:
     token_map = contrib.token_map() if contrib is not None and len(contrib.grids) == 1 else None
     single = {c.name: c for c in classes if c.n_positions == 1.0}
     # classes of one position per image (their aliases too: the toy's gate is its eoi)
-    per_image = {name for name, (_, _, n, n_pos) in search.classes.items() if n_pos == n}
+    per_image = {name for name, (_, _, n, n_pos, _) in search.classes.items() if n_pos == n}
     single_names = per_image - {_IMAGE_SIDE}
     out = []
     for key in keys:
-        effect = exact.get(key, estimate[key])
+        exact, se = measured.get(key, (None, None))
+        effect = estimate[key] if exact is None else exact
         share_c = None
         if key[0] == "image" and token_map is not None and key[1] == 0:
             share_c = float(token_map[key[2], key[3]])
@@ -1173,7 +1242,7 @@ def _position_candidates(search: _Search, keys, estimate, exact, total, contrib,
         out.append(GateCandidate(
             name=search.label(key), kind="position", role=_role_of(key), effect=effect,
             share=effect / total if total else float("nan"), estimate=estimate[key],
-            exact=exact.get(key), per_layer=(search.est[key] / search.count[key]).tolist(),
+            exact=exact, exact_se=se, per_layer=(search.est[key] / search.count[key]).tolist(),
             contribution=share_c, n_examples=search.count[key],
             grid=tuple(key[1:]) if key[0] == "image" else None, token=search.tokens.get(key),
             in_classes=sorted(c for c in search.member[key] if c in single_names)))
