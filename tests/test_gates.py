@@ -66,6 +66,10 @@ def test_estimates_agree_with_exact_knockouts(searches, name):
     clear = {n for e, se, n in exact[:5] if e - sixth > 2 * (se * se + se6 * se6) ** 0.5}
     assert len(clear) == check["top_k_settled"]          # 1, 0, 1: beyond the gate, ties
     assert clear <= {n for _, n in sorted(zip(check["estimate"], check["names"]), reverse=True)[:5]}
+    # refined by the per-example checks, the top 5 is the exhaustive one (measured 5, 5, 5;
+    # over three more seeds 5, 5, 5 / 5, 5, 5 / 5, 5, 4, the 4 within the exact ties)
+    assert check["per_example"] == 5 and check["refined_top_k_agree"] == 5, check
+    assert check["refined_spearman"] > 0.85, check                # measured 0.91-0.95
     if name != "toy-distributed":                             # a planted gate: the same best
         assert check["names"][0] == max(zip(check["exact"], check["names"]))[1]
         assert check["top_k_settled"] >= 1
@@ -91,6 +95,47 @@ def test_a_position_estimate_is_the_mean_of_each_examples_clipped_at_zero(toy_mo
     assert candidate.estimate == pytest.approx(values.clamp(min=0).mean().item(), abs=1e-6)
     assert sum(candidate.per_layer) == pytest.approx(values.mean().item(), abs=1e-6)
     assert (per_example[batch.positions.image_side.mask] < 0).any()     # clipping did something
+
+
+def test_per_example_checks_are_exact_knockouts_of_each_examples_best(toy_models):
+    """check_per_example=1: in each example, the image-side position with the largest
+    clipped estimate (BOI, EOI, the first and last code aside: their classes measure them)
+    is knocked out by hand; a position's refined value is the mean of those exact drops
+    where it was that example's pick, of its clipped estimate elsewhere."""
+    from tl_vlm.analyses.gates import GateMetric, _Search
+    from tl_vlm.positions import PositionSet
+
+    model = toy_models["toy-last-image"]
+    task = toy_task(6)
+    batch = task.prepare(model, task.examples)
+    pos = batch.positions
+    search = _Search(model, task, GateMetric("log_odds"), "all", rows=False, alpha=1.0)
+    grad = search.attribution(batch, task.examples)
+    clipped = grad["estimate"].sum(0).clamp(min=0)                      # [batch, pos]
+    measured = pos.boi.mask | pos.eoi.mask | pos.first_image.mask | pos.last_image.mask
+    pick = clipped.masked_fill(~pos.image_side.mask | measured, -1.0).argmax(1)
+    expected = clipped.clone()
+    for klass in (pos.boi, pos.eoi, pos.first_image, pos.last_image):  # one position each
+        cut = search.metric_under(batch, A.knockout_hooks(model, batch, keys=klass),
+                                  grad["targets"], grad["allowed"])
+        expected = torch.where(klass.mask, (grad["metric"] - cut)[:, None], expected)
+    for b, p in enumerate(pick.tolist()):
+        keys = PositionSet.from_lists([[p] if i == b else [] for i in range(6)], pos.seq_len)
+        cut = search.metric_under(batch, A.knockout_hooks(model, batch, keys=keys),
+                                  grad["targets"], grad["allowed"])
+        expected[b, p] = grad["metric"][b] - cut[b]
+    gates = A.find_gates(model, task, batch_size=6, rows=False, overlap=False, layer_sweep=False,
+                         contribution=False, check_per_example=1, check_top=1, check_random=0)
+    assert gates.cost["passes"]["example_check_forward"] == 1
+    for candidate in gates.positions:
+        at = [dict((role_label(k), p) for k, p in position_roles(pos, b))[candidate.name]
+              for b in range(6)]
+        want = expected[torch.arange(6), at]
+        assert candidate.refined == pytest.approx(want.mean().item(), abs=1e-4), candidate.name
+        picked = sum(int(pick[b]) == p for b, p in enumerate(at))
+        in_class = sum(bool(measured[b, p]) for b, p in enumerate(at))
+        assert candidate.checked_in == picked + in_class, candidate.name
+    assert sum(c.checked_in for c in gates.positions) == 6 * (1 + 4)   # its pick + 4 classes
 
 
 def test_the_estimate_is_the_gradient_times_the_pattern_by_hand(toy_models):
@@ -205,7 +250,11 @@ def test_cost_is_a_gradient_pass_plus_one_forward_per_class(toy_models):
     assert cost["n_classes"] == 6 and cost["passes_per_batch"] == 8 and cost["budget_forwards"] == 9
     passes = cost["passes"]
     assert passes["forward"] == 2 * 6 and passes["grad_forward"] == 2 == passes["backward"]
-    assert len(fired) == 4 + passes["forward"] + passes["grad_forward"] + passes["check_forward"]
+    assert passes["example_check_forward"] == 2 * 5                  # 5 per example, per batch
+    assert len(fired) == 4 + passes["forward"] + passes["grad_forward"] + passes["check_forward"] \
+        + passes["example_check_forward"] + passes["sweep_forward"]
+    assert cost["check_forwards_per_batch"] == (passes["check_forward"]
+                                                + passes["example_check_forward"]) / 2
     assert cost["time_ratio"] > 0 and cost["baseline_forward_s"] > 0
     assert set(paths) <= {"sdpa", "fused"} and "fused" in paths
 

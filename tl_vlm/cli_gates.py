@@ -47,10 +47,12 @@ def add_commands(sub) -> None:
     p.add_argument("--queries", default="all", choices=("all", "text"),
                    help="whose attention a knockout cuts: every position (the paper) or text")
     p.add_argument("--no-rows", action="store_true", help="leave out the per-row classes")
+    p.add_argument("--check-per-example", type=int, default=5,
+                   help="positions knocked out exactly in each example, its best by estimate "
+                        "(one forward per batch each; refines every position's value; 0: none)")
     p.add_argument("--check-top", type=_positive_int, default=5,
-                   help="best positions (by estimate) checked by exact knockout (default 5; "
-                        "10 with --check-random 0 gave the exhaustive top 5 on every toy "
-                        "model at 24 examples, for the same number of forwards)")
+                   help="best positions (by refined value) knocked out exactly in every "
+                        "example (one forward per batch each; default 5)")
     p.add_argument("--check-random", type=int, default=5,
                    help="random other positions checked by exact knockout")
     p.add_argument("--check-all", action="store_true",
@@ -106,7 +108,8 @@ def find_gate(args: argparse.Namespace) -> int:
     model = cli._load_model(args.model, args, processor)
     t0 = time.time()
     gates = find_gates(model, task, batch_size=args.batch_size, queries=args.queries,
-                       rows=not args.no_rows, check_top=args.check_top,
+                       rows=not args.no_rows, check_per_example=args.check_per_example,
+                       check_top=args.check_top,
                        check_random=args.check_random, check_all=args.check_all, seed=args.seed,
                        log=cli._log)
     gates.model = args.model

@@ -36,8 +36,8 @@ def _share(gates: GateSearch, value: float) -> float:
 def effect_grid_figure(gates: GateSearch, value: str = "effect", image: int = 0) -> Any:
     """The share of the image effect of each single position: the content tokens on the
     image grid (heatmap), the other image-side positions (BOI, EOI, row breaks,
-    specials) as bars. ``value``: ``"effect"`` (exact where checked, else the
-    estimate) or ``"estimate"``.
+    specials) as bars. ``value``: ``"effect"`` (exact where checked, else the refined
+    value), ``"refined"`` or ``"estimate"``.
 
     Example:
         >>> from tl_vlm import HookedVLM, analyses as A
@@ -51,8 +51,8 @@ def effect_grid_figure(gates: GateSearch, value: str = "effect", image: int = 0)
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    if value not in ("effect", "estimate"):
-        raise ValueError(f"value must be 'effect' or 'estimate', got {value!r}")
+    if value not in ("effect", "refined", "estimate"):
+        raise ValueError(f"value must be 'effect', 'refined' or 'estimate', got {value!r}")
     grid = gates.effect_grid(value, image) / (gates.total_effect or float("nan"))
     others = [c for c in gates.positions if c.grid is None]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], horizontal_spacing=0.22,
@@ -168,26 +168,35 @@ def overlap_figure(gates: GateSearch) -> Optional[Any]:
 
 
 def check_figure(gates: GateSearch) -> Any:
-    """The attribution estimate against the exact knockout on the checked positions.
+    """The attribution estimate (and, with per-example checks, the refined value) against
+    the exact knockout on the checked positions.
 
     Example:
         >>> from tl_vlm import HookedVLM, analyses as A
         >>> from tl_vlm.tasks import toy_task
         >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(12),
         ...                      rows=False, overlap=False, check_random=0)
-        >>> len(check_figure(gates).data[0].x) == len(gates.check["names"])
-        True
+        >>> fig = check_figure(gates)
+        >>> len(fig.data), len(fig.data[0].x) == len(gates.check["names"])
+        (2, True)
     """
     import plotly.graph_objects as go
 
     check = gates.check
     fig = go.Figure(go.Scatter(x=check["estimate"], y=check["exact"], mode="markers+text",
-                               text=check["names"], textposition="top center",
+                               name="estimate", text=check["names"], textposition="top center",
                                hovertemplate="%{text}: estimate %{x:.3g}, exact %{y:.3g}<extra></extra>"))
-    fig.update_layout(title=f"Estimate vs exact knockout (drop of the {gates.metric}; Spearman "
-                            f"{check['spearman']:.2f}, top-{check['top_k']} agree on "
-                            f"{check['top_k_agree']})",
-                      xaxis=dict(title="attribution estimate"), yaxis=dict(title="exact"))
+    title = (f"Estimate vs exact knockout (drop of the {gates.metric}; Spearman "
+             f"{check['spearman']:.2f}, top-{check['top_k']} agree on {check['top_k_agree']}")
+    if check.get("per_example"):
+        fig.add_trace(go.Scatter(x=check["refined"], y=check["exact"], mode="markers",
+                                 name=f"refined ({check['per_example']} checks per example)",
+                                 text=check["names"],
+                                 hovertemplate="%{text}: refined %{x:.3g}, exact %{y:.3g}<extra></extra>"))
+        title += (f"; refined: {check['refined_spearman']:.2f}, "
+                  f"{check['refined_top_k_agree']}")
+    fig.update_layout(title=title + ")", xaxis=dict(title="estimated drop"),
+                      yaxis=dict(title="exact"))
     return fig
 
 
@@ -218,7 +227,8 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
     def cell(v: Optional[float]) -> Any:
         return "" if v is None else v
 
-    rows = [[c.name, c.kind, c.share, cell(c.exact), cell(c.estimate), cell(c.score),
+    rows = [[c.name, c.kind, c.share, cell(c.exact), cell(c.exact_se), cell(c.estimate),
+             cell(c.refined), cell(c.score),
              cell(c.contribution), cell(max(c.overlap) if c.overlap else None),
              ", ".join(c.in_classes)] for c in gates.class_ranking + gates.ranking]
     parts = [f"<style>{EXTRA_CSS}</style>", f"<h1>Gate search: {html.escape(gates.model)}</h1>",
@@ -227,7 +237,8 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
         ("Single positions", effect_grid_figure(gates),
          "The drop of the metric when every position stops attending to one image-side "
          "position in every layer, as a share of the drop with the whole image side cut; "
-         "exact where checked, else the attribution estimate."),
+         "exact where checked, else the attribution estimate refined by the exact "
+         "per-example checks."),
         ("Layers", layer_figure(gates),
          "Left: the estimated share if the candidate were knocked out in that layer only. "
          "Right: the gate (or, when distributed, the whole image side) knocked out from "
@@ -241,7 +252,8 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
         fig.update_layout(template="plotly_white", height=380, margin=dict(l=60, r=20, t=60, b=50))
         parts.append(_figure_html(fig))
     parts.append("<details><summary>every candidate</summary>" + html_table(
-        ["candidate", "kind", "share", "exact drop", "estimate", "task score", "contribution",
+        ["candidate", "kind", "share", "exact drop", "its standard error", "estimate",
+         "refined", "task score", "contribution",
          "max overlap", "classes"], rows) + "</details>")
     parts.append("<p class='note'>Raw numbers: <code>gates.json</code> in this folder.</p>")
     path = out / "index.html"

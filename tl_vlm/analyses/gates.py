@@ -54,10 +54,22 @@ renormalisation). Shares are effects divided by the ``image_side`` effect.
   the estimates' sum over the image side's exact effect, shows how much), and it cannot
   see a knockout that flips a few answers outright (the toy-last-image's second-best
   position drops the log-odds by 15-20 in 3% of the examples, by ~0 elsewhere). So it
-  serves to rank positions, and is checked against exact knockouts on the ``check_top``
-  best and ``check_random`` random other positions (Spearman correlation and top-k
-  agreement in :attr:`GateSearch.check`); a checked position's ``effect`` is its exact
-  one, with its standard error (``exact_se``).
+  serves to say where to look:
+
+- Per-example checks: in each example, the ``check_per_example`` (5) positions with the
+  largest estimates are knocked out exactly; round j knocks out every example's own j-th
+  best in one forward. Positions that a class of one position stands for in an example
+  (BOI, EOI, the first and last image token) are exact there already, from the class's
+  pass. A position's ``refined`` value is the mean over examples of its exact drop where
+  it was measured and of its estimate elsewhere: the rare examples where one position
+  flips the answer are the examples where it ranks high by estimate, so they are
+  measured, not extrapolated. Refined, the top 5 was the exhaustive top 5 on all three
+  toys (n=240, and n=24 under four seeds but for one position within the exact ties).
+- Global checks: the ``check_top`` best by refined value and ``check_random`` random other
+  positions are knocked out exactly in every example (Spearman correlation and top-k
+  agreement of the estimate and of the refined values in :attr:`GateSearch.check`); a
+  checked position's ``effect`` is its exact one, with its standard error
+  (``exact_se``), every other position's its refined value.
 
 **Verdict.** ``narrow`` when the best one or two single positions, knocked out together,
 take at least ``narrow`` (0.6) of the image's effect; ``distributed`` when they take less
@@ -74,8 +86,10 @@ pass as well), and one forward per class (``image_side`` included). Every pass r
 PyTorch's SDPA kernel: knockouts of every query and the gradient's scales act on the
 value vectors. A backward costs about two forwards, so the search costs
 ``3 + n_classes`` forward-equivalents (``budget_forwards``; ``time_ratio`` is the time
-measured per batch over one plain forward). The checks, the layer sweep and the
-neighbourhood overlap are extra passes, counted apart.
+measured per batch over one plain forward). The checks (``check_per_example`` forwards
+per batch, one per globally checked position, one for the best two together), the layer
+sweep and the neighbourhood overlap are extra passes, counted apart
+(``check_forwards_per_batch``).
 
 Example (toy-gated routes every visual fact through EOI):
     >>> from tl_vlm import HookedVLM
@@ -292,11 +306,14 @@ class GateCandidate:
         role: the class a position belongs to (``boi``, ``image``, ``row_break``, ``eoi``,
             ``special``); for a class, its own name.
         effect: mean drop of the metric when it is knocked out: exact where known
-            (``exact``), else the estimate.
+            (``exact``), else ``refined``.
         share: ``effect`` over the whole image side's exact effect.
         estimate: the first-order (attribution) estimate of the drop, each example's
             clipped at zero before the mean (see the module docstring); for a class, the
             sum of its positions' unclipped estimates.
+        refined: for a position, the mean over examples of its exact drop where the
+            per-example checks knocked it out (``checked_in`` examples), its clipped
+            estimate elsewhere; None for a class.
         exact: the exact knockout's drop (classes; checked positions); None if not run.
         exact_se: its standard error over the examples (None with one example): two
             positions whose exact drops differ by less than a few of these are not ranked
@@ -334,6 +351,8 @@ class GateCandidate:
     effect: float
     share: float
     estimate: Optional[float] = None
+    refined: Optional[float] = None
+    checked_in: int = 0
     exact: Optional[float] = None
     exact_se: Optional[float] = None
     score: Optional[float] = None
@@ -369,15 +388,19 @@ class GateSearch:
         check: the estimate against exact knockouts: ``names``, ``estimate``, ``exact``,
             ``exact_se``, ``spearman``, ``top_k``, ``top_k_agree`` (positions in both top-k
             lists, among the checked ones), ``top_k_settled`` (how many of the exact top k
-            lead the exact (k+1)-th by more than two standard errors: beyond those, the
-            sample does not rank the positions, and neither list can agree but by
-            chance), ``alpha``, ``completeness`` (the estimates' sum over
-            ``total_effect``).
+            lead the exact (k+1)-th, both among the checked positions, by more than two
+            standard errors: beyond those, the sample does not rank the positions, and no
+            list can agree but by chance), ``per_example``, ``refined``,
+            ``refined_spearman`` and ``refined_top_k_agree`` (the same for the values the
+            per-example checks refined), ``alpha``, ``completeness`` (the estimates' sum
+            over ``total_effect``).
         cost: passes and seconds per phase; ``passes_per_batch`` (forwards and backwards
             run: 2 + ``n_classes`` for a next-token task, one more for a task that
             generates), ``budget_forwards`` (3 + ``n_classes``: a backward is about two
             forwards) and ``time_ratio`` (the search's seconds per batch over one plain
-            forward's).
+            forward's); the exact checks come apart (``check_forwards_per_batch``: the
+            per-example ones, the best, the random sample, the best two together), as
+            do the layer sweep's forwards (``passes["sweep_forward"]``).
         notes: anything skipped, and why.
 
     Example:
@@ -462,7 +485,7 @@ class GateSearch:
         raise KeyError(f"no candidate {name!r}; classes are {[c.name for c in self.classes]} "
                        f"and positions are named like {[c.name for c in self.positions[:3]]}")
 
-    def effect_grid(self, value: Literal["effect", "estimate", "contribution"] = "estimate",
+    def effect_grid(self, value: Literal["effect", "refined", "estimate", "contribution"] = "estimate",
                     image: int = 0) -> Float[Tensor, "row col"]:
         """A content-position value on image ``image``'s grid (NaN where no position).
 
@@ -498,8 +521,8 @@ class GateSearch:
             ... 12 examples; metric: log_odds of the answer; knockout queries: all; ...
             best one / two positions: 0.921 / 0.926 of the image effect; best class: eoi (0.921)
             layers (eoi knocked out in the last w layers, ...): last 1: 0.286, ..., last 4: 0.921
-            estimate vs exact on 7 positions: Spearman 0.893, top-5 agree on 4 (of the exact top 5, 1 leads ...)
-            cost: 8 passes per batch (6 classes), ... x one forward (budget: 9)
+            estimate vs exact on 6 positions: Spearman 1, top-5 agree on 5; refined by 5 exact knockouts per example: ...
+            cost: 8 passes per batch (6 classes), ... x one forward (budget: 9); exact checks: 8 forwards per batch
             classes (exact): image 1.11, image_side 1, eoi 0.921, first_image 0.028, boi ...
             top positions (share ± standard error): eoi 0.921 ± 0.14, image (0, 0) 0.028 ± 0.013, ...
             note: gate: the same positions as eoi in every example (not listed apart)
@@ -523,20 +546,25 @@ class GateSearch:
                          f"w layers, share of the image effect): {sweep}")
         if self.check.get("names"):
             settled = self.check.get("top_k_settled")
+            refined = "" if not self.check.get("per_example") else (
+                f"; refined by {self.check['per_example']} exact knockouts per example: "
+                f"{fmt(self.check['refined_spearman'])}, {self.check['refined_top_k_agree']}")
             lines.append(f"estimate vs exact on {len(self.check['names'])} positions: Spearman "
                          f"{fmt(self.check['spearman'])}, top-{self.check['top_k']} agree on "
-                         f"{self.check['top_k_agree']}" + ("" if settled is None else
+                         f"{self.check['top_k_agree']}{refined}" + ("" if settled is None else
                          f" (of the exact top {self.check['top_k']}, {settled} "
                          f"lead{'s' if settled == 1 else ''} the next by over 2 standard errors)"))
         budget = self.cost.get("budget_forwards", 3 + self.cost["n_classes"])
+        checks = self.cost.get("check_forwards_per_batch")
         lines.append(f"cost: {self.cost['passes_per_batch']} passes per batch "
                      f"({self.cost['n_classes']} classes), {fmt(self.cost.get('time_ratio'))} x "
-                     f"one forward (budget: {budget})")
+                     f"one forward (budget: {budget})" + ("" if checks is None else
+                     f"; exact checks: {fmt(checks)} forwards per batch"))
         lines.append("classes (exact): " + ", ".join(
             f"{c.name} {fmt(c.share)}" for c in sorted(self.classes, key=lambda c: -c.effect)))
         def share_of(c: GateCandidate) -> str:
             if c.exact is None:
-                return f"{fmt(c.share)} (est.)"
+                return f"{fmt(c.share)} ({'refined' if c.checked_in else 'est.'})"
             if c.exact_se is None or not self.total_effect:
                 return fmt(c.share)
             return f"{fmt(c.share)} ± {c.exact_se / abs(self.total_effect):.2g}"
@@ -616,9 +644,10 @@ class _Search:
     """Running sums of :func:`find_gates` over batches."""
 
     def __init__(self, model, task, metric: GateMetric, queries: Queries, rows: bool,
-                 alpha: float) -> None:
+                 alpha: float, per_example: int = 0) -> None:
         self.model, self.task, self.metric = model, task, metric
         self.queries, self.rows, self.alpha = queries, rows, alpha
+        self.per_example = per_example
         self.targets = _Targets(model, task)
         self.transform = final_logit_transform(model)
         self.n_layers = model.cfg.n_layers
@@ -632,6 +661,8 @@ class _Search:
         # role -> sums over the examples that have it
         self.est: dict[Key, Tensor] = {}          # [layer] summed estimate
         self.drop: Counter = Counter()              # summed per-example estimate clipped at 0
+        self.refined: Counter = Counter()           # the same, exact where checked in the example
+        self.checked_in: Counter = Counter()        # examples where it was checked exactly
         self.count: Counter = Counter()
         self.tokens: dict[Key, str] = {}
         self.member: dict[Key, set] = {}           # classes holding the role wherever it is
@@ -679,10 +710,34 @@ class _Search:
         return scores.float().cpu(), kept["last"]
 
     @torch.no_grad()
-    def metric_under(self, batch: VLMBatch, hooks: Sequence[Hook], targets, allowed) -> Tensor:
+    def metric_under(self, batch: VLMBatch, hooks: Sequence[Hook], targets, allowed,
+                     counter: str = "check_forward") -> Tensor:
         last = self.transform(self.model.last_logits(batch, fwd_hooks=hooks)).float().cpu()
-        self.cost["check_forward"] += 1
+        self.cost[counter] += 1
         return self.metric(last, targets, allowed)
+
+    def check_per_example(self, batch: VLMBatch, drop: Float[Tensor, "batch pos"],
+                          refined: Float[Tensor, "batch pos"], checked: Bool[Tensor, "batch pos"],
+                          clean: Tensor, targets, allowed) -> None:
+        """Each example's ``per_example`` image-side positions with the largest (clipped)
+        estimates ``drop``, knocked out exactly: round j knocks out every example's j-th
+        best, one forward for the batch. Positions already ``checked`` (a class of one
+        position measured them) are skipped. Writes the exact drops into ``refined`` and
+        marks them in ``checked``."""
+        pos = batch.positions.to("cpu")
+        candidates = drop.masked_fill(~pos.image_side.mask | checked, float("-inf"))
+        rounds = min(self.per_example, int(candidates.isfinite().sum(1).max()))
+        best = candidates.argsort(dim=1, descending=True)[:, :rounds]          # [batch, rounds]
+        rows = torch.arange(len(drop))
+        for j in range(rounds):
+            col = best[:, j]
+            valid = candidates[rows, col].isfinite()
+            keys = PositionSet.from_lists([[int(c)] if v else [] for c, v in zip(col, valid)],
+                                          pos.seq_len)
+            exact = clean - self.metric_under(batch, self.knockout(batch, keys), targets, allowed,
+                                              counter="example_check_forward")
+            refined[rows[valid], col[valid]] = exact[valid]
+            checked[rows[valid], col[valid]] = True
 
     # attribution ---------------------------------------------------------------------
     def attribution(self, batch: VLMBatch, examples, extra: Sequence[Hook] = (),
@@ -764,22 +819,10 @@ class _Search:
         self.clean_metric += clean.sum().item()
         named = candidate_classes(pos, self.rows)
         names = list(named)
-        # [batch, pos, class] membership, read as Python lists once (not per position)
-        member = torch.stack([s.mask for s in named.values()], dim=-1).tolist()
-        ids = batch.input_ids.tolist()
-        for b in range(len(examples)):
-            self.several_images |= pos.n_images(b) > 1
-            roles = position_roles(pos, b)
-            per_key = est[:, b, [p for _, p in roles]].T                # [roles, layer]
-            clipped = per_key.sum(1).clamp(min=0).tolist()
-            for (key, p), value, drop in zip(roles, per_key, clipped):
-                self.est[key] = self.est.get(key, torch.zeros(self.n_layers)) + value
-                self.drop[key] += drop
-                self.count[key] += 1
-                inside = {n for n, is_in in zip(names, member[b][p]) if is_in}
-                self.member[key] = self.member.get(key, inside) & inside
-                if key not in self.tokens:
-                    self.tokens[key] = self.model.layout.tokenizer.convert_ids_to_tokens(ids[b][p])
+        clipped = est.sum(0).clamp(min=0)                                 # [batch, pos]
+        # Exact per-example drops known so far: a class of one position in an example
+        # measured that position there.
+        refined, checked = clipped.clone(), torch.zeros_like(clipped, dtype=torch.bool)
         done: list[tuple[str, PositionSet, Tensor, Tensor]] = []
         for name, keys in named.items():
             same = next(((n, sc, ls) for n, k, sc, ls in done if k == keys), None)
@@ -790,8 +833,13 @@ class _Search:
             else:
                 _, scores_k, last_k = same
                 self.alias_of.setdefault(name, set()).add(same[0])
+            drops = clean - self.metric(last_k, targets, allowed)          # [batch]
+            if name != _IMAGE_SIDE:
+                single = keys.mask & (keys.counts == 1)[:, None]
+                refined = torch.where(single, drops[:, None], refined)
+                checked |= single
             present = keys.counts > 0
-            drop = (clean - self.metric(last_k, targets, allowed))[present]
+            drop = drops[present]
             entry = self.classes.setdefault(name, [0.0, 0.0, 0, 0, 0.0])
             entry[0] += drop.sum().item()
             entry[1] += scores_k[present].sum().item()
@@ -802,7 +850,30 @@ class _Search:
             self.class_layers[name] = self.class_layers.get(name, torch.zeros(self.n_layers)) + layer_est
         self.class_forwards += len(done)
         self.batches += 1
-        self.seconds["classes"] += time.perf_counter() - t2
+        t3 = time.perf_counter()
+        self.seconds["classes"] += t3 - t2
+        if self.per_example:
+            self.check_per_example(batch, clipped, refined, checked, clean, targets, allowed)
+            self.seconds["example_checks"] += time.perf_counter() - t3
+        # [batch, pos, class] membership, read as Python lists once (not per position)
+        member = torch.stack([s.mask for s in named.values()], dim=-1).tolist()
+        ids = batch.input_ids.tolist()
+        for b in range(len(examples)):
+            self.several_images |= pos.n_images(b) > 1
+            roles = position_roles(pos, b)
+            at = [p for _, p in roles]
+            per_key = est[:, b, at].T                                     # [roles, layer]
+            values = zip(clipped[b, at].tolist(), refined[b, at].tolist(), checked[b, at].tolist())
+            for (key, p), value, (drop, better, was_checked) in zip(roles, per_key, values):
+                self.est[key] = self.est.get(key, torch.zeros(self.n_layers)) + value
+                self.drop[key] += drop
+                self.refined[key] += better
+                self.checked_in[key] += was_checked
+                self.count[key] += 1
+                inside = {n for n, is_in in zip(names, member[b][p]) if is_in}
+                self.member[key] = self.member.get(key, inside) & inside
+                if key not in self.tokens:
+                    self.tokens[key] = self.model.layout.tokenizer.convert_ids_to_tokens(ids[b][p])
 
     def label(self, key: Key) -> str:
         return role_label(key, self.several_images)
@@ -877,6 +948,7 @@ def find_gates(
     metric: Union[str, GateMetric] = "log_odds",
     queries: Queries = "all",
     rows: bool = True,
+    check_per_example: int = 5,
     check_top: int = 5,
     check_random: int = 5,
     check_all: bool = False,
@@ -902,9 +974,12 @@ def find_gates(
         queries: whose attention is cut: ``"all"`` positions (the paper's EOI knockout;
             generated tokens too) or ``"text"`` (non-image-side) only.
         rows: also each image row as a class (one forward per row and batch).
-        check_top, check_random: single positions checked by exact knockout: the best by
-            estimate and a seeded random sample of the others; ``check_all`` checks every
-            position (one forward each per batch). Positions that a class of one position
+        check_per_example: in each example, the positions with the largest estimates
+            knocked out exactly (one forward per batch each: every example knocks out its
+            own j-th best), which refines every position's value (``refined``); 0: none.
+        check_top, check_random: single positions checked by exact knockout in every
+            example: the best by refined value and a seeded random sample of the others;
+            ``check_all`` checks every position (one forward each per batch). Positions that a class of one position
             per example stands for (BOI, EOI, the first and last image token, in every
             example that has them) are exact from the class pass, and checked at no cost.
         alpha: where on the path from the clean run (1) to the corrupted one (0) the
@@ -947,6 +1022,10 @@ def find_gates(
     if check_top < 1:
         raise ValueError(f"check_top must be at least 1 (the verdict rests on the exact "
                          f"knockout of the best positions), got {check_top}")
+    if isinstance(check_per_example, bool) or not isinstance(check_per_example, int) \
+            or check_per_example < 0:
+        raise ValueError(f"check_per_example must be a whole number >= 0 (positions knocked "
+                         f"out exactly in each example; 0: none), got {check_per_example!r}")
     metric = metric if isinstance(metric, GateMetric) else GateMetric(metric)
     say = log or (lambda line: None)
     chunks = list(task.batches(batch_size))
@@ -954,7 +1033,7 @@ def find_gates(
         chunks = [(s, ex[:max(0, limit - s)]) for s, ex in chunks if s < limit]
     if not chunks:
         raise ValueError("the task has no examples")
-    search = _Search(model, task, metric, queries, rows, alpha)
+    search = _Search(model, task, metric, queries, rows, alpha, per_example=check_per_example)
     notes: list[str] = []
 
     # The contribution groups partition the image side so that each class's share is a
@@ -969,9 +1048,11 @@ def find_gates(
     if contribution and contrib is None:
         notes.append("no contribution: no example has text after the image")
 
-    # Single positions: estimates, then exact checks on the best and a random sample.
+    # Single positions: estimates, refined by the per-example checks, then exact checks on
+    # the best by refined value and a random sample.
     estimate = {k: search.drop[k] / search.count[k] for k in search.est}
-    keys = sorted(estimate, key=lambda k: -estimate[k])
+    refined = {k: search.refined[k] / search.count[k] for k in search.est}
+    keys = sorted(refined, key=lambda k: (-refined[k], -estimate[k]))
     rng = random.Random(seed)
     top = keys if check_all else keys[:check_top]
     rest = [k for k in keys if k not in top]
@@ -1018,7 +1099,8 @@ def find_gates(
     overlap_note = _add_overlap(model, task, chunks, classes, overlap, search)
     if overlap_note:
         notes.append(overlap_note)
-    positions = _position_candidates(search, keys, estimate, measured, total, contrib, classes)
+    positions = _position_candidates(search, keys, estimate, refined, measured, total, contrib,
+                                     classes)
     # The narrowest class that carries (nearly) as much as the best one: last_image, not
     # the row it ends, when both carry everything.
     pool = [c for c in classes if c.name not in ("image", _IMAGE_SIDE)]
@@ -1027,6 +1109,7 @@ def find_gates(
                      key=lambda c: (c.n_positions, -c.effect), default=None)
     k = min(check_top, len(checked))
     top_est = set(sorted(checked, key=lambda x: -estimate[x])[:k])
+    top_refined = set(sorted(checked, key=lambda x: -refined[x])[:k])
     top_exact = set(by_exact[:k])
     n_classes = search.class_forwards / search.batches
     n_classes = int(n_classes) if n_classes.is_integer() else round(n_classes, 2)
@@ -1036,6 +1119,8 @@ def find_gates(
     cost = {"batches": len(chunks), "n_classes": n_classes,
             "passes_per_batch": int(passes) if float(passes).is_integer() else round(passes, 2),
             "budget_forwards": 3 + n_classes,
+            "check_forwards_per_batch": round((search.cost["check_forward"]
+                                               + search.cost["example_check_forward"]) / len(chunks), 2),
             "passes": dict(search.cost), "seconds": {k: round(v, 4) for k, v in search.seconds.items()},
             "baseline_forward_s": round(baseline, 4),
             "time_ratio": round(per_batch / baseline, 2) if baseline > 0 else None}
@@ -1052,7 +1137,11 @@ def find_gates(
                "spearman": _spearman([estimate[k] for k in checked], [exact[k] for k in checked]),
                "exact_se": [measured[k][1] for k in checked],
                "top_k": k, "top_k_agree": len(top_est & top_exact),
-               "top_k_settled": _settled(by_exact, measured, k), "alpha": alpha,
+               "top_k_settled": _settled(by_exact, measured, k),
+               "per_example": check_per_example, "refined": [refined[k] for k in checked],
+               "refined_spearman": _spearman([refined[k] for k in checked],
+                                             [exact[k] for k in checked]),
+               "refined_top_k_agree": len(top_refined & top_exact), "alpha": alpha,
                "completeness": sum(estimate.values()) / total if total else float("nan")},
         cost=cost, notes=notes)
 
@@ -1154,7 +1243,7 @@ def _layer_sweep(search: _Search, chunks, target: Optional[list], total: float, 
         for i, w in enumerate(widths):
             layers = list(range(search.n_layers - w, search.n_layers))
             drop = clean - search.metric_under(batch, search.knockout(batch, keys, layers), targets,
-                                               allowed)
+                                               allowed, counter="sweep_forward")
             sums[i] += drop.sum().item()
         count += len(examples)
     effect = (sums / count).tolist()
@@ -1223,7 +1312,7 @@ def _class_candidates(search: _Search, total: float, contrib) -> list[GateCandid
     return out
 
 
-def _position_candidates(search: _Search, keys, estimate, measured, total, contrib,
+def _position_candidates(search: _Search, keys, estimate, refined, measured, total, contrib,
                          classes: list[GateCandidate]) -> list[GateCandidate]:
     token_map = contrib.token_map() if contrib is not None and len(contrib.grids) == 1 else None
     single = {c.name: c for c in classes if c.n_positions == 1.0}
@@ -1233,7 +1322,7 @@ def _position_candidates(search: _Search, keys, estimate, measured, total, contr
     out = []
     for key in keys:
         exact, se = measured.get(key, (None, None))
-        effect = estimate[key] if exact is None else exact
+        effect = refined[key] if exact is None else exact
         share_c = None
         if key[0] == "image" and token_map is not None and key[1] == 0:
             share_c = float(token_map[key[2], key[3]])
@@ -1242,7 +1331,7 @@ def _position_candidates(search: _Search, keys, estimate, measured, total, contr
         out.append(GateCandidate(
             name=search.label(key), kind="position", role=_role_of(key), effect=effect,
             share=effect / total if total else float("nan"), estimate=estimate[key],
-            exact=exact, exact_se=se, per_layer=(search.est[key] / search.count[key]).tolist(),
+            refined=refined[key], checked_in=search.checked_in[key], exact=exact, exact_se=se, per_layer=(search.est[key] / search.count[key]).tolist(),
             contribution=share_c, n_examples=search.count[key],
             grid=tuple(key[1:]) if key[0] == "image" else None, token=search.tokens.get(key),
             in_classes=sorted(c for c in search.member[key] if c in single_names)))
