@@ -11,7 +11,8 @@ is ``3 + n_classes`` forwards. The script times pass 1 (``cost["seconds"]``) aga
 plain forward timed just before it (the median of three; a shared machine drifts), with
 and without the per-row classes, and prints the median ratio over ``--reps`` searches
 next to the budget. The checks (exact knockouts of chosen positions), the layer sweep and
-the neighbourhood overlap are extra passes that the ratio leaves out.
+the neighbourhood overlap are extra passes that the ratio leaves out; the per-example
+checks' time is printed apart.
 
 Run: ``.venv/bin/python benchmarks/find_gates_cost.py [--layers 8] [--hidden 256] [--reps 5]``
 """
@@ -64,13 +65,15 @@ def main() -> None:
 
     forward_seconds()                                    # warm-up
     for rows in (False, True):
-        ratios, units = [], []
+        ratios, units, checks = [], [], []
         for _ in range(args.reps):
             units.append(forward_seconds())
             gates = A.find_gates(model, task, batch_size=args.batch, rows=rows, check_top=1,
                                  check_random=0, layer_sweep=False, overlap=False)
-            seconds = sum(gates.cost["seconds"].values()) / gates.cost["batches"]
+            phases = gates.cost["seconds"]
+            seconds = (phases["clean_and_gradient"] + phases["classes"]) / gates.cost["batches"]
             ratios.append(seconds / units[-1])
+            checks.append(phases["example_checks"] / gates.cost["batches"] / units[-1])
         cost = gates.cost
         ratio = statistics.median(ratios)
         print(f"rows={str(rows):5}: {cost['n_classes']} classes -> {cost['passes_per_batch']} passes "
@@ -78,6 +81,9 @@ def main() -> None:
               f"{args.reps}) {ratio:.1f} plain forwards ({statistics.median(units) * 1e3:.0f} ms; "
               f"range {min(ratios):.1f}-{max(ratios):.1f}) = {ratio / cost['budget_forwards']:.2f} "
               f"x the budget; seconds per phase, last run: {cost['seconds']}")
+        per_example = cost["passes"]["example_check_forward"] / cost["batches"]
+        print(f"   apart: the per-example checks, {per_example:.0f} forwards per batch, took "
+              f"{statistics.median(checks):.1f} plain forwards")
 
 
 if __name__ == "__main__":
