@@ -33,6 +33,10 @@ hf_gradient         HF sdpa, last logits, backward to the first decoder layer's 
                     input (no weight gradients)
 gate_gradient       ``find_gates``' gradient pass: a ``KeyScale`` on every layer, hf_gradient
                     backward to the scales (no weight gradients)
+gate_gradient_full  the same with the contribution's readers riding along, as      hf_gradient
+                    ``find_gates`` runs it
+gate_gradient_      ``gate_gradient_full`` with ``recompute_blocks`` (activation   hf_gradient
+recompute           checkpointing: ``find_gates(recompute_activations=True)``)
 ==================  ============================================================  ==========
 
 ``contribution`` computes logits at every position because ``cross_modal_contribution``
@@ -95,11 +99,15 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 TARGETS = {"forward": (1.05, 1.02), "forward_last": (1.05, 1.02), "knockout": (1.15, 1.10),
            "contribution": (1.15, 1.10), "contribution_last": (1.15, 1.10),
            "cache": (1.15, 1.10), "cache_last": (1.15, 1.10),
-           "generate_knockout": (1.10, None), "gate_gradient": (1.15, 1.10)}
+           "generate_knockout": (1.10, None), "gate_gradient": (1.15, 1.10),
+           "gate_gradient_full": (1.15, 1.10),
+           # activation checkpointing: one more forward's time, for memory
+           "gate_gradient_recompute": (None, 1.0)}
 BASELINE = {"forward": "hf", "forward_last": "hf_last", "knockout": "hf_last",
             "contribution": "hf", "contribution_last": "hf_last", "cache": "hf",
             "cache_last": "hf_last", "generate_knockout": "hf_generate",
-            "gate_gradient": "hf_gradient"}
+            "gate_gradient": "hf_gradient", "gate_gradient_full": "hf_gradient",
+            "gate_gradient_recompute": "hf_gradient"}
 
 
 @dataclass(frozen=True)
@@ -121,11 +129,13 @@ class ModelSpec:
 
 
 FULL_OPS = ("hf", "hf_last", "forward", "forward_last", "knockout", "contribution",
-            "contribution_last", "cache", "cache_last", "hf_gradient", "gate_gradient")
+            "contribution_last", "cache", "cache_last", "hf_gradient", "gate_gradient",
+            "gate_gradient_full", "gate_gradient_recompute")
 # At 4k tokens and a 152k vocabulary, logits at every position cost more than the two
 # decoder layers: measure those only where an API computes them anyway.
 LONG_OPS = ("hf", "hf_last", "forward_last", "knockout", "contribution", "contribution_last",
-            "cache_last", "hf_gradient", "gate_gradient")
+            "cache_last", "hf_gradient", "gate_gradient", "gate_gradient_full",
+            "gate_gradient_recompute")
 CHAMELEON_7B = dict(layers=2, hidden=4096, heads=32, kv_heads=32, mlp=11008, vocab=65536)
 QWEN2_VL_7B = dict(layers=2, hidden=3584, heads=28, kv_heads=4, mlp=18944, vocab=152064,
                    mrope_section=(16, 24, 24), max_positions=32768)
@@ -259,18 +269,25 @@ def operations(spec: ModelSpec, model, hf, batch, new_tokens: int = 0) -> dict[s
                            do_sample=False, pad_token_id=pad, return_dict_in_generate=True,
                            output_logits=True, past_key_values=DynamicCache())
 
-    def gate_gradient():
-        """find_gates' gradient pass: a KeyScale on every layer, d(last logits)/d(scales)."""
-        from tl_vlm.analyses.gates import _no_weight_grads
+    def gate_gradient(readers: bool = False, recompute: bool = False):
+        """find_gates' gradient pass: a KeyScale on every layer, d(last logits)/d(scales);
+        with ``readers``, the contribution's hooks ride along as in find_gates."""
+        from tl_vlm.analyses.gates import _contribution_groups, _first_call_only, _no_weight_grads
         from tl_vlm.attention_edits import KeyScale
+        from tl_vlm.recompute import recompute_blocks
 
         pos = batch.positions
         scales = [torch.ones(pos.all.mask.shape, requires_grad=True)
                   for _ in range(model.cfg.n_layers)]
-        hooks = [(f"blocks.{l}.attn.hook_pattern", KeyScale(s, padding=pos.padding.mask))
-                 for l, s in enumerate(scales)]
-        with torch.enable_grad(), _no_weight_grads(model):
-            last = model.last_logits(batch, fwd_hooks=hooks)
+        hooks = []
+        if readers:
+            acc = ContributionAccumulator(model, groups=_contribution_groups())
+            hooks = [(name, _first_call_only(fn)) for name, fn in acc.hooks(batch)]
+        hooks += [(f"blocks.{l}.attn.hook_pattern", KeyScale(s, padding=pos.padding.mask))
+                  for l, s in enumerate(scales)]
+        with torch.enable_grad(), _no_weight_grads(model), model.hooks(fwd_hooks=hooks), \
+                recompute_blocks(model, enabled=recompute):
+            last = model.last_logits(batch, use_cache=False)
             return torch.autograd.grad(last.float().logsumexp(-1).sum(), scales)
 
     def hf_gradient():
@@ -299,6 +316,8 @@ def operations(spec: ModelSpec, model, hf, batch, new_tokens: int = 0) -> dict[s
         "hf": lambda: hf(**batch.inputs),
         "hf_gradient": hf_gradient,
         "gate_gradient": gate_gradient,
+        "gate_gradient_full": lambda: gate_gradient(readers=True),
+        "gate_gradient_recompute": lambda: gate_gradient(readers=True, recompute=True),
         "hf_last": lambda: hf(**batch.inputs, logits_to_keep=keep),
         "forward": lambda: model(batch),
         "forward_last": lambda: model.last_logits(batch),

@@ -36,6 +36,7 @@ MODULES = [
     "tl_vlm.compare",
     "tl_vlm.cli_gates",
     "tl_vlm.prefix",
+    "tl_vlm.recompute",
     "tl_vlm.attention",
     "tl_vlm.attention_edits",
     "tl_vlm.adapters._attention_bridge",

@@ -242,7 +242,7 @@ def test_cost_is_a_gradient_pass_plus_one_forward_per_class(toy_models):
     with model.hooks(fwd_hooks=[("blocks.0.hook_in", lambda x, hook: fired.append(x.shape[1]))]), \
             record_paths() as paths:
         gates = A.find_gates(model, toy_task(N), batch_size=12, rows=False, overlap=False,
-                             check_top=2, check_random=1, contribution=False)
+                             check_top=2, check_random=1)     # the contribution rides along
     cost = gates.cost
     classes = [c.name for c in gates.classes]
     assert classes == ["image_side", "boi", "first_image", "last_image", "image", "eoi"]
@@ -256,7 +256,7 @@ def test_cost_is_a_gradient_pass_plus_one_forward_per_class(toy_models):
     assert cost["check_forwards_per_batch"] == (passes["check_forward"]
                                                 + passes["example_check_forward"]) / 2
     assert cost["time_ratio"] > 0 and cost["baseline_forward_s"] > 0
-    assert set(paths) <= {"sdpa", "fused"} and "fused" in paths
+    assert set(paths) <= {"sdpa", "fused"} and "fused" in paths     # never eager
 
 
 def test_json_round_trip(searches):
@@ -336,11 +336,13 @@ def test_every_family_runs_end_to_end(tiny_zoo, family):
 def test_cli_find_gate_writes_the_report(tmp_path, capsys):
     out = tmp_path / "gate"
     assert cli.main(["find-gate", "--model", "toy-last-image", "--n-examples", "12",
-                     "--no-rows", "--check-random", "0", "--out", str(out)]) == 0
+                     "--no-rows", "--check-random", "0", "--check-per-example", "2",
+                     "--recompute-activations", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("narrow: image (5, 5) (last_image) carries")
     saved = GateSearch.from_dict(json.loads((out / "gates.json").read_text()))
     assert saved.model == "toy-last-image" and saved.gate == ["image (5, 5)"]
+    assert saved.check["per_example"] == 2 and saved.cost["passes"]["recompute_forward"] == 1
     page = (out / "index.html").read_text()
     import importlib.util
 
@@ -373,3 +375,25 @@ def test_the_gradient_pass_leaves_no_graph_in_the_contribution(toy_models):
         gates = A.find_gates(toy_models["toy-gated"], toy_task(12), batch_size=12, rows=False,
                              overlap=False, check_random=0, layer_sweep=False)
     assert gates.candidate("eoi").contribution > 0.5
+
+
+def test_recomputed_activations_give_the_same_search(toy_models):
+    """recompute_activations: the gradient pass keeps block inputs only and recomputes in
+    the backward: the same estimates and contribution (readers count their first call),
+    one more forward per batch, and every block's hooks fire twice in that pass."""
+    model = toy_models["toy-gated"]
+    kwargs = dict(batch_size=12, rows=False, overlap=False, layer_sweep=False, check_top=1,
+                  check_random=0, check_per_example=0)
+    plain = A.find_gates(model, toy_task(N), **kwargs)
+    fired = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_in", lambda x, hook: fired.append(1))]):
+        again = A.find_gates(model, toy_task(N), recompute_activations=True, **kwargs)
+    for a, b in zip(plain.positions, again.positions):
+        assert a.name == b.name and a.estimate == pytest.approx(b.estimate, abs=1e-5)
+        assert a.per_layer == pytest.approx(b.per_layer, abs=1e-5)
+    for a, b in zip(plain.classes, again.classes):
+        assert a.contribution == pytest.approx(b.contribution, abs=1e-6), a.name
+    passes = again.cost["passes"]
+    assert passes["recompute_forward"] == 2 and again.cost["passes_per_batch"] == \
+        plain.cost["passes_per_batch"] + 1
+    assert len(fired) == 4 + passes["forward"] + 2 * passes["grad_forward"] + passes["check_forward"]

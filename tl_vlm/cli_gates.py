@@ -55,6 +55,9 @@ def add_commands(sub) -> None:
                         "example (one forward per batch each; default 5)")
     p.add_argument("--check-random", type=int, default=5,
                    help="random other positions checked by exact knockout")
+    p.add_argument("--recompute-activations", action="store_true",
+                   help="the gradient pass keeps one residual per layer and recomputes each "
+                        "block in the backward: far less memory, one more forward per batch")
     p.add_argument("--check-all", action="store_true",
                    help="check every position by exact knockout (one forward each per batch)")
     p.add_argument("--seed", type=int, default=0, help="the random checks; the toy held-out set")
@@ -109,7 +112,7 @@ def find_gate(args: argparse.Namespace) -> int:
     t0 = time.time()
     gates = find_gates(model, task, batch_size=args.batch_size, queries=args.queries,
                        rows=not args.no_rows, check_per_example=args.check_per_example,
-                       check_top=args.check_top,
+                       check_top=args.check_top, recompute_activations=args.recompute_activations,
                        check_random=args.check_random, check_all=args.check_all, seed=args.seed,
                        log=cli._log)
     gates.model = args.model

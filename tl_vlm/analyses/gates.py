@@ -121,9 +121,10 @@ from torch import Tensor
 from tl_vlm.analyses.contribution import ContributionAccumulator
 from tl_vlm.analyses.knockout import Hook, knockout_hooks
 from tl_vlm.analyses.logit_lens import final_logit_transform
-from tl_vlm.attention_edits import KeyScale
+from tl_vlm.attention_edits import KeyScale, PatternReader
 from tl_vlm.batch import VLMBatch
 from tl_vlm.positions import ImagePositions, PositionSet
+from tl_vlm.recompute import recompute_blocks
 
 Key = tuple  # a single position's role: ("boi", n), ("image", image, row, col), ...
 Queries = Literal["all", "text"]
@@ -396,7 +397,7 @@ class GateSearch:
             over ``total_effect``).
         cost: passes and seconds per phase; ``passes_per_batch`` (forwards and backwards
             run: 2 + ``n_classes`` for a next-token task, one more for a task that
-            generates), ``budget_forwards`` (3 + ``n_classes``: a backward is about two
+            generates, one more with ``recompute_activations``), ``budget_forwards`` (3 + ``n_classes``: a backward is about two
             forwards) and ``time_ratio`` (the search's seconds per batch over one plain
             forward's); the exact checks come apart (``check_forwards_per_batch``: the
             per-example ones, the best, the random sample, the best two together), as
@@ -644,10 +645,10 @@ class _Search:
     """Running sums of :func:`find_gates` over batches."""
 
     def __init__(self, model, task, metric: GateMetric, queries: Queries, rows: bool,
-                 alpha: float, per_example: int = 0) -> None:
+                 alpha: float, per_example: int = 0, recompute: bool = False) -> None:
         self.model, self.task, self.metric = model, task, metric
         self.queries, self.rows, self.alpha = queries, rows, alpha
-        self.per_example = per_example
+        self.per_example, self.recompute = per_example, recompute
         self.targets = _Targets(model, task)
         self.transform = final_logit_transform(model)
         self.n_layers = model.cfg.n_layers
@@ -759,8 +760,10 @@ class _Search:
         hooks = list(extra) + [
             (f"blocks.{l}.attn.hook_pattern", KeyScale(s, query_mask=queries, padding=pos.padding.mask))
             for l, s in enumerate(scales)]
-        with torch.enable_grad(), _no_weight_grads(self.model):
-            raw = self.model.last_logits(batch, fwd_hooks=hooks)
+        # The hooks stay registered through the backward: recomputed blocks fire them again.
+        with torch.enable_grad(), _no_weight_grads(self.model), self.model.hooks(fwd_hooks=hooks), \
+                recompute_blocks(self.model, enabled=self.recompute):
+            raw = self.model.last_logits(batch, use_cache=False)
             last = self.transform(raw)
             targets, allowed = clean if clean is not None else \
                 self.targets(examples, last.detach().float().cpu())
@@ -770,6 +773,7 @@ class _Search:
             grads = torch.autograd.grad(m.sum(), scales, allow_unused=True)
         self.cost["grad_forward"] += 1
         self.cost["backward"] += 1
+        self.cost["recompute_forward"] += self.recompute
         missing = [l for l, g in enumerate(grads) if g is None]
         if missing:
             raise RuntimeError(f"no gradient reached the attention scales of layers {missing}")
@@ -893,9 +897,35 @@ def _no_weight_grads(model) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+class _FirstCallReader(PatternReader):
+    """A :class:`~tl_vlm.attention_edits.PatternReader` that reads in its first attention
+    call only, and is still one: the attention function keeps to SDPA and hands it its
+    rows (a plain function in its place would make the layer eager)."""
+
+    def __init__(self, reader: PatternReader) -> None:
+        self.reader, self.calls = reader, 0
+
+    def begin(self, q_len: int, k_len: int) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.reader.begin(q_len, k_len)
+
+    def rows(self, q_len: int, k_len: int) -> Tensor:
+        if self.calls == 1:
+            return self.reader.rows(q_len, k_len)
+        return torch.zeros(q_len, dtype=torch.bool)
+
+    def read(self, rows: Tensor, pattern: Tensor) -> None:
+        if self.calls == 1:
+            self.reader.read(rows, pattern)
+
+
 def _first_call_only(fn: Callable) -> Callable:
     """A hook that runs ``fn`` on its first call only: the prompt pass of a task that
-    generates (the contribution measures one full pass, not the cached steps)."""
+    generates (the contribution measures one full pass, not the cached steps), or the
+    forward of a gradient pass whose blocks are recomputed in the backward."""
+    if isinstance(fn, PatternReader):
+        return _FirstCallReader(fn)
     calls = []
 
     def hook(x: Tensor, hook) -> None:
@@ -953,6 +983,7 @@ def find_gates(
     check_random: int = 5,
     check_all: bool = False,
     alpha: float = 1.0,
+    recompute_activations: bool = False,
     layer_sweep: bool = True,
     contribution: bool = True,
     overlap: Union[bool, str] = "auto",
@@ -969,7 +1000,8 @@ def find_gates(
         batch_size, limit: examples per forward pass; only the first ``limit`` examples.
             The gradient pass keeps every layer's activations for its backward, as a
             training step does (but no weight gradients, no attention pattern): size
-            ``batch_size`` for that, not for a plain forward.
+            ``batch_size`` for that, not for a plain forward, or pass
+            ``recompute_activations=True``.
         metric: ``"log_odds"`` (default), ``"logprob"`` or a :class:`GateMetric`.
         queries: whose attention is cut: ``"all"`` positions (the paper's EOI knockout;
             generated tokens too) or ``"text"`` (non-image-side) only.
@@ -984,6 +1016,11 @@ def find_gates(
             example that has them) are exact from the class pass, and checked at no cost.
         alpha: where on the path from the clean run (1) to the corrupted one (0) the
             gradient is taken (see the module docstring).
+        recompute_activations: the gradient pass keeps only each block's input and
+            recomputes its activations in the backward (:mod:`tl_vlm.recompute`): memory
+            for one residual per layer and one block's activations instead of every
+            layer's, for one more forward per batch. For long inputs, big batches, deep
+            models.
         layer_sweep: knock the gate out in the last w layers to find where it acts.
         contribution: accumulate the cross-modal contribution (read-only, in the clean pass).
         overlap: neighbourhood overlap of the classes with the examples' labels (DADApy; one
@@ -1033,7 +1070,8 @@ def find_gates(
         chunks = [(s, ex[:max(0, limit - s)]) for s, ex in chunks if s < limit]
     if not chunks:
         raise ValueError("the task has no examples")
-    search = _Search(model, task, metric, queries, rows, alpha, per_example=check_per_example)
+    search = _Search(model, task, metric, queries, rows, alpha, per_example=check_per_example,
+                     recompute=recompute_activations)
     notes: list[str] = []
 
     # The contribution groups partition the image side so that each class's share is a
@@ -1114,8 +1152,8 @@ def find_gates(
     n_classes = search.class_forwards / search.batches
     n_classes = int(n_classes) if n_classes.is_integer() else round(n_classes, 2)
     per_batch = (search.seconds["clean_and_gradient"] + search.seconds["classes"]) / len(chunks)
-    passes = (search.cost["forward"] + search.cost["grad_forward"] + search.cost["backward"]) \
-        / search.batches
+    passes = (search.cost["forward"] + search.cost["grad_forward"] + search.cost["backward"]
+              + search.cost["recompute_forward"]) / search.batches
     cost = {"batches": len(chunks), "n_classes": n_classes,
             "passes_per_batch": int(passes) if float(passes).is_integer() else round(passes, 2),
             "budget_forwards": 3 + n_classes,
