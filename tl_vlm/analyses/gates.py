@@ -728,7 +728,7 @@ class _Search:
         pos = batch.positions.to("cpu")
         candidates = drop.masked_fill(~pos.image_side.mask | checked, float("-inf"))
         rounds = min(self.per_example, int(candidates.isfinite().sum(1).max()))
-        best = candidates.argsort(dim=1, descending=True)[:, :rounds]          # [batch, rounds]
+        best = candidates.argsort(dim=1, descending=True, stable=True)[:, :rounds]   # [batch, rounds]
         rows = torch.arange(len(drop))
         for j in range(rounds):
             col = best[:, j]
