@@ -331,6 +331,12 @@ def test_every_family_runs_end_to_end(tiny_zoo, family):
                          check_random=0, rows=False, overlap=False, layer_sweep=False)
     assert quick.cost["passes_per_batch"] == 2 + quick.cost["n_classes"]
     assert all(math.isfinite(c.estimate) for c in quick.positions)
+    # recomputed activations (each family's decoder blocks and their kwargs): same estimates
+    again = A.find_gates(model, NextTokenTask(family, examples), batch_size=2, check_top=1,
+                         check_random=0, rows=False, overlap=False, layer_sweep=False,
+                         check_per_example=0, recompute_activations=True)
+    before = {c.name: c.estimate for c in quick.positions}
+    assert {c.name: c.estimate for c in again.positions} == pytest.approx(before, abs=1e-5)
 
 
 def test_cli_find_gate_writes_the_report(tmp_path, capsys):
