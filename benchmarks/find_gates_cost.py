@@ -73,7 +73,7 @@ def main() -> None:
             phases = gates.cost["seconds"]
             seconds = (phases["clean_and_gradient"] + phases["classes"]) / gates.cost["batches"]
             ratios.append(seconds / units[-1])
-            checks.append(phases["example_checks"] / gates.cost["batches"] / units[-1])
+            checks.append(phases.get("example_checks", 0.0) / gates.cost["batches"] / units[-1])
         cost = gates.cost
         ratio = statistics.median(ratios)
         print(f"rows={str(rows):5}: {cost['n_classes']} classes -> {cost['passes_per_batch']} passes "

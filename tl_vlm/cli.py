@@ -91,15 +91,24 @@ def _max_memory(text: str) -> dict:
     return out
 
 
-def _positive_int(text: str) -> int:
-    """An int >= 1 (argparse type)."""
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    """An int >= 1 (argparse type)."""
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    """An int >= 0 (argparse type)."""
+    return _whole_number(text, 0)
 
 
 def layer_spec(text: str) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ def add_commands(sub) -> None:
     """
     # The CLI module imports this one while it loads: its helpers are read at call time.
     from tl_vlm.cli import (_Formatter, _add_data_arguments, _add_model_arguments,
-                            _add_source_arguments, _positive_int)
+                            _add_source_arguments, _non_negative_int, _positive_int)
 
     p = sub.add_parser(
         "find-gate", formatter_class=_Formatter,
@@ -47,13 +47,13 @@ def add_commands(sub) -> None:
     p.add_argument("--queries", default="all", choices=("all", "text"),
                    help="whose attention a knockout cuts: every position (the paper) or text")
     p.add_argument("--no-rows", action="store_true", help="leave out the per-row classes")
-    p.add_argument("--check-per-example", type=int, default=5,
+    p.add_argument("--check-per-example", type=_non_negative_int, default=5,
                    help="positions knocked out exactly in each example, its best by estimate "
                         "(one forward per batch each; refines every position's value; 0: none)")
     p.add_argument("--check-top", type=_positive_int, default=5,
                    help="best positions (by refined value) knocked out exactly in every "
                         "example (one forward per batch each; default 5)")
-    p.add_argument("--check-random", type=int, default=5,
+    p.add_argument("--check-random", type=_non_negative_int, default=5,
                    help="random other positions checked by exact knockout")
     p.add_argument("--recompute-activations", action="store_true",
                    help="the gradient pass keeps one residual per layer and recomputes each "

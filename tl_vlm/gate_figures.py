@@ -29,8 +29,17 @@ from typing import Any, Optional, Union
 from tl_vlm.analyses.gates import GateSearch
 
 
-def _share(gates: GateSearch, value: float) -> float:
-    return value / gates.total_effect if gates.total_effect else float("nan")
+def _share(gates: GateSearch, value: Optional[float]) -> float:
+    """``value`` over the image's effect; NaN for a value not there (None: a search saved
+    before the value existed, or NaN after a JSON round trip)."""
+    if value is None or not gates.total_effect:
+        return float("nan")
+    return value / gates.total_effect
+
+
+def _number(value: Optional[float]) -> str:
+    """A statistic for a title: two decimals, or "n/a" (None or NaN: too few points)."""
+    return "n/a" if value is None or value != value else f"{value:.2f}"
 
 
 def effect_grid_figure(gates: GateSearch, value: str = "effect", image: int = 0) -> Any:
@@ -187,14 +196,13 @@ def check_figure(gates: GateSearch) -> Any:
                                name="estimate", text=check["names"], textposition="top center",
                                hovertemplate="%{text}: estimate %{x:.3g}, exact %{y:.3g}<extra></extra>"))
     title = (f"Estimate vs exact knockout (drop of the {gates.metric}; Spearman "
-             f"{check['spearman']:.2f}, top-{check['top_k']} agree on {check['top_k_agree']}")
+             f"{_number(check['spearman'])}, top-{check['top_k']} agree on {check['top_k_agree']}")
     if check.get("per_example"):
         fig.add_trace(go.Scatter(x=check["refined"], y=check["exact"], mode="markers",
                                  name=f"refined ({check['per_example']} checks per example)",
                                  text=check["names"],
                                  hovertemplate="%{text}: refined %{x:.3g}, exact %{y:.3g}<extra></extra>"))
-        title += (f"; refined: {check['refined_spearman']:.2f}, "
-                  f"{check['refined_top_k_agree']}")
+        title += f"; refined: {_number(check['refined_spearman'])}, {check['refined_top_k_agree']}"
     fig.update_layout(title=title + ")", xaxis=dict(title="estimated drop"),
                       yaxis=dict(title="exact"))
     return fig
@@ -252,8 +260,9 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
         fig.update_layout(template="plotly_white", height=380, margin=dict(l=60, r=20, t=60, b=50))
         parts.append(_figure_html(fig))
     parts.append("<details><summary>every candidate</summary>" + html_table(
-        ["candidate", "kind", "share", "exact drop", "its standard error", "estimate",
-         "refined", "task score", "contribution",
+        ["candidate", "kind", "share", "exact drop", "its standard error",
+         "estimate (a class: its positions' unclipped sum)", "refined", "task score",
+         "contribution",
          "max overlap", "classes"], rows) + "</details>")
     parts.append("<p class='note'>Raw numbers: <code>gates.json</code> in this folder.</p>")
     path = out / "index.html"

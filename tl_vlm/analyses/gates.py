@@ -312,11 +312,12 @@ class GateCandidate:
         estimate: the first-order (attribution) estimate of the drop, each example's
             clipped at zero before the mean (see the module docstring); for a class, the
             sum of its positions' unclipped estimates.
-        refined: for a position, the mean over examples of its exact drop where the
-            per-example checks knocked it out (``checked_in`` examples), its clipped
+        refined: for a position, the mean over examples of its exact drop where it was
+            measured in that example (``checked_in`` examples: by the per-example checks,
+            or by the pass of a class that is this one position there), its clipped
             estimate elsewhere; None for a class.
         exact: the exact knockout's drop (classes; checked positions); None if not run.
-        exact_se: its standard error over the examples (None with one example): two
+        exact_se: its standard error over the examples (None below two examples): two
             positions whose exact drops differ by less than a few of these are not ranked
             by this sample.
         score: the task's score under the knockout (classes).
@@ -376,7 +377,7 @@ class GateSearch:
         model, family: what was searched; n_layers, n_examples, metric, queries: how.
         clean_score: the task's mean score without knockout; clean_metric: the metric's.
         total_effect: the exact drop of the metric with the whole image side knocked out.
-        classes, positions: the candidates (positions in order of their estimate).
+        classes, positions: the candidates (positions in order of their refined value).
         verdict: ``"narrow"``, ``"mixed"``, ``"distributed"`` or ``"no image effect"``.
         gate: names of the one or two positions the verdict is about (best first; none
             when distributed).
@@ -388,17 +389,18 @@ class GateSearch:
             last-w layers), ``effect`` (drop per w), ``from_layer``.
         check: the estimate against exact knockouts: ``names``, ``estimate``, ``exact``,
             ``exact_se``, ``spearman``, ``top_k``, ``top_k_agree`` (positions in both top-k
-            lists, among the checked ones), ``top_k_settled`` (how many of the exact top k
-            lead the exact (k+1)-th, both among the checked positions, by more than two
-            standard errors: beyond those, the sample does not rank the positions, and no
-            list can agree but by chance), ``per_example``, ``refined``,
+            lists, among the checked ones), ``settled`` and ``top_k_settled`` (which and
+            how many of the exact top k lead the exact (k+1)-th, both among the checked
+            positions, by more than two standard errors of their paired difference:
+            beyond those, the sample does not rank the positions, and no list can agree
+            but by chance), ``per_example``, ``refined``,
             ``refined_spearman`` and ``refined_top_k_agree`` (the same for the values the
             per-example checks refined), ``alpha``, ``completeness`` (the estimates' sum
             over ``total_effect``).
         cost: passes and seconds per phase; ``passes_per_batch`` (forwards and backwards
             run: 2 + ``n_classes`` for a next-token task, one more for a task that
-            generates, one more with ``recompute_activations``), ``budget_forwards`` (3 + ``n_classes``: a backward is about two
-            forwards) and ``time_ratio`` (the search's seconds per batch over one plain
+            generates, one more with ``recompute_activations``), ``budget_forwards``
+            (3 + ``n_classes``: a backward is about two forwards) and ``time_ratio`` (the search's seconds per batch over one plain
             forward's); the exact checks come apart (``check_forwards_per_batch``: the
             per-example ones, the best, the random sample, the best two together), as
             do the layer sweep's forwards (``passes["sweep_forward"]``).
@@ -438,7 +440,7 @@ class GateSearch:
 
     @property
     def ranking(self) -> list[GateCandidate]:
-        """Single image-side positions by effect (exact where checked, else the estimate),
+        """Single image-side positions by effect (exact where checked, else refined),
         largest first.
 
         Example:
@@ -655,9 +657,10 @@ class _Search:
         self.n = 0
         self.clean_score = 0.0
         self.clean_metric = 0.0
-        # class name -> [sum of metric drops, sum of scores, examples, positions,
-        #                sum of squared drops]
+        # class name -> [sum of metric drops, sum of scores, examples, positions]
         self.classes: dict[str, list[float]] = {}
+        # class name -> batch start -> per-example drops (NaN where the class is absent)
+        self.class_drops: dict[str, dict[int, Tensor]] = {}
         self.class_layers: dict[str, Tensor] = {}
         # role -> sums over the examples that have it
         self.est: dict[Key, Tensor] = {}          # [layer] summed estimate
@@ -673,6 +676,7 @@ class _Search:
         self.class_forwards = 0
         self.batches = 0
         self.clean_of: dict[int, tuple] = {}       # batch start -> (metric, targets, allowed)
+        self.starts: dict[int, int] = {}           # batch start -> its examples, in order
         self.logit_scoring = False                  # the task scores from the last logits
         self.cost = Counter()
         self.seconds = Counter()
@@ -816,6 +820,7 @@ class _Search:
             scores = scores.float().cpu()
         est = grad["estimate"]
         self.clean_of[start] = (clean, targets, allowed)    # the later passes' baseline
+        self.starts[start] = len(examples)
         t2 = time.perf_counter()
         self.seconds["clean_and_gradient"] += t2 - t0
         self.n += len(examples)
@@ -843,13 +848,12 @@ class _Search:
                 refined = torch.where(single, drops[:, None], refined)
                 checked |= single
             present = keys.counts > 0
-            drop = drops[present]
-            entry = self.classes.setdefault(name, [0.0, 0.0, 0, 0, 0.0])
-            entry[0] += drop.sum().item()
+            self.class_drops.setdefault(name, {})[start] = drops.masked_fill(~present, float("nan"))
+            entry = self.classes.setdefault(name, [0.0, 0.0, 0, 0])
+            entry[0] += drops[present].sum().item()
             entry[1] += scores_k[present].sum().item()
             entry[2] += int(present.sum())
             entry[3] += int(keys.counts.sum())
-            entry[4] += drop.pow(2).sum().item()
             layer_est = torch.einsum("lbp,bp->l", est, keys.mask.float())
             self.class_layers[name] = self.class_layers.get(name, torch.zeros(self.n_layers)) + layer_est
         self.class_forwards += len(done)
@@ -859,6 +863,7 @@ class _Search:
         if self.per_example:
             self.check_per_example(batch, clipped, refined, checked, clean, targets, allowed)
             self.seconds["example_checks"] += time.perf_counter() - t3
+        t4 = time.perf_counter()            # the bookkeeping below counts with the classes
         # [batch, pos, class] membership, read as Python lists once (not per position)
         member = torch.stack([s.mask for s in named.values()], dim=-1).tolist()
         ids = batch.input_ids.tolist()
@@ -878,9 +883,14 @@ class _Search:
                 self.member[key] = self.member.get(key, inside) & inside
                 if key not in self.tokens:
                     self.tokens[key] = self.model.layout.tokenizer.convert_ids_to_tokens(ids[b][p])
+        self.seconds["classes"] += time.perf_counter() - t4
 
     def label(self, key: Key) -> str:
         return role_label(key, self.several_images)
+
+    def class_exact(self, name: str) -> Tensor:
+        """A class's exact drop per example, in order (NaN where the class is absent)."""
+        return _per_example(self.class_drops[name], self.starts)
 
 
 @contextlib.contextmanager
@@ -1011,9 +1021,10 @@ def find_gates(
             own j-th best), which refines every position's value (``refined``); 0: none.
         check_top, check_random: single positions checked by exact knockout in every
             example: the best by refined value and a seeded random sample of the others;
-            ``check_all`` checks every position (one forward each per batch). Positions that a class of one position
-            per example stands for (BOI, EOI, the first and last image token, in every
-            example that has them) are exact from the class pass, and checked at no cost.
+            ``check_all`` checks every position (one forward each per batch). Positions
+            that a class of one position per example stands for (BOI, EOI, the first and
+            last image token, in every example that has them) are exact from the class
+            pass, and checked at no cost.
         alpha: where on the path from the clean run (1) to the corrupted one (0) the
             gradient is taken (see the module docstring).
         recompute_activations: the gradient pass keeps only each block's input and
@@ -1098,17 +1109,18 @@ def find_gates(
     # BOI, EOI, the first and last image token...: a class pass knocked them out already.
     known = _exact_from_classes(search)
     checked += [k for k in keys if k in known and k not in checked]
-    total = search.classes[_IMAGE_SIDE][0] / search.classes[_IMAGE_SIDE][2]
-    measured = {k: known[k] for k in checked if k in known}         # key -> (mean, se)
+    total = _mean(search.class_exact(_IMAGE_SIDE))
+    # key -> per-example exact drops (NaN where the example lacks the position)
+    measured = {k: known[k] for k in checked if k in known}
     measured.update(_exact_positions(search, chunks, [k for k in checked if k not in known], say))
-    exact = {k: mean for k, (mean, _) in measured.items()}
+    exact = {k: _mean(drops) for k, drops in measured.items()}
     by_exact = sorted(exact, key=lambda k: -exact[k])
     best = by_exact[:2]
     union = _exact_positions(search, chunks, [tuple(best)], say, together=True) if len(best) == 2 else {}
     # Knockouts need not add up (cutting BOI as well can *lessen* a gate's effect), so
     # the best "one or two" is the larger of the best one and the best two together.
     one = exact[best[0]]
-    two = max(one, union[tuple(best)][0]) if len(best) == 2 else one
+    two = max(one, _mean(union[tuple(best)])) if len(best) == 2 else one
     top_shares = [one / total, two / total] if total else [float("nan")] * 2
 
     # Verdict.
@@ -1149,6 +1161,7 @@ def find_gates(
     top_est = set(sorted(checked, key=lambda x: -estimate[x])[:k])
     top_refined = set(sorted(checked, key=lambda x: -refined[x])[:k])
     top_exact = set(by_exact[:k])
+    settled = _settled(by_exact, measured, k)
     n_classes = search.class_forwards / search.batches
     n_classes = int(n_classes) if n_classes.is_integer() else round(n_classes, 2)
     per_batch = (search.seconds["clean_and_gradient"] + search.seconds["classes"]) / len(chunks)
@@ -1173,9 +1186,9 @@ def find_gates(
         check={"names": [search.label(k) for k in checked],
                "estimate": [estimate[k] for k in checked], "exact": [exact[k] for k in checked],
                "spearman": _spearman([estimate[k] for k in checked], [exact[k] for k in checked]),
-               "exact_se": [measured[k][1] for k in checked],
+               "exact_se": [_standard_error(measured[k]) for k in checked],
                "top_k": k, "top_k_agree": len(top_est & top_exact),
-               "top_k_settled": _settled(by_exact, measured, k),
+               "top_k_settled": len(settled), "settled": [search.label(x) for x in settled],
                "per_example": check_per_example, "refined": [refined[k] for k in checked],
                "refined_spearman": _spearman([refined[k] for k in checked],
                                              [exact[k] for k in checked]),
@@ -1197,53 +1210,67 @@ def _baseline_forward(model, batch: VLMBatch, repeats: int = 3) -> float:
     return min(times)
 
 
-def _settled(by_exact: list, measured: dict, k: int) -> Optional[int]:
-    """How many of the exact top ``k`` lead the next one by more than two standard errors
-    of the difference: the part of the top-k this sample ranks at all (None when fewer
-    than k + 1 positions were measured, or a standard error is missing)."""
+def _settled(by_exact: list, measured: dict[Any, Tensor], k: int) -> list:
+    """The exact top ``k`` that lead the next one by more than two standard errors of
+    their paired difference (both were knocked out in the same examples): the part of
+    the top k this sample ranks at all. Empty when fewer than k + 1 were measured.
+
+    Example (paired: a constant lead of 0.1 is settled however noisy the drops are):
+        >>> drops = torch.tensor([0.0, 5.0, 1.0, 9.0])
+        >>> _settled(["a", "b"], {"a": drops + 0.1, "b": drops}, 1)
+        ['a']
+    """
     if len(by_exact) <= k:
-        return None
-    runner_up, se_r = measured[by_exact[k]]
-    if se_r is None:
-        return None
-    count = 0
+        return []
+    runner_up = measured[by_exact[k]]
+    out = []
     for key in by_exact[:k]:
-        mean, se = measured[key]
-        if se is None:
-            return None
-        count += mean - runner_up > 2 * math.sqrt(se * se + se_r * se_r)
-    return count
+        difference = measured[key] - runner_up            # NaN where either is absent
+        se = _standard_error(difference)
+        if se is not None and float(difference.nanmean()) > 2 * se:
+            out.append(key)
+    return out
 
 
-def _mean_and_se(total: float, squares: float, n: int) -> tuple[float, Optional[float]]:
-    """Mean and its standard error (sample standard deviation over sqrt(n); None below
-    two examples) from a sum and a sum of squares over ``n`` examples."""
-    mean = total / n
-    if n < 2:
-        return mean, None
-    variance = max(0.0, (squares - n * mean * mean) / (n - 1))
-    return mean, math.sqrt(variance / n)
+def _mean(drops: Tensor) -> float:
+    """Mean of the finite entries, in float64 (every exact drop is averaged this way)."""
+    return float(drops[drops.isfinite()].double().mean())
+
+
+def _standard_error(drops: Tensor) -> Optional[float]:
+    """Standard error of the mean of the finite entries (None below two of them)."""
+    values = drops[drops.isfinite()].double()
+    if values.numel() < 2:
+        return None
+    return float(values.std() / math.sqrt(values.numel()))
+
+
+def _per_example(by_start: dict[int, Tensor], starts: dict[int, int]) -> Tensor:
+    """Per-batch vectors (keyed by batch start) as one vector over every example in
+    order, NaN for batches that lack it (``starts``: batch start -> its size)."""
+    return torch.cat([by_start.get(start, torch.full((n,), float("nan")))
+                      for start, n in starts.items()])
 
 
 def _exact_from_classes(search: _Search) -> dict:
     """Positions whose exact knockout a class pass has run: the class's one position per
     example, in exactly the examples that have the position (same drop, same examples).
-    Key -> (mean drop, its standard error)."""
+    Key -> per-example drops (NaN where absent)."""
     known = {}
     for key, names in search.member.items():
         for name in sorted(names & search.distinct):
-            drop, _, n, n_pos, squares = search.classes[name]
+            _, _, n, n_pos = search.classes[name]
             if name != _IMAGE_SIDE and n_pos == n == search.count[key]:
-                known[key] = _mean_and_se(drop, squares, n)
+                known[key] = search.class_exact(name)
                 break
     return known
 
 
 def _exact_positions(search: _Search, chunks, keys: Sequence, say, together: bool = False
                      ) -> dict:
-    """Exact mean drop per role (or per tuple of roles knocked out together), over the
-    examples that have it, with its standard error: key -> (mean, se)."""
-    sums, squares, counts = Counter(), Counter(), Counter()
+    """Exact drops per role (or per tuple of roles knocked out together), per example in
+    order (NaN where the example lacks it); keys no example has are left out."""
+    drops_of: dict[Any, dict[int, Tensor]] = {}
     for start, examples in chunks:
         batch = search.task.prepare(search.model, examples)
         pos = batch.positions.to("cpu")
@@ -1257,11 +1284,9 @@ def _exact_positions(search: _Search, chunks, keys: Sequence, say, together: boo
                 continue
             hooks = search.knockout(batch, PositionSet.from_lists(rows, pos.seq_len))
             drop = clean - search.metric_under(batch, hooks, targets, allowed)
-            sums[key] += drop[present].sum().item()
-            squares[key] += drop[present].pow(2).sum().item()
-            counts[key] += int(present.sum())
+            drops_of.setdefault(key, {})[start] = drop.masked_fill(~present, float("nan"))
     say(f"[find_gates] exact knockouts of {len(keys)} position set(s)")
-    return {k: _mean_and_se(sums[k], squares[k], counts[k]) for k in keys if counts[k]}
+    return {k: _per_example(drops_of[k], search.starts) for k in keys if k in drops_of}
 
 
 def _layer_sweep(search: _Search, chunks, target: Optional[list], total: float, say) -> dict:
@@ -1329,8 +1354,9 @@ def _class_candidates(search: _Search, total: float, contrib) -> list[GateCandid
         pooled = value.sum((0, 1)) / value.sum()
         per_layer = contrib.per_layer(value_weighted=True)            # [layer, group]
         token_map = contrib.token_map() if len(contrib.grids) == 1 else None
-    for name, (drop, score, n, n_pos, squares) in search.classes.items():
-        effect, se = _mean_and_se(drop, squares, n)
+    for name, (_, score, n, n_pos) in search.classes.items():
+        drops = search.class_exact(name)
+        effect, se = _mean(drops), _standard_error(drops)
         share_c = layers_c = None
         if pooled is not None:
             if name in _CLASS_GROUPS:
@@ -1355,11 +1381,13 @@ def _position_candidates(search: _Search, keys, estimate, refined, measured, tot
     token_map = contrib.token_map() if contrib is not None and len(contrib.grids) == 1 else None
     single = {c.name: c for c in classes if c.n_positions == 1.0}
     # classes of one position per image (their aliases too: the toy's gate is its eoi)
-    per_image = {name for name, (_, _, n, n_pos, _) in search.classes.items() if n_pos == n}
+    per_image = {name for name, (_, _, n, n_pos) in search.classes.items() if n_pos == n}
     single_names = per_image - {_IMAGE_SIDE}
     out = []
     for key in keys:
-        exact, se = measured.get(key, (None, None))
+        drops = measured.get(key)
+        exact = None if drops is None else _mean(drops)
+        se = None if drops is None else _standard_error(drops)
         effect = refined[key] if exact is None else exact
         share_c = None
         if key[0] == "image" and token_map is not None and key[1] == 0:
@@ -1369,7 +1397,8 @@ def _position_candidates(search: _Search, keys, estimate, refined, measured, tot
         out.append(GateCandidate(
             name=search.label(key), kind="position", role=_role_of(key), effect=effect,
             share=effect / total if total else float("nan"), estimate=estimate[key],
-            refined=refined[key], checked_in=search.checked_in[key], exact=exact, exact_se=se, per_layer=(search.est[key] / search.count[key]).tolist(),
+            refined=refined[key], checked_in=search.checked_in[key], exact=exact, exact_se=se,
+            per_layer=(search.est[key] / search.count[key]).tolist(),
             contribution=share_c, n_examples=search.count[key],
             grid=tuple(key[1:]) if key[0] == "image" else None, token=search.tokens.get(key),
             in_classes=sorted(c for c in search.member[key] if c in single_names)))
