@@ -437,3 +437,22 @@ def test_recomputed_activations_give_the_same_search(toy_models):
     assert passes["recompute_forward"] == 2 and again.cost["passes_per_batch"] == \
         plain.cost["passes_per_batch"] + 1
     assert len(fired) == 4 + passes["forward"] + 2 * passes["grad_forward"] + passes["check_forward"]
+
+
+def test_an_example_with_two_images(toy_models):
+    """Roles carry the image index; the per-example checks knock out each example's own
+    picks among all its images' positions, and the refined values stay finite."""
+    base = toy_task(6).examples
+    image = base[2].prompt.split(" <eoss> ")[0]
+    examples = list(base)
+    examples[3] = replace(examples[3], prompt=image + " <eoss> " + examples[3].prompt)
+    gates = A.find_gates(toy_models["toy-last-image"], NextTokenTask("two", examples),
+                         batch_size=6, rows=False, overlap=False, layer_sweep=False,
+                         check_top=2, check_random=0)
+    second = [c for c in gates.positions if c.name.startswith("image 1 ")]   # "image i (r, c)"
+    assert len(second) == 36 and all(c.n_examples == 1 for c in second)
+    assert all(math.isfinite(c.refined) for c in gates.positions)
+    # 5 rounds in every example, plus BOI, EOI, the first and last code from their classes
+    # (one position each in the single-image examples; two in the two-image one: not used)
+    assert sum(c.checked_in for c in gates.positions) == 6 * 5 + 5 * 4
+    assert gates.ranking[0].name == "image 0 (5, 5)"         # the last code of the first image
