@@ -88,6 +88,29 @@ def _check_residual(model, batch: Any, resid: Tensor) -> None:
         )
 
 
+@contextlib.contextmanager
+def _overridden_forwards(forwards: dict[torch.nn.Module, Callable], who: str) -> Iterator[None]:
+    """Within the block, each block in ``forwards`` runs the given function instead of its
+    own ``forward`` (which that function may call); restored on exit, exceptions too.
+
+    The one way tl_vlm replaces a decoder block's forward (:func:`start_at_layer`,
+    :func:`~tl_vlm.recompute.recompute_blocks`): two at once would silently nest, so a
+    block already overridden is refused, naming ``who`` asked.
+    """
+    if any("forward" in block.__dict__ for block in forwards):
+        raise RuntimeError(f"a block's forward is already overridden (another start_at_layer "
+                           f"or recompute_blocks around it); {who} needs the plain blocks: "
+                           f"run one at a time")
+    try:
+        # object.__setattr__: a bridge forwards plain attribute writes to the HF module.
+        for block, forward in forwards.items():
+            object.__setattr__(block, "forward", forward)
+        yield
+    finally:
+        for block in forwards:
+            block.__dict__.pop("forward", None)
+
+
 def _pass_through(*args: Any, **kwargs: Any) -> tuple:
     """A skipped block: hand the incoming hidden state on, as a one-element tuple."""
     hidden = args[0] if args else kwargs.get("hidden_states")
@@ -132,12 +155,6 @@ def start_at_layer(model, layer: int, resid: Float[Tensor, "batch pos d_model"],
     dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), resid.dtype)
     resid = resid.to(device=device if device is not None else resid.device, dtype=dtype)
 
-    overridden = blocks[:layer] + [first]
-    if any("forward" in block.__dict__ for block in overridden):
-        raise RuntimeError(
-            "a block's forward is already overridden (nested start_at_layer?); "
-            "run one start_at_layer at a time"
-        )
     # Inject through a wrapper around the block's normal forward, so block ``layer``
     # runs its own code (hooks, kwargs filtering) on the given residual.
     bound_forward = first.forward
@@ -161,15 +178,9 @@ def start_at_layer(model, layer: int, resid: Float[Tensor, "batch pos d_model"],
             )
         return bound_forward(*args, **kwargs)
 
-    try:
-        # object.__setattr__: a bridge forwards plain attribute writes to the HF module.
-        for block in blocks[:layer]:
-            object.__setattr__(block, "forward", _pass_through)
-        object.__setattr__(first, "forward", inject)
+    forwards = {**{block: _pass_through for block in blocks[:layer]}, first: inject}
+    with _overridden_forwards(forwards, "start_at_layer"):
         yield layer
-    finally:
-        for block in overridden:
-            block.__dict__.pop("forward", None)
 
 
 def run_from_layer(

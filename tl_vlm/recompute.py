@@ -40,7 +40,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
-from tl_vlm.prefix import _blocks
+from tl_vlm.prefix import _blocks, _overridden_forwards
 
 
 def _checkpointed(forward: Callable) -> Callable:
@@ -79,19 +79,15 @@ def recompute_blocks(model, enabled: bool = True) -> Iterator[None]:
         Traceback (most recent call last):
         ...
         RuntimeError: recompute_blocks: the forward passes a KV cache to the blocks; run it with use_cache=False
+        >>> with recompute_blocks(model), recompute_blocks(model):
+        ...     pass
+        Traceback (most recent call last):
+        ...
+        RuntimeError: a block's forward is already overridden (another start_at_layer or recompute_blocks around it); recompute_blocks needs the plain blocks: run one at a time
     """
     if not enabled:
         yield
         return
-    blocks = _blocks(model)
-    if any("forward" in block.__dict__ for block in blocks):
-        raise RuntimeError("a block's forward is already overridden (start_at_layer, or a "
-                           "nested recompute_blocks); recompute_blocks needs the plain blocks")
-    try:
-        # object.__setattr__: a bridge forwards plain attribute writes to the HF module.
-        for block in blocks:
-            object.__setattr__(block, "forward", _checkpointed(block.forward))
+    forwards = {block: _checkpointed(block.forward) for block in _blocks(model)}
+    with _overridden_forwards(forwards, "recompute_blocks"):
         yield
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
