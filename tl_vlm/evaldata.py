@@ -664,6 +664,25 @@ def imagenet_class_name(label: Any, synset: Optional[str] = None,
         >>> imagenet_class_name(3, synset="tiger_shark.n.01")
         'tiger shark'
     """
+    return imagenet_class_names(label, synset, names)[0]
+
+
+def imagenet_class_names(label: Any, synset: Optional[str] = None,
+                         names: Optional[Sequence[str]] = None) -> tuple[str, ...]:
+    """Every lemma of ``label`` as a name (``_`` -> space), the first one first: what an
+    open-vocabulary answer may start with (``label``, ``synset``, ``names``: as for
+    :func:`imagenet_class_name`, whose answer is the first of these).
+
+    Example:
+        >>> imagenet_class_names("great_white_shark, white_shark, man-eater")
+        ('great white shark', 'white shark', 'man-eater')
+        >>> imagenet_class_names(3, synset="tiger_shark.n.01")
+        ('tiger shark',)
+        >>> imagenet_class_names(" , shark")
+        Traceback (most recent call last):
+        ...
+        ValueError: ImageNet label ' , shark' holds no lemma
+    """
     if isinstance(label, (list, tuple)):
         label = label[0] if label else ""
     if not isinstance(label, str) and names is not None:
@@ -673,32 +692,10 @@ def imagenet_class_name(label: Any, synset: Optional[str] = None,
             raise ValueError(f"cannot name ImageNet class {label!r}: expected a lemma "
                              f"string label, a ClassLabel column or a synset name")
         label = synset.split(".")[0]
-    name = label.split(",")[0].replace("_", " ").strip()
-    if not name:
-        raise ValueError(f"ImageNet label {label!r} holds no lemma")
-    return name
-
-
-def imagenet_class_names(label: Any, synset: Optional[str] = None,
-                         names: Optional[Sequence[str]] = None) -> tuple[str, ...]:
-    """Every lemma of ``label`` as a name (``_`` -> space), the first one first: what an
-    open-vocabulary answer may start with.
-
-    Example:
-        >>> imagenet_class_names("great_white_shark, white_shark, man-eater")
-        ('great white shark', 'white shark', 'man-eater')
-        >>> imagenet_class_names(3, synset="tiger_shark.n.01")
-        ('tiger shark',)
-    """
-    first = imagenet_class_name(label, synset, names)
-    if isinstance(label, (list, tuple)):
-        label = label[0] if label else ""
-    if not isinstance(label, str) and names is not None:
-        label = names[int(label)]
-    if not isinstance(label, str):
-        return (first,)
     lemmas = [part.replace("_", " ").strip() for part in label.split(",")]
-    return tuple(dict.fromkeys([first] + [lemma for lemma in lemmas if lemma]))
+    if not lemmas[0]:
+        raise ValueError(f"ImageNet label {label!r} holds no lemma")
+    return tuple(dict.fromkeys(lemma for lemma in lemmas if lemma))
 
 
 def steering_pairs(root_labels: Sequence[str]) -> list[tuple[str, str]]:
