@@ -209,8 +209,6 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --task, --data: what one model is run on (narrow-gate, find-gate)."""
-    from tl_vlm.names import TASK_NAMES
-
     p.add_argument("--model", default="toy-gated",
                    help=f"{' or '.join(TOY_MODELS)} (shipped), a local checkpoint or a hub id")
     p.add_argument("--task", default=None,

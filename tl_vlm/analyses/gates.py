@@ -400,8 +400,8 @@ class GateSearch:
         cost: passes and seconds per phase; ``passes_per_batch`` (forwards and backwards
             run: 2 + ``n_classes`` for a next-token task, one more for a task that
             generates, one more with ``recompute_activations``), ``budget_forwards``
-            (3 + ``n_classes``: a backward is about two forwards) and ``time_ratio`` (the search's seconds per batch over one plain
-            forward's); the exact checks come apart (``check_forwards_per_batch``: the
+            (3 + ``n_classes``: a backward is about two forwards) and ``time_ratio`` (the
+            search's seconds per batch over one plain forward's); the exact checks come apart (``check_forwards_per_batch``: the
             per-example ones, the best, the random sample, the best two together), as
             do the layer sweep's forwards (``passes["sweep_forward"]``).
         notes: anything skipped, and why.
@@ -657,7 +657,7 @@ class _Search:
         self.n = 0
         self.clean_score = 0.0
         self.clean_metric = 0.0
-        # class name -> [sum of metric drops, sum of scores, examples, positions]
+        # class name -> [sum of scores, examples, positions]
         self.classes: dict[str, list[float]] = {}
         # class name -> batch start -> per-example drops (NaN where the class is absent)
         self.class_drops: dict[str, dict[int, Tensor]] = {}
@@ -849,11 +849,10 @@ class _Search:
                 checked |= single
             present = keys.counts > 0
             self.class_drops.setdefault(name, {})[start] = drops.masked_fill(~present, float("nan"))
-            entry = self.classes.setdefault(name, [0.0, 0.0, 0, 0])
-            entry[0] += drops[present].sum().item()
-            entry[1] += scores_k[present].sum().item()
-            entry[2] += int(present.sum())
-            entry[3] += int(keys.counts.sum())
+            entry = self.classes.setdefault(name, [0.0, 0, 0])
+            entry[0] += scores_k[present].sum().item()
+            entry[1] += int(present.sum())
+            entry[2] += int(keys.counts.sum())
             layer_est = torch.einsum("lbp,bp->l", est, keys.mask.float())
             self.class_layers[name] = self.class_layers.get(name, torch.zeros(self.n_layers)) + layer_est
         self.class_forwards += len(done)
@@ -1227,7 +1226,7 @@ def _settled(by_exact: list, measured: dict[Any, Tensor], k: int) -> list:
     for key in by_exact[:k]:
         difference = measured[key] - runner_up            # NaN where either is absent
         se = _standard_error(difference)
-        if se is not None and float(difference.nanmean()) > 2 * se:
+        if se is not None and _mean(difference) > 2 * se:
             out.append(key)
     return out
 
@@ -1259,7 +1258,7 @@ def _exact_from_classes(search: _Search) -> dict:
     known = {}
     for key, names in search.member.items():
         for name in sorted(names & search.distinct):
-            _, _, n, n_pos = search.classes[name]
+            _, n, n_pos = search.classes[name]
             if name != _IMAGE_SIDE and n_pos == n == search.count[key]:
                 known[key] = search.class_exact(name)
                 break
@@ -1354,7 +1353,7 @@ def _class_candidates(search: _Search, total: float, contrib) -> list[GateCandid
         pooled = value.sum((0, 1)) / value.sum()
         per_layer = contrib.per_layer(value_weighted=True)            # [layer, group]
         token_map = contrib.token_map() if len(contrib.grids) == 1 else None
-    for name, (_, score, n, n_pos) in search.classes.items():
+    for name, (score, n, n_pos) in search.classes.items():
         drops = search.class_exact(name)
         effect, se = _mean(drops), _standard_error(drops)
         share_c = layers_c = None
@@ -1381,7 +1380,7 @@ def _position_candidates(search: _Search, keys, estimate, refined, measured, tot
     token_map = contrib.token_map() if contrib is not None and len(contrib.grids) == 1 else None
     single = {c.name: c for c in classes if c.n_positions == 1.0}
     # classes of one position per image (their aliases too: the toy's gate is its eoi)
-    per_image = {name for name, (_, _, n, n_pos) in search.classes.items() if n_pos == n}
+    per_image = {name for name, (_, n, n_pos) in search.classes.items() if n_pos == n}
     single_names = per_image - {_IMAGE_SIDE}
     out = []
     for key in keys:
