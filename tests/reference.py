@@ -15,10 +15,10 @@ import torch
 
 def hf_attention_modules(model, ref) -> list[torch.nn.Module]:
     """For each block of the bridge, the same attention module inside ``ref``."""
-    names = {id(m): n for n, m in model.hf_model.named_modules()}
-    ref_modules = dict(ref.named_modules())
-    return [ref_modules[names[id(block.attn.original_component)].replace("._original_component", "")]
-            for block in model.blocks]
+    kind = type(model.blocks[0].attn.original_component)
+    modules = [m for m in ref.modules() if type(m) is kind]   # the decoder's, in layer order
+    assert len(modules) == len(model.blocks), (kind, len(modules), len(model.blocks))
+    return modules
 
 
 @torch.no_grad()

@@ -4,10 +4,12 @@ eager implementations, with no full pattern built."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tl_vlm import analyses as A
 from tl_vlm.attention import record_paths
+from tl_vlm.compat import torch_dispatch_mode
+
+TorchDispatchMode = torch_dispatch_mode()
 
 ATOL = 1e-5
 

@@ -74,19 +74,19 @@ def test_hook_name_typos_raise(tiny_zoo):
 
 def test_tl_processor_fallback_never_installs():
     import tl_vlm._tl_compat  # noqa: F401  (applies the guard on import)
-    from transformer_lens.model_bridge.sources.transformers import helpers
+    from tl_vlm.compat import tl_torchvision_installer
 
     calls = []
     real = subprocess.check_call
     subprocess.check_call = lambda *a, **k: calls.append(a)  # would be a pip install
     try:
-        helpers._ensure_torchvision()
+        tl_torchvision_installer()()
     finally:
         subprocess.check_call = real
     assert calls == []
     import importlib.util
 
-    assert helpers._ensure_torchvision() == (importlib.util.find_spec("torchvision") is not None)
+    assert tl_torchvision_installer()() == (importlib.util.find_spec("torchvision") is not None)
 
 
 def test_generate_refuses_right_padding(tiny_zoo):
@@ -212,11 +212,12 @@ def test_vision_towers_run_the_default_attention(tiny_zoo, family):
     from transformers import PreTrainedModel
 
     from tl_vlm.attention import ATTN_IMPLEMENTATION
+    from tl_vlm.compat import attn_implementation
 
     hf = tiny_zoo.model(family).hf_model
     text = hf.config.get_text_config()
-    assert text._attn_implementation == ATTN_IMPLEMENTATION
-    towers = {path: m.config._attn_implementation for path, m in hf.named_modules()
+    assert attn_implementation(text) == ATTN_IMPLEMENTATION
+    towers = {path: attn_implementation(m.config) for path, m in hf.named_modules()
               if isinstance(m, PreTrainedModel) and m.config is not text and m.config is not hf.config}
     assert all(impl in ("sdpa", "eager") for impl in towers.values()), towers
 

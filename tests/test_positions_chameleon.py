@@ -159,7 +159,7 @@ def test_swin_blocks_map_post_norms(swin):
     for block in model.blocks:
         layer = block.original_component   # its norms are now the bridges themselves
         assert isinstance(layer, ChameleonSwinDecoderLayer)
-        assert "ln1" not in block._modules and "ln2" not in block._modules
+        assert "ln1" not in dict(block.named_children()) and "ln2" not in dict(block.named_children())
         assert layer.input_layernorm is block.ln1_post           # normalises attn output
         assert layer.post_attention_layernorm is block.ln2_post  # normalises mlp output
     assert model.adapter.supports_fold_ln is False
@@ -174,7 +174,7 @@ def test_pre_norm_blocks_map_ln1_ln2(tiny_zoo):
         assert type(layer) is ChameleonDecoderLayer
         assert layer.input_layernorm is block.ln1
         assert layer.post_attention_layernorm is block.ln2
-        assert "ln1_post" not in block._modules
+        assert "ln1_post" not in dict(block.named_children())
 
 
 @torch.no_grad()
@@ -247,7 +247,8 @@ def test_plain_boot_transformers_switches_to_swin(swin):
     _, path = swin
     bridge = TransformerBridge.boot_transformers(str(path), device="cpu")
     assert type(bridge.adapter).__name__ == "ChameleonAdapter"
-    assert "ln1_post" in bridge.blocks[0]._modules and "ln1" not in bridge.blocks[0]._modules
+    children = dict(bridge.blocks[0].named_children())
+    assert "ln1_post" in children and "ln1" not in children
     ids = torch.tensor([[1, 8, 9, 10, 11]])   # BOS "what is this describe"
     expected = _reference(path)(ids).logits
     torch.testing.assert_close(bridge(ids), expected, atol=1e-4, rtol=0)

@@ -45,17 +45,18 @@ def register(factory_module) -> list[str]:
         return []
     from tl_vlm.adapters import tl_adapter_classes
 
-    factory = factory_module.ArchitectureAdapterFactory
+    from tl_vlm.compat import tl_adapter_tables
+
     # Entry points first: once ours are in the table, TL would take its own later
     # discovery of them for an attempted override of a native adapter, and warn.
-    factory.discover_entry_points()
+    factory_module.ArchitectureAdapterFactory.discover_entry_points()
+    tables = tl_adapter_tables(factory_module)
     changed = []
     for architecture, adapter in tl_adapter_classes().items():
-        if factory_module.SUPPORTED_ARCHITECTURES.get(architecture) is not adapter \
-                or factory._adapters.get(architecture) is not adapter:
+        if any(table.get(architecture) is not adapter for table in tables):
             changed.append(architecture)
-        factory_module.SUPPORTED_ARCHITECTURES[architecture] = adapter
-        factory._adapters[architecture] = adapter
+        for table in tables:
+            table[architecture] = adapter
         mark_multimodal(architecture)
     return changed
 

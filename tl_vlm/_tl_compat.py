@@ -23,9 +23,9 @@ import threading
 from typing import Iterator
 
 from transformer_lens.factories import architecture_adapter_factory as _factory
-from transformer_lens.model_bridge.sources.transformers import helpers as _helpers
 
 from tl_vlm import _autoload
+from tl_vlm.compat import replace_tl_torchvision_installer, tl_adapter_tables
 
 _lock = threading.RLock()
 
@@ -42,22 +42,20 @@ def ensure_registered() -> list[str]:
 @contextlib.contextmanager
 def adapter_override(architecture: str, adapter: type) -> Iterator[None]:
     """Within the block, TL selects ``adapter`` for ``architecture``."""
-    adapters = _factory.ArchitectureAdapterFactory._adapters
+    tables = tl_adapter_tables(_factory)
     with _lock:
         ensure_registered()
-        before_table = _factory.SUPPORTED_ARCHITECTURES.get(architecture)
-        before = adapters.get(architecture)
-        _factory.SUPPORTED_ARCHITECTURES[architecture] = adapter
-        adapters[architecture] = adapter
+        before = [table.get(architecture) for table in tables]
+        for table in tables:
+            table[architecture] = adapter
         try:
             yield
         finally:
-            for mapping, old in ((adapters, before),
-                                 (_factory.SUPPORTED_ARCHITECTURES, before_table)):
+            for table, old in zip(tables, before):
                 if old is None:
-                    mapping.pop(architecture, None)
+                    table.pop(architecture, None)
                 else:
-                    mapping[architecture] = old
+                    table[architecture] = old
 
 
 def _torchvision_importable() -> bool:
@@ -66,7 +64,7 @@ def _torchvision_importable() -> bool:
 
 def forbid_runtime_installs() -> None:
     """Replace TL's install-on-failure helper with a plain availability check."""
-    _helpers._ensure_torchvision = _torchvision_importable
+    replace_tl_torchvision_installer(_torchvision_importable)
 
 
 forbid_runtime_installs()

@@ -47,6 +47,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tl_vlm.attention_edits import AttentionEdit, EdgeCut, KeyScale, PatternReader, fused_attention
+from tl_vlm.compat import hook_dicts
 
 ATTN_IMPLEMENTATION = "tl_vlm"
 
@@ -130,14 +131,15 @@ def _hooks_of(point: Any) -> Optional[list[Any]]:
     it needs the real pattern in the autograd graph)."""
     if point is None:
         return []
-    if point._backward_hooks or point._backward_pre_hooks or getattr(point, "bwd_hooks", None):
+    hooks = hook_dicts(point)
+    if hooks["_backward_hooks"] or hooks["_backward_pre_hooks"] or getattr(point, "bwd_hooks", None):
         return None
-    if point._forward_pre_hooks:
+    if hooks["_forward_pre_hooks"]:
         return None
-    if not point._forward_hooks:
+    if not hooks["_forward_hooks"]:
         return []
     handles = getattr(point, "fwd_hooks", [])
-    if len(handles) != len(point._forward_hooks):
+    if len(handles) != len(hooks["_forward_hooks"]):
         return None
     functions = [getattr(h, "user_hook", None) for h in handles]
     return None if any(f is None for f in functions) else functions

@@ -214,8 +214,8 @@ class ImageLayout:
     native: bool = False
     gate_description: str = "none"
     processor_tokens: dict[str, str] = {}
-    #: the position sets that make up the processor's own token count per image (and that
-    #: it marks in ``mm_token_type_ids``), for checking positions against the processor
+    #: the position sets the processor marks as an image's tokens in its output
+    #: (``mm_token_type_ids``), for checking positions against the processor
     processor_counted: tuple[str, ...] = ("image",)
     #: processor outputs that carry the images; a call holding none of them has no pixels
     image_input_names: tuple[str, ...] = ("pixel_values",)

@@ -49,6 +49,14 @@ def _cache_kwarg() -> str:
 _CACHE_KWARG = _cache_kwarg()
 
 
+def _bos_eos(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether the tokenizer prepends BOS and appends EOS to a plain text."""
+    ids = tokenizer.encode("a")
+    prepends = len(ids) > 1 and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+    appends = len(ids) > 1 and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id
+    return prepends, appends
+
+
 @dataclass
 class GenerationOutput:
     """Tokens produced by :meth:`HookedVLM.generate`.
@@ -166,15 +174,15 @@ class HookedVLM(TransformerBridge):
             if hasattr(bridge.original_model.config, sub):
                 getattr(bridge.original_model.config, sub).output_attentions = False
         bridge.processor = processor
-        # One tokenizer for users: model.tokenizer is the processor's own (TL's setter
-        # would re-create it with a forced BOS, so the attribute is set directly).
+        # One tokenizer for users: model.tokenizer is the processor's own. TL's setter
+        # re-configures a tokenizer that replaces another (forcing a BOS), but takes a
+        # first one as it is: so the old one is cleared first.
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is not None:
-            from transformer_lens.model_bridge.sources._bridge_builder import detect_tokenizer_bos_eos
-
-            bridge._tokenizer = tokenizer
+            bridge.tokenizer = None
+            bridge.tokenizer = tokenizer
             bridge.cfg.tokenizer_prepends_bos, bridge.cfg.tokenizer_appends_eos = \
-                detect_tokenizer_bos_eos(tokenizer)
+                _bos_eos(tokenizer)
         bridge.family = family
         bridge.layout = family.layout(processor, bridge.original_model.config)
         bridge.eval()

@@ -85,7 +85,10 @@ def notebook_figures() -> None:
 
 def _offline_notebook_renderer():
     from plotly.io import to_html
-    from plotly.io._base_renderers import NotebookRenderer
+
+    from tl_vlm.compat import plotly_notebook_renderer_base
+
+    NotebookRenderer = plotly_notebook_renderer_base()
 
     class OfflineNotebookRenderer(NotebookRenderer):
         """plotly's notebook renderer (plotly.js embedded once), without MathJax's CDN."""

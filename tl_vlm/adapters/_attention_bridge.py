@@ -15,6 +15,7 @@ import torch
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
 from tl_vlm.attention import _BRIDGE_ATTR, ATTN_IMPLEMENTATION
+from tl_vlm.compat import attn_implementation, set_attn_implementation
 
 
 class HookedAttentionBridge(AttentionBridge):
@@ -96,7 +97,7 @@ def default_attention_outside_text(hf_model: torch.nn.Module) -> dict[str, str]:
     Example:
         >>> from tl_vlm import HookedVLM
         >>> model = HookedVLM.from_pretrained("toy-gated")     # Chameleon: one config, no tower
-        >>> default_attention_outside_text(model.hf_model), model.hf_model.config._attn_implementation
+        >>> default_attention_outside_text(model.hf_model), attn_implementation(model.hf_model.config)
         ({}, 'tl_vlm')
     """
     from transformers import PreTrainedModel
@@ -107,9 +108,9 @@ def default_attention_outside_text(hf_model: torch.nn.Module) -> dict[str, str]:
         config = getattr(module, "config", None)
         if (not isinstance(module, PreTrainedModel) or config is None
                 or config is text_config or config is hf_model.config
-                or config._attn_implementation != ATTN_IMPLEMENTATION):
+                or attn_implementation(config) != ATTN_IMPLEMENTATION):
             continue
         default = module.get_correct_attn_implementation(None)
-        config._attn_implementation_internal = default
+        set_attn_implementation(config, default)
         changed[path] = default
     return changed
