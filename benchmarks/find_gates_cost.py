@@ -35,7 +35,7 @@ def main() -> None:
 
     from tests.tiny import image
     from tl_vlm import analyses as A
-    from tl_vlm.tasks import Example, NextTokenTask
+    from tl_vlm.eval.tasks import Example, NextTokenTask
 
     n = args.batch * args.batches
     task = NextTokenTask("bench", [Example(TEXT, images=(image(i, (args.image_size,) * 2),),

@@ -273,8 +273,8 @@ def operations(spec: ModelSpec, model, hf, batch, new_tokens: int = 0) -> dict[s
         """find_gates' gradient pass: a KeyScale on every layer, d(last logits)/d(scales);
         with ``readers``, the contribution's hooks ride along as in find_gates."""
         from tl_vlm.analyses.gates import _contribution_groups, _first_call_only, _no_weight_grads
-        from tl_vlm.attention_edits import KeyScale
-        from tl_vlm.recompute import recompute_blocks
+        from tl_vlm.core.attention_edits import KeyScale
+        from tl_vlm.core.recompute import recompute_blocks
 
         pos = batch.positions
         scales = [torch.ones(pos.all.mask.shape, requires_grad=True)
@@ -361,7 +361,7 @@ def child_time(spec: ModelSpec, path: str, dtype: str, batch_size: int, reps: in
                ops: list[str], new_tokens: int) -> dict:
     import torch
 
-    from tl_vlm.attention import record_paths
+    from tl_vlm.core.attention import record_paths
 
     model = load_tl(path, dtype)
     hf = hf_twin(model)

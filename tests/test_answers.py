@@ -1,4 +1,4 @@
-"""One answer-token policy (tl_vlm.answers) for tasks, patching and the CLI, checked on a
+"""One answer-token policy (tl_vlm.core.answers) for tasks, patching and the CLI, checked on a
 Llama-style SentencePiece tokenizer, where `" cat"` tokenizes as `["▁", "▁cat"]`."""
 
 import warnings
@@ -8,8 +8,8 @@ import torch
 
 from tests.tiny import make_sentencepiece_tokenizer
 from tl_vlm import analyses as A
-from tl_vlm.answers import AnswerTokenError, answer_token_id, answer_token_ids
-from tl_vlm.tasks import Example, NextTokenTask
+from tl_vlm.core.answers import AnswerTokenError, answer_token_id, answer_token_ids
+from tl_vlm.eval.tasks import Example, NextTokenTask
 
 
 @pytest.fixture(scope="module")

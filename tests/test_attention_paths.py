@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tl_vlm import analyses as A
-from tl_vlm.attention import record_paths
-from tl_vlm.compat import torch_dispatch_mode
+from tl_vlm.core.attention import record_paths
+from tl_vlm.core.compat import torch_dispatch_mode
 
 TorchDispatchMode = torch_dispatch_mode()
 
@@ -138,7 +138,7 @@ def test_a_knockout_on_2k_tokens_never_builds_a_query_by_key_tensor(toy_models):
 def test_a_cut_of_every_query_computes_no_pattern_row(toy_models, monkeypatch):
     """The paper's knockout (every position stops attending to the keys) is SDPA on
     zeroed values: not one pattern row is computed; a cut of some queries needs theirs."""
-    import tl_vlm.attention_edits as edits
+    import tl_vlm.core.attention_edits as edits
     from tl_vlm.toy import make_examples
 
     model = toy_models["toy-gated"]
@@ -156,7 +156,7 @@ def test_a_cut_of_every_query_computes_no_pattern_row(toy_models, monkeypatch):
 def test_key_scale_equals_the_eager_pattern_edit_and_its_gradient(tiny_zoo, name):
     """A KeyScale on the values (fused) gives the outputs and the gradients with respect
     to the scale that the same edit on the eager pattern gives."""
-    from tl_vlm.attention_edits import KeyScale
+    from tl_vlm.core.attention_edits import KeyScale
 
     model, batch = tiny_zoo.batch(name, padding_side="left")
     pos = batch.positions

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tl_vlm import cli
+from tl_vlm.cli import commands as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import sys
-from tl_vlm import cli
+from tl_vlm.cli import commands as cli
 try:
     rc = cli.main(sys.argv[1:])
 except SystemExit as exit:      # argparse's own errors
@@ -88,12 +88,12 @@ def test_a_processor_without_chat_template_is_refused_before_the_model(tiny_data
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    import tl_vlm.study
+    import tl_vlm.study.runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tl_vlm.study, "run_study", interrupted)
+    monkeypatch.setattr(tl_vlm.study.runner, "run_study", interrupted)
     rc = cli.main(["narrow-gate", "--n-examples", "4", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 130

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tl_vlm import cli
-from tl_vlm.compare import load_run, write_comparison
-from tl_vlm.report import write_report
-from tl_vlm.runstore import RunStore
-from tl_vlm.study import STEPS, StudySettings, run_study
-from tl_vlm.tasks import toy_task
+from tl_vlm.cli import commands as cli
+from tl_vlm.study.compare import load_run, write_comparison
+from tl_vlm.study.report import write_report
+from tl_vlm.study.rundir import RunStore
+from tl_vlm.study.runner import STEPS, StudySettings, run_study
+from tl_vlm.eval.tasks import toy_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_every_figure_of_every_run(runs, tmp_path):
 def test_each_figure_has_one_trace_set_per_model_in_its_colour(runs):
     import plotly.graph_objects as go
 
-    from tl_vlm.compare import FIGURES, _arrange
+    from tl_vlm.study.compare import FIGURES, _arrange
 
     loaded = _arrange([load_run(p) for p in runs.values()])
     colour = {r.name: r.colour for r in loaded}

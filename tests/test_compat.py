@@ -1,4 +1,4 @@
-"""Private upstream names: every one tl_vlm uses is listed in ``tl_vlm.compat``, still
+"""Private upstream names: every one tl_vlm uses is listed in ``tl_vlm.core.compat``, still
 exists in the installed releases, and is touched nowhere else."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tl_vlm import compat
+from tl_vlm.core import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = ("transformers", "transformer_lens", "torch", "plotly", "datasets", "accelerate",
             "huggingface_hub", "tokenizers")
-#: the private attribute names of upstream objects listed in tl_vlm.compat, plus those the
+#: the private attribute names of upstream objects listed in tl_vlm.core.compat, plus those the
 #: suite once read and must not read again
 PRIVATE_ATTRIBUTES = {"_adapters", "_ensure_torchvision", "_attn_implementation",
                       "_attn_implementation_internal", "_forward_hooks", "_forward_pre_hooks",
@@ -34,7 +34,7 @@ def test_listed_private_name_exists_in_the_installed_release(name):
     assert name.exists(), (
         f"{name.package} {version} no longer has {name.name}, which tl_vlm uses for: "
         f"{name.used_for}. Checked on {compat.CHECKED_ON.get(name.package)}; "
-        f"fix tl_vlm.compat (and the code it serves), or cap {name.package} below {version}")
+        f"fix tl_vlm.core.compat (and the code it serves), or cap {name.package} below {version}")
 
 
 def test_every_listed_package_has_checked_versions():
@@ -64,7 +64,7 @@ def test_no_private_upstream_import_outside_compat():
                     n.startswith("_") and not n.startswith("__") for n in names):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} from {node.module} import "
                              f"{', '.join(names)}")
-    assert found == [], "private upstream imports outside tl_vlm.compat:\n" + "\n".join(found)
+    assert found == [], "private upstream imports outside tl_vlm.core.compat:\n" + "\n".join(found)
 
 
 def test_known_private_attributes_are_read_only_in_compat():
@@ -75,4 +75,4 @@ def test_known_private_attributes_are_read_only_in_compat():
             if isinstance(node, ast.Attribute) and node.attr in PRIVATE_ATTRIBUTES and not (
                     isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
-    assert found == [], "private upstream attributes outside tl_vlm.compat:\n" + "\n".join(found)
+    assert found == [], "private upstream attributes outside tl_vlm.core.compat:\n" + "\n".join(found)

@@ -5,7 +5,7 @@ import torch
 
 from tl_vlm import analyses as A
 from tl_vlm.analyses import contribution as C
-from tl_vlm.positions import PositionSet
+from tl_vlm.core.positions import PositionSet
 
 ATOL = 1e-5
 GROUPS = ("boi", "image", "last_image", "eoi", "row_breaks", "specials")

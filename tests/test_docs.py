@@ -119,24 +119,24 @@ def test_notebook_runs(path: Path, executed: dict):
 
 def public_names() -> list[str]:
     """Every public name the reference must document, as it documents it: names exported
-    by a package (``tl_vlm``, ``tl_vlm.analyses``, ``tl_vlm.metrics``, ``tl_vlm.toy``)
+    by a package (``tl_vlm``, ``tl_vlm.analyses``, ``tl_vlm.eval.metrics``, ``tl_vlm.toy``)
     under the package, the other public functions and classes under their module."""
     import tl_vlm
 
     packages = {p: importlib.import_module(p) for p in
-                ("tl_vlm", "tl_vlm.analyses", "tl_vlm.metrics", "tl_vlm.toy")}
+                ("tl_vlm", "tl_vlm.analyses", "tl_vlm.eval.metrics", "tl_vlm.toy")}
     exported = {n: p for p, mod in packages.items() for n in mod.__all__}
     names = {f"{p}.{n}" for n, p in exported.items() if n != "DEFAULT_GROUPS"}
     names.add("tl_vlm.analyses.contribution.DEFAULT_GROUPS")   # documented where its comment is
-    modules = ["tl_vlm.model", "tl_vlm.loading", "tl_vlm.verify", "tl_vlm.attention",
-               "tl_vlm.attention_edits", "tl_vlm.batch", "tl_vlm.positions", "tl_vlm.layout",
-               "tl_vlm.adapters", "tl_vlm.answers", "tl_vlm.prefix", "tl_vlm.plot",
-               "tl_vlm.tasks", "tl_vlm.taskset", "tl_vlm.study", "tl_vlm.runstore",
-               "tl_vlm.shards", "tl_vlm.table", "tl_vlm.report",
+    modules = ["tl_vlm.core.model", "tl_vlm.core.loading", "tl_vlm.study.verify", "tl_vlm.core.attention",
+               "tl_vlm.core.attention_edits", "tl_vlm.core.batch", "tl_vlm.core.positions", "tl_vlm.core.layout",
+               "tl_vlm.adapters", "tl_vlm.core.answers", "tl_vlm.core.prefix", "tl_vlm.plot",
+               "tl_vlm.eval.tasks", "tl_vlm.eval.taskset", "tl_vlm.study.runner", "tl_vlm.study.rundir",
+               "tl_vlm.study.shards", "tl_vlm.study.table", "tl_vlm.study.report",
                "tl_vlm.toy.task", "tl_vlm.toy.evaluate"]
     modules += [f"tl_vlm.analyses.{m}" for m in ("knockout", "contribution", "patching",
                                                  "geometry", "logit_lens", "tl_patching")]
-    modules += [f"tl_vlm.metrics.{m}" for m in ("vqa", "cider", "ptb")]
+    modules += [f"tl_vlm.eval.metrics.{m}" for m in ("vqa", "cider", "ptb")]
     for module in modules:
         mod = importlib.import_module(module)
         for n, obj in vars(mod).items():

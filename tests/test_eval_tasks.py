@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from tl_vlm import cli
-from tl_vlm.evaldata import select_indices
+from tl_vlm.cli import commands as cli
+from tl_vlm.eval.data import select_indices
 
 
 def _main(model, task, data, out, *extra):
@@ -105,7 +105,7 @@ def test_a_local_source_never_contacts_the_hub(tiny_zoo, tiny_data, tmp_path, no
 def test_imagenet_open_vocabulary_end_to_end(sp_chameleon_path, tiny_data, tmp_path):
     """The same rows scored open-vocabulary: greedy 5 tokens, correct when they start
     with one of the label's lemmas (every lemma is a reference)."""
-    from tl_vlm.taskset import load_task
+    from tl_vlm.eval.taskset import load_task
 
     task, source = load_task("imagenet_open", data=tiny_data.path("imagenet"))
     assert type(task).__name__ == "OpenClassTask" and task.max_new_tokens == 5

@@ -1,4 +1,4 @@
-"""Loading the paper's evaluation sets (tl_vlm.evaldata) on schema-faithful tiny copies.
+"""Loading the paper's evaluation sets (tl_vlm.eval.data) on schema-faithful tiny copies.
 
 Every load goes through ``load_rows`` with the registered hub ``SourceSpec`` and the tiny
 copy as ``override``: the code path of a hub run, minus the hub.
@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from tests.tinydata import SCHEMAS, SPLITS, N_ROWS
-from tl_vlm import evaldata
-from tl_vlm.evaldata import (SOURCES, ImageFetchError, ImageResolver, ScriptDatasetError,
+from tl_vlm.eval import data as evaldata
+from tl_vlm.eval.data import (SOURCES, ImageFetchError, ImageResolver, ScriptDatasetError,
                              SourceSpec, load_rows, open_eval_set, select_indices,
                              selection_hash, source_record, steering_pairs, to_examples,
                              vqav2_indices)

@@ -14,7 +14,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tl_vlm import analyses as A
-from tl_vlm.attention_edits import EdgeCut, KeyScale, fused_attention
+from tl_vlm.core.attention_edits import EdgeCut, KeyScale, fused_attention
 
 META = torch.device("meta")
 

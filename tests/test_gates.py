@@ -11,10 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tl_vlm import analyses as A, cli
+from tl_vlm import analyses as A
+from tl_vlm.cli import commands as cli
 from tl_vlm.analyses.gates import (GateSearch, _spearman, candidate_classes, position_roles,
                                   role_label)
-from tl_vlm.tasks import Example, GenerationTask, NextTokenTask, toy_task
+from tl_vlm.eval.tasks import Example, GenerationTask, NextTokenTask, toy_task
 
 N = 24
 
@@ -104,7 +105,7 @@ def test_per_example_checks_are_exact_knockouts_of_each_examples_best(toy_models
     is knocked out by hand; a position's refined value is the mean of those exact drops
     where it was that example's pick, of its clipped estimate elsewhere."""
     from tl_vlm.analyses.gates import GateMetric, _Search
-    from tl_vlm.positions import PositionSet
+    from tl_vlm.core.positions import PositionSet
 
     model = toy_models["toy-last-image"]
     task = toy_task(6)
@@ -236,7 +237,7 @@ def test_cost_is_a_gradient_pass_plus_one_forward_per_class(toy_models):
     """Pass 1 runs 1 forward with gradients (the clean run too) + its backward + one
     forward per distinct class, every one on the SDPA kernel (no pattern built): within
     3 + n_classes forward-equivalents. The forwards the model ran match the accounting."""
-    from tl_vlm.attention import record_paths
+    from tl_vlm.core.attention import record_paths
 
     model = toy_models["toy-gated"]
     fired = []
@@ -266,7 +267,7 @@ def test_json_round_trip(searches, tmp_path):
     assert again.summary() == gates.summary()
     assert torch.equal(again.effect_grid().nan_to_num(), gates.effect_grid().nan_to_num())
     # a search saved before refined values, standard errors and settled positions existed
-    from tl_vlm import gate_figures
+    from tl_vlm.study import gate_figures
 
     old = gates.to_dict()
     for c in old["classes"] + old["positions"]:
@@ -318,7 +319,7 @@ def test_bad_arguments(toy_models):
         A.find_gates(model, toy_task(12), limit=0)
     with pytest.raises(ValueError, match="check_top must be at least 1"):
         A.find_gates(model, toy_task(12), check_top=0)
-    with pytest.raises(TypeError, match="find_gates needs a tl_vlm.tasks.Task"):
+    with pytest.raises(TypeError, match="find_gates needs a tl_vlm.eval.tasks.Task"):
         A.find_gates(model, [model.prepare(["what is this"])])
 
 

@@ -5,7 +5,7 @@ import torch
 
 from tests.reference import logits_with_pattern_edit
 from tl_vlm import analyses as A
-from tl_vlm.positions import PositionSet
+from tl_vlm.core.positions import PositionSet
 
 ATOL = 1e-4
 

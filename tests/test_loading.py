@@ -73,8 +73,8 @@ def test_hook_name_typos_raise(tiny_zoo):
 
 
 def test_tl_processor_fallback_never_installs():
-    import tl_vlm._tl_compat  # noqa: F401  (applies the guard on import)
-    from tl_vlm.compat import tl_torchvision_installer
+    import tl_vlm.core.registration  # noqa: F401  (applies the guard on import)
+    from tl_vlm.core.compat import tl_torchvision_installer
 
     calls = []
     real = subprocess.check_call
@@ -102,7 +102,7 @@ import inspect, json, sys
 import torch, transformers
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.factories import architecture_adapter_factory as factory
-assert "tl_vlm.model" not in sys.modules, "the user imported nothing from tl_vlm"
+assert "tl_vlm.core.model" not in sys.modules, "the user imported nothing from tl_vlm"
 report = {}
 for family, (path, inputs) in torch.load(sys.argv[1], weights_only=False).items():
     bridge = TransformerBridge.boot_transformers(path, device="cpu")
@@ -211,8 +211,8 @@ def test_vision_towers_run_the_default_attention(tiny_zoo, family):
     """Only the text decoder runs tl_vlm's hooked attention; towers keep HF's default."""
     from transformers import PreTrainedModel
 
-    from tl_vlm.attention import ATTN_IMPLEMENTATION
-    from tl_vlm.compat import attn_implementation
+    from tl_vlm.core.attention import ATTN_IMPLEMENTATION
+    from tl_vlm.core.compat import attn_implementation
 
     hf = tiny_zoo.model(family).hf_model
     text = hf.config.get_text_config()
@@ -259,7 +259,7 @@ def test_onevision_without_its_processor_config_says_what_to_do(tiny_zoo, tmp_pa
 
 
 def test_layout_errors_name_expected_found_and_what_to_do(toy_models):
-    from tl_vlm.layout import LayoutError
+    from tl_vlm.core.layout import LayoutError
     from tl_vlm.toy import make_examples
 
     model = toy_models["toy-gated"]
@@ -271,8 +271,8 @@ def test_layout_errors_name_expected_found_and_what_to_do(toy_models):
         model.prepare([prompt.replace("<eoss>", "what")])
 
 
-@pytest.mark.parametrize("first", ["transformer_lens", "tl_vlm.attention", "tl_vlm.attention_edits",
-                                   "tl_vlm.adapters", "tl_vlm.adapters.llava", "tl_vlm.model",
+@pytest.mark.parametrize("first", ["transformer_lens", "tl_vlm.core.attention", "tl_vlm.core.attention_edits",
+                                   "tl_vlm.adapters", "tl_vlm.adapters.llava", "tl_vlm.core.model",
                                    "tl_vlm.analyses"])
 def test_registration_whatever_is_imported_first(first):
     """Whichever module a user imports first, TL's table ends up holding tl_vlm's adapter

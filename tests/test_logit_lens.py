@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tl_vlm.analyses.logit_lens import head_logit_attribution, logit_lens
-from tl_vlm.positions import PositionSet
+from tl_vlm.core.positions import PositionSet
 
 
 def _gain(norm: torch.nn.Module) -> torch.Tensor:

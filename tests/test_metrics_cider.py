@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tl_vlm.metrics import (PTB_JAR_ENV, cider_d, find_ptb_jar, ptb_tokenize_approx,
+from tl_vlm.eval.metrics import (PTB_JAR_ENV, cider_d, find_ptb_jar, ptb_tokenize_approx,
                             ptb_tokenize_java)
-from tl_vlm.metrics import ptb as ptb_module
+from tl_vlm.eval.metrics import ptb as ptb_module
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = json.loads((DATA / "cider.json").read_text())

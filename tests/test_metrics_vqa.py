@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tl_vlm.metrics import normalise_vqa_answer, vqa_accuracy
+from tl_vlm.eval.metrics import normalise_vqa_answer, vqa_accuracy
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "vqa_accuracy.json").read_text())
 MODES = {"always": "always_norm_loo", "official": "official"}
@@ -86,6 +86,6 @@ def test_bad_input_says_what_was_expected(call, error, message):
 
 
 def test_metrics_do_not_import_torch():
-    code = "import sys, tl_vlm.metrics; print('torch' in sys.modules)"
+    code = "import sys, tl_vlm.eval.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -11,8 +11,8 @@ from tl_vlm.analyses.patching import (
     patch_hooks,
     patch_positions,
 )
-from tl_vlm.positions import PositionSet
-from tl_vlm.prefix import start_at_layer
+from tl_vlm.core.positions import PositionSet
+from tl_vlm.core.prefix import start_at_layer
 
 ATOL = 1e-5
 STREAMS = ["resid_pre", "attn_in"]

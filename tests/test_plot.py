@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from tl_vlm import layout as layout_module
+from tl_vlm.core import layout as layout_module
 from tl_vlm import plot
-from tl_vlm.layout import LayoutError
+from tl_vlm.core.layout import LayoutError
 
 
 def picture(height: int, width: int) -> np.ndarray:
@@ -216,7 +216,7 @@ def test_contribution_map_is_tight_and_titled():
 
 
 def test_layout_geometry_examples_run():
-    """The examples of the geometry helpers in tl_vlm.layout (that module is not in
+    """The examples of the geometry helpers in tl_vlm.core.layout (that module is not in
     test_doctests' list)."""
     for obj in (layout_module.ImageView, layout_module.padded_square_box,
                 layout_module.resize_crop_box, layout_module.ImageLayout.image_views):

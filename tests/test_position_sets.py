@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tl_vlm.positions import ImagePositions, PositionSet
+from tl_vlm.core.positions import ImagePositions, PositionSet
 
 
 def test_compose_union_difference_intersection():

@@ -10,7 +10,7 @@ import torch
 
 from tests.tiny import chameleon as tiny_chameleon
 from tests.tiny import image
-from tl_vlm.layout import LayoutError
+from tl_vlm.core.layout import LayoutError
 
 GRID = [[r, c] for r in range(4) for c in range(4)]
 PROMPTS = ["what is this", "<image> a cat <image> describe the image a dog"]

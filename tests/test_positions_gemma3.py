@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.tiny import image
-from tl_vlm.layout import LayoutError
+from tl_vlm.core.layout import LayoutError
 
 PROMPTS = ["what is this", "<start_of_image> a cat <start_of_image> describe the image a dog"]
 IMAGES = [image(0), [image(1), image(2, (30, 18))]]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.tiny import image
-from tl_vlm.layout import LayoutError
+from tl_vlm.core.layout import LayoutError
 
 GRID = [(0, r, c) for r in range(4) for c in range(4)]
 

@@ -13,7 +13,7 @@ import torch
 from tests.tiny import image
 from tests.tiny.llava_onevision import build
 from tl_vlm import HookedVLM
-from tl_vlm.layout import LayoutError
+from tl_vlm.core.layout import LayoutError
 
 PROMPTS = ["what is this", "<image> a cat <image> describe the image a dog"]
 BASE = [[0, r, c] for r in range(4) for c in range(4)]

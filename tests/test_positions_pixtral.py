@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.tiny import image
-from tl_vlm.layout import LayoutError
+from tl_vlm.core.layout import LayoutError
 
 PROMPTS = ["what is this", "[IMG] a cat [IMG] describe the image a dog"]
 

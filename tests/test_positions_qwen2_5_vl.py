@@ -17,7 +17,7 @@ from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import (
 
 from tests.tiny import image
 from tl_vlm.adapters import family_for_config
-from tl_vlm.layout import LayoutError
+from tl_vlm.core.layout import LayoutError
 
 NAME = "qwen2_5_vl"
 

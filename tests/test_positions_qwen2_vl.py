@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.tiny import image
-from tl_vlm.layout import LayoutError
+from tl_vlm.core.layout import LayoutError
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 FULL = "<|vision_start|><|image_pad|><|vision_end|>"

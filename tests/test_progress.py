@@ -5,7 +5,7 @@ import warnings
 import torch
 
 from tl_vlm import analyses as A
-from tl_vlm._progress import progress
+from tl_vlm.core.progress import progress
 
 
 def test_logs_get_plain_lines(capsys):
@@ -33,7 +33,7 @@ def test_notebook_without_widgets_gets_a_text_bar(monkeypatch):
     bar.close()
     from transformers.utils import logging as hf_logging
 
-    from tl_vlm._progress import quiet_hub_bars_in_bare_notebooks
+    from tl_vlm.core.progress import quiet_hub_bars_in_bare_notebooks
 
     was_on = hf_logging.is_progress_bar_enabled()   # other tests may have turned them off
     hf_logging.enable_progress_bar()
@@ -65,7 +65,7 @@ def test_no_iprogress_warning_without_widgets(monkeypatch):
     import sys
     import warnings
 
-    from tl_vlm._progress import quiet_tqdm_widget_warning
+    from tl_vlm.core.progress import quiet_tqdm_widget_warning
 
     monkeypatch.setitem(sys.modules, "ipywidgets", None)      # not installed
     with warnings.catch_warnings(record=True) as caught:

@@ -1,12 +1,12 @@
-"""The paper's prompts (tl_vlm.prompts): the authors' strings, and prompts every family's
+"""The paper's prompts (tl_vlm.eval.prompts): the authors' strings, and prompts every family's
 processor accepts (``HookedVLM.prepare`` on the tiny models of tests/tiny)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tl_vlm.evaldata import open_eval_set
-from tl_vlm.prompts import (LONG_VQA_INSTRUCTION, PAPER_TEMPLATES, VQA_MODES, PromptBuilder,
+from tl_vlm.eval.data import open_eval_set
+from tl_vlm.eval.prompts import (LONG_VQA_INSTRUCTION, PAPER_TEMPLATES, VQA_MODES, PromptBuilder,
                             PromptError, emu3_turn_tokens)
 
 # Eval spec 1.2 (the authors' Tab1 scripts), with {img} the family's placeholder.

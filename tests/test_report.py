@@ -7,7 +7,7 @@ import json
 import re
 
 import tl_vlm
-from tl_vlm.report import write_report
+from tl_vlm.study.report import write_report
 
 RESULTS = {
     "accuracy": {"conditions": {"none": {"mean": 1.0, "n": 8}, "gate": {"mean": 0.25, "n": 8}},

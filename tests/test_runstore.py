@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tl_vlm.runstore import (RecordConflictError, RunSettingsError, RunStore, read_records,
+from tl_vlm.study.rundir import (RecordConflictError, RunSettingsError, RunStore, read_records,
                              sorted_unique, tensor_file_name)
 
 

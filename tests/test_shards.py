@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tl_vlm import cli
+from tl_vlm.cli import commands as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ["narrow-gate", "--model", "toy-gated", "--n-examples", "12", "--batch-size", "4",
@@ -26,13 +26,13 @@ STUDY = ["narrow-gate", "--model", "toy-gated", "--n-examples", "12", "--batch-s
 # A shard that dies (like a killed job) right after writing its first record.
 DIE_AFTER_FIRST_RECORD = """
 import os, sys
-from tl_vlm.runstore import RunStore
+from tl_vlm.study.rundir import RunStore
 record = RunStore.record
 def record_then_die(self, *args, **kwargs):
     record(self, *args, **kwargs)
     os._exit(9)
 RunStore.record = record_then_die
-from tl_vlm import cli
+from tl_vlm.cli import commands as cli
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -45,7 +45,7 @@ def _env() -> dict:
 
 
 def _start(args: list[str], script: str | None = None) -> subprocess.Popen:
-    head = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tl_vlm.cli"]
+    head = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tl_vlm.cli.commands"]
     return subprocess.Popen(head + args, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -191,7 +191,7 @@ def test_torchrun_ranks_are_shards(single, tmp_path):
         pytest.skip("torchrun is not installed next to this Python")
     out = tmp_path / "torchrun"
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
-                           "tl_vlm.cli", *STUDY, "--out", str(out), "--shard", "auto"],
+                           "tl_vlm.cli.commands", *STUDY, "--out", str(out), "--shard", "auto"],
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["0-of-2", "1-of-2"]

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from tests.tiny import image
-from tl_vlm import cli
-from tl_vlm.study import STEPS
-from tl_vlm.tasks import GenerationTask
+from tl_vlm.cli import commands as cli
+from tl_vlm.study.runner import STEPS
+from tl_vlm.eval.tasks import GenerationTask
 
 N = 24  # > DADApy's k=16 distinct vectors per layer
 
@@ -126,9 +126,9 @@ def test_recorded_geometry_equals_the_library_functions(toy_models, tmp_path):
     """Separation and overlap computed from per-batch records at the end equal
     ``modality_separation`` and ``neighbourhood_overlaps`` over the same batches."""
     from tl_vlm import analyses as A
-    from tl_vlm.runstore import RunStore
-    from tl_vlm.study import StudySettings, run_study
-    from tl_vlm.tasks import overlap_k, toy_task
+    from tl_vlm.study.rundir import RunStore
+    from tl_vlm.study.runner import StudySettings, run_study
+    from tl_vlm.eval.tasks import overlap_k, toy_task
 
     model, task = toy_models["toy-gated"], toy_task(48)
     settings = StudySettings("toy-gated", "toy", 48, batch_size=16, seed=3,

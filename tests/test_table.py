@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from tl_vlm import HookedVLM, cli
-from tl_vlm.table import cell_dir
-from tl_vlm.tasks import NextTokenTask
+from tl_vlm import HookedVLM
+from tl_vlm.cli import commands as cli
+from tl_vlm.study.table import cell_dir
+from tl_vlm.eval.tasks import NextTokenTask
 
 TABLE = ["table", "--models", "toy-gated,toy-distributed", "--tasks", "toy",
          "--n-examples", "24", "--batch-size", "12"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.tiny import image
-from tl_vlm.metrics import cider_d, vqa_accuracy
-from tl_vlm.prompts import PromptBuilder
-from tl_vlm.tasks import (CaptionTask, Example, GenerationTask, NextTokenTask, Predictions,
+from tl_vlm.eval.metrics import cider_d, vqa_accuracy
+from tl_vlm.eval.prompts import PromptBuilder
+from tl_vlm.eval.tasks import (CaptionTask, Example, GenerationTask, NextTokenTask, Predictions,
                           Scoring, extract_answer, toy_task)
 
 
@@ -155,7 +155,7 @@ def test_toy_predictions_do_not_depend_on_the_batch_size(toy_models):
 
 
 def test_open_class_task_scores_name_prefixes():
-    from tl_vlm.tasks import Example, OpenClassTask, Predictions, starts_with_name
+    from tl_vlm.eval.tasks import Example, OpenClassTask, Predictions, starts_with_name
 
     names = ("great white shark", "white shark", "man-eater")
     examples = [Example("This animal is a", references=names)] * 6

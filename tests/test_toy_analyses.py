@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tl_vlm import analyses as A
-from tl_vlm.tasks import toy_task
+from tl_vlm.eval.tasks import toy_task
 from tl_vlm.toy import make_examples, make_pairs
 
 N = 120
@@ -73,7 +73,7 @@ def test_toy_task_scores_closed_set(toy_models):
 
 
 def test_main_job_on_the_toy_default(tmp_path):
-    from tl_vlm import cli
+    from tl_vlm.cli import commands as cli
 
     out = tmp_path / "report"
     assert cli.main(["narrow-gate", "--out", str(out), "--n-examples", "96", "--n-pairs", "48",

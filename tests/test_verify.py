@@ -2,7 +2,7 @@
 
 import pytest
 
-from tl_vlm.verify import main, verify_checkpoint
+from tl_vlm.study.verify import main, verify_checkpoint
 
 
 @pytest.mark.parametrize("name, dtype", [("qwen2_vl", "bfloat16"), ("pixtral", "float32"),

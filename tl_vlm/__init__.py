@@ -20,20 +20,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from tl_vlm._progress import quiet_tqdm_widget_warning  # noqa: E402
+from tl_vlm.core.progress import quiet_tqdm_widget_warning  # noqa: E402
 
 quiet_tqdm_widget_warning()   # before transformers imports tqdm.auto
 
 # Attribute -> module. Imported on first use so that the start-up hook
 # (tl_vlm._autoload, run from a .pth file) never pulls in torch.
 _LAZY = {
-    "HookedVLM": "tl_vlm.model",
-    "GenerationOutput": "tl_vlm.model",
-    "VLMBatch": "tl_vlm.batch",
-    "ImagePositions": "tl_vlm.positions",
-    "PositionSet": "tl_vlm.positions",
-    "ImageLayout": "tl_vlm.layout",
-    "LayoutError": "tl_vlm.layout",
+    "HookedVLM": "tl_vlm.core.model",
+    "GenerationOutput": "tl_vlm.core.model",
+    "VLMBatch": "tl_vlm.core.batch",
+    "ImagePositions": "tl_vlm.core.positions",
+    "PositionSet": "tl_vlm.core.positions",
+    "ImageLayout": "tl_vlm.core.layout",
+    "LayoutError": "tl_vlm.core.layout",
     "UnsupportedModelError": "tl_vlm.adapters",
     "families": "tl_vlm.adapters",
 }
@@ -56,7 +56,7 @@ _registered = False
 
 def _register() -> None:
     global _registered
-    from tl_vlm import _tl_compat
+    from tl_vlm.core import registration
 
-    _tl_compat.ensure_registered()
+    registration.ensure_registered()
     _registered = True

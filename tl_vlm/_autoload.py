@@ -45,7 +45,7 @@ def register(factory_module) -> list[str]:
         return []
     from tl_vlm.adapters import tl_adapter_classes
 
-    from tl_vlm.compat import tl_adapter_tables
+    from tl_vlm.core.compat import tl_adapter_tables
 
     # Entry points first: once ours are in the table, TL would take its own later
     # discovery of them for an attempted override of a native adapter, and warn.

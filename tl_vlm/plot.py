@@ -16,7 +16,7 @@ Every function returns a plotly ``Figure`` (show it in a notebook, or ``fig.writ
 * :func:`knockout_accuracy`, :func:`progressive_knockout`, :func:`contribution`,
   :func:`contribution_map`, :func:`modality_separation`, :func:`neighbourhood_overlap`
   and :func:`patching` draw the Narrow Gate study's results (the entries of
-  ``results.json``, see :mod:`tl_vlm.study`); :mod:`tl_vlm.report` puts them on its page.
+  ``results.json``, see :mod:`tl_vlm.study.runner`); :mod:`tl_vlm.study.report` puts them on its page.
 
 Example:
     >>> from tl_vlm import HookedVLM, plot
@@ -42,12 +42,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_vlm.layout import ImageView
+from tl_vlm.core.layout import ImageView
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-    from tl_vlm.batch import VLMBatch
+    from tl_vlm.core.batch import VLMBatch
 
 Picture = Any  # a PIL image or an ``[height, width, 3]`` uint8 array
 Values = Union[Tensor, Sequence[float], Any]
@@ -86,7 +86,7 @@ def notebook_figures() -> None:
 def _offline_notebook_renderer():
     from plotly.io import to_html
 
-    from tl_vlm.compat import plotly_notebook_renderer_base
+    from tl_vlm.core.compat import plotly_notebook_renderer_base
 
     NotebookRenderer = plotly_notebook_renderer_base()
 
@@ -116,7 +116,7 @@ class PlacedView:
 
     Example:
         >>> import torch
-        >>> from tl_vlm.layout import ImageView
+        >>> from tl_vlm.core.layout import ImageView
         >>> view = ImageView("image", 0, rows=1, cols=2, box=(0, 0, 20, 10))
         >>> PlacedView(0, view, torch.tensor([[0, 1]]), picture=None).title
         'image 0 (1x2 tokens)'

@@ -2,7 +2,7 @@
 
 Each family module defines a :class:`Family`: the HF architecture names it covers,
 its TransformerLens adapter (a subclass of TL's own where TL has one) and its
-:class:`~tl_vlm.layout.ImageLayout`.
+:class:`~tl_vlm.core.layout.ImageLayout`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any, Optional
 
 from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
 
-from tl_vlm import _autoload, _hf_compat
-from tl_vlm.layout import ImageLayout
+from tl_vlm import _autoload
+from tl_vlm.core import hf_compat
+from tl_vlm.core.layout import ImageLayout
 
-_hf_compat.apply()  # processors that need torchvision only for videos
+hf_compat.apply()  # processors that need torchvision only for videos
 
 
 
@@ -146,7 +147,7 @@ def family_for_config(hf_config: Any) -> Family:
 
 # The bridge every adapter uses for its text attention (public here; its module is
 # private so that families() does not take it for a family module).
-from tl_vlm.adapters._attention_bridge import (  # noqa: E402,F401
+from tl_vlm.core.attention_bridge import (  # noqa: E402,F401
     HookedAttentionBridge, default_attention_outside_text, use_hooked_attention)
 
 _READY = True  # TL's import (triggered above) may have called back before this line:

@@ -50,9 +50,9 @@ from transformer_lens.model_bridge.generalized_components import (
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.adapters._attention_bridge import use_hooked_attention
-from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
-from tl_vlm.layout import Box, resize_crop_box
+from tl_vlm.core.attention_bridge import use_hooked_attention
+from tl_vlm.core.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
+from tl_vlm.core.layout import Box, resize_crop_box
 
 
 class ChameleonAdapter(ArchitectureAdapter):

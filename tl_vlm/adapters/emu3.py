@@ -43,8 +43,8 @@ from transformer_lens.model_bridge.supported_architectures.emu3 import (
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.adapters._attention_bridge import use_hooked_attention
-from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout
+from tl_vlm.core.attention_bridge import use_hooked_attention
+from tl_vlm.core.layout import GridQueue, ImageLayout, LayoutError, RowLayout
 
 
 class Emu3Adapter(Emu3ArchitectureAdapter):

@@ -22,7 +22,7 @@ is not a native multimodal model (a SigLIP tower feeds a text LM); ``eoi``/``gat
 still hold ``<end_of_image>`` so the same analyses run on it as a non-native comparison.
 Pan-and-scan (``do_pan_and_scan=True``, off by default) adds one span per crop, so a
 prompt's ids then hold more image spans than it was given images and ``prepare``
-raises :class:`~tl_vlm.layout.LayoutError`.
+raises :class:`~tl_vlm.core.layout.LayoutError`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from transformer_lens.model_bridge.supported_architectures.gemma3_multimodal imp
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.adapters._attention_bridge import use_hooked_attention
-from tl_vlm.layout import ImageLayout, LayoutError
+from tl_vlm.core.attention_bridge import use_hooked_attention
+from tl_vlm.core.layout import ImageLayout, LayoutError
 
 
 class Gemma3Adapter(Gemma3MultimodalArchitectureAdapter):

@@ -18,9 +18,9 @@ from transformer_lens.model_bridge.supported_architectures.llava import (
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.adapters._attention_bridge import use_hooked_attention
-from tl_vlm.layout import ImageLayout
-from tl_vlm.layout import Box, ImageView, LayoutError, resize_crop_box
+from tl_vlm.core.attention_bridge import use_hooked_attention
+from tl_vlm.core.layout import ImageLayout
+from tl_vlm.core.layout import Box, ImageView, LayoutError, resize_crop_box
 
 
 def _is_pixtral_tower(hf_config: Any) -> bool:

@@ -7,7 +7,7 @@ HF classes: ``LlavaOnevisionForConditionalGeneration`` -> ``model.vision_tower``
 keeps its mapping and routes text attention through the hooked attention function.
 
 Processor: without torchvision, ``LlavaOnevisionProcessor`` is made image-only by
-:mod:`tl_vlm._hf_compat`.
+:mod:`tl_vlm.core.hf_compat`.
 
 Layout: every image feature is the same ``<image>`` id; there is no BOI, EOI or gate.
 What the run holds depends on how many images its prompt has (``batch_num_images``):
@@ -43,9 +43,9 @@ from transformer_lens.model_bridge.supported_architectures.llava_onevision impor
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.adapters._attention_bridge import use_hooked_attention
-from tl_vlm.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
-from tl_vlm.layout import Box, ImageView, padded_square_box
+from tl_vlm.core.attention_bridge import use_hooked_attention
+from tl_vlm.core.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
+from tl_vlm.core.layout import Box, ImageView, padded_square_box
 
 
 class LlavaOnevisionAdapter(LlavaOnevisionArchitectureAdapter):

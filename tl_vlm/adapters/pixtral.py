@@ -14,7 +14,7 @@ ended by ``[IMG_END]``. ``rows``/``cols`` are the resized image's height/width o
 patch size (times ``spatial_merge_size``), so they differ per image; the processor's
 ``image_sizes`` gives them and the break tokens must agree. ``[IMG_END]`` is the EOI
 and the gate; there is no BOI. Not a native multimodal model. Without torchvision the
-processor is made loadable by :mod:`tl_vlm._hf_compat`.
+processor is made loadable by :mod:`tl_vlm.core.hf_compat`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from transformer_lens.model_bridge.supported_architectures.llava import (
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.adapters._attention_bridge import use_hooked_attention
-from tl_vlm.layout import ImageLayout, LayoutError
+from tl_vlm.core.attention_bridge import use_hooked_attention
+from tl_vlm.core.layout import ImageLayout, LayoutError
 
 
 def _is_pixtral_tower(hf_config: Any) -> bool:

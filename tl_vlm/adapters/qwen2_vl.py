@@ -18,7 +18,7 @@ M-RoPE with the 3-D position ids that ``get_rope_index`` computes from
 ``image_grid_thw`` and ``mm_token_type_ids`` (both forwarded from the processor).
 
 Processor: without torchvision, ``Qwen2VLProcessor``/``Qwen2_5_VLProcessor`` are made
-image-only by :mod:`tl_vlm._hf_compat`.
+image-only by :mod:`tl_vlm.core.hf_compat`.
 
 Layout: ``<|vision_start|>`` (BOI), ``rows x cols`` ``<|image_pad|>`` tokens in
 row-major order, ``<|vision_end|>`` (EOI). ``image_grid_thw`` row ``(t, h, w)``
@@ -41,8 +41,8 @@ from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import (
 )
 
 from tl_vlm.adapters import Family
-from tl_vlm.adapters._attention_bridge import use_hooked_attention
-from tl_vlm.layout import ImageLayout, LayoutError
+from tl_vlm.core.attention_bridge import use_hooked_attention
+from tl_vlm.core.layout import ImageLayout, LayoutError
 
 QWEN2_VL = "Qwen2VLForConditionalGeneration"
 QWEN2_5_VL = "Qwen2_5_VLForConditionalGeneration"

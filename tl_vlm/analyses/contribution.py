@@ -23,7 +23,7 @@ Averaging over a dataset, exactly:
    paper's ``f``). Shares are ratios of means, so the example count cancels in them.
 
 Accumulation is streamed and never builds a full pattern: the ``hook_pattern`` hooks
-are pattern readers (:mod:`tl_vlm.attention_edits`), so the attention function computes
+are pattern readers (:mod:`tl_vlm.core.attention_edits`), so the attention function computes
 each layer's output with SDPA and hands the hooks only the rows of the text queries, a
 chunk at a time; they reduce them to ``[head, image-side keys]`` sums, add those to
 running totals and return nothing. They combine with other hooks (e.g. a knockout, listed
@@ -59,12 +59,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_vlm._devices import weights_of
-from tl_vlm._progress import progress
-from tl_vlm.attention_edits import PatternReader
+from tl_vlm.core.devices import weights_of
+from tl_vlm.core.progress import progress
+from tl_vlm.core.attention_edits import PatternReader
 from tl_vlm.analyses.knockout import Hook, Layers, resolve_layers
-from tl_vlm.batch import VLMBatch
-from tl_vlm.positions import ImagePositions, PositionSet
+from tl_vlm.core.batch import VLMBatch
+from tl_vlm.core.positions import ImagePositions, PositionSet
 
 GroupFn = Callable[[ImagePositions], PositionSet]
 Queries = Union[None, PositionSet, Callable[[ImagePositions], PositionSet]]
@@ -532,7 +532,7 @@ class ContributionAccumulator:
 class _LayerSums(PatternReader):
     """One layer's contribution sums: reads the pattern rows of the text queries only.
 
-    A :class:`~tl_vlm.attention_edits.PatternReader`, so the attention function hands it
+    A :class:`~tl_vlm.core.attention_edits.PatternReader`, so the attention function hands it
     those rows a chunk at a time (SDPA computes the layer's output) instead of building
     the whole pattern; as a plain hook on a full pattern it reads the same rows at once.
     """

@@ -26,7 +26,7 @@ renormalisation). Shares are effects divided by the ``image_side`` effect.
   is the first-order change of ``M`` (its drop) when the edges into ``k`` go from their
   clean values to their knocked-out value, zero. It is the derivative of ``M`` with
   respect to a scale ``s[l, k]`` on every edge into ``k``
-  (:class:`~tl_vlm.attention_edits.KeyScale`), which the attention function applies to
+  (:class:`~tl_vlm.core.attention_edits.KeyScale`), which the attention function applies to
   ``k``'s value vector (``p s v = p (s v)``): the pattern is never built, and the
   backward is SDPA's own. The "corrupted" run of attribution
   patching is the knockout of *every* image-side key: on the edges into any image-side
@@ -93,7 +93,7 @@ sweep and the neighbourhood overlap are extra passes, counted apart
 
 Example (toy-gated routes every visual fact through EOI):
     >>> from tl_vlm import HookedVLM
-    >>> from tl_vlm.tasks import toy_task
+    >>> from tl_vlm.eval.tasks import toy_task
     >>> model = HookedVLM.from_pretrained("toy-gated")
     >>> gates = find_gates(model, toy_task(24), batch_size=12, overlap=False)
     >>> gates.verdict, gates.gate
@@ -121,10 +121,10 @@ from torch import Tensor
 from tl_vlm.analyses.contribution import ContributionAccumulator
 from tl_vlm.analyses.knockout import Hook, knockout_hooks
 from tl_vlm.analyses.logit_lens import final_logit_transform
-from tl_vlm.attention_edits import KeyScale, PatternReader
-from tl_vlm.batch import VLMBatch
-from tl_vlm.positions import ImagePositions, PositionSet
-from tl_vlm.recompute import recompute_blocks
+from tl_vlm.core.attention_edits import KeyScale, PatternReader
+from tl_vlm.core.batch import VLMBatch
+from tl_vlm.core.positions import ImagePositions, PositionSet
+from tl_vlm.core.recompute import recompute_blocks
 
 Key = tuple  # a single position's role: ("boi", n), ("image", image, row, col), ...
 Queries = Literal["all", "text"]
@@ -227,7 +227,7 @@ class GateMetric:
     probability of the target (``"logprob"``). Candidates are the task's closed set of
     answers for the example's question kind when it has one, else the whole vocabulary.
 
-    Targets: a :class:`~tl_vlm.tasks.NextTokenTask`'s answers; for any other task the
+    Targets: a :class:`~tl_vlm.eval.tasks.NextTokenTask`'s answers; for any other task the
     clean model's own greedy next token.
 
     Example:
@@ -266,8 +266,8 @@ class _Targets:
     """Per-batch targets and allowed answers of the metric, from the task."""
 
     def __init__(self, model, task) -> None:
-        from tl_vlm.answers import answer_token_ids
-        from tl_vlm.tasks import NextTokenTask
+        from tl_vlm.core.answers import answer_token_ids
+        from tl_vlm.eval.tasks import NextTokenTask
 
         self.model = model
         self.task = task
@@ -335,7 +335,7 @@ class GateCandidate:
 
     Example:
         >>> from tl_vlm import HookedVLM
-        >>> from tl_vlm.tasks import toy_task
+        >>> from tl_vlm.eval.tasks import toy_task
         >>> model = HookedVLM.from_pretrained("toy-last-image")
         >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
         >>> gate = gates.ranking[0]
@@ -408,7 +408,7 @@ class GateSearch:
 
     Example:
         >>> from tl_vlm import HookedVLM
-        >>> from tl_vlm.tasks import toy_task
+        >>> from tl_vlm.eval.tasks import toy_task
         >>> model = HookedVLM.from_pretrained("toy-distributed")
         >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
         >>> gates.verdict, gates.gate, gates.clean_score, len(gates.positions)
@@ -445,7 +445,7 @@ class GateSearch:
 
         Example:
             >>> from tl_vlm import HookedVLM
-            >>> from tl_vlm.tasks import toy_task
+            >>> from tl_vlm.eval.tasks import toy_task
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
             >>> [(c.name, c.in_classes) for c in gates.ranking[:1]]
@@ -459,7 +459,7 @@ class GateSearch:
 
         Example:
             >>> from tl_vlm import HookedVLM
-            >>> from tl_vlm.tasks import toy_task
+            >>> from tl_vlm.eval.tasks import toy_task
             >>> model = HookedVLM.from_pretrained("toy-distributed")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
             >>> [c.name for c in gates.class_ranking][:1]               # all content tokens
@@ -472,7 +472,7 @@ class GateSearch:
 
         Example:
             >>> from tl_vlm import HookedVLM
-            >>> from tl_vlm.tasks import toy_task
+            >>> from tl_vlm.eval.tasks import toy_task
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
             >>> gates.candidate("eoi").kind, gates.candidate("eoi").share > 0.9
@@ -494,7 +494,7 @@ class GateSearch:
 
         Example:
             >>> from tl_vlm import HookedVLM
-            >>> from tl_vlm.tasks import toy_task
+            >>> from tl_vlm.eval.tasks import toy_task
             >>> model = HookedVLM.from_pretrained("toy-distributed")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
             >>> gates.effect_grid().shape
@@ -516,7 +516,7 @@ class GateSearch:
 
         Example:
             >>> from tl_vlm import HookedVLM
-            >>> from tl_vlm.tasks import toy_task
+            >>> from tl_vlm.eval.tasks import toy_task
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
             >>> print(gates.summary())                                  # doctest: +ELLIPSIS
@@ -582,7 +582,7 @@ class GateSearch:
 
         Example:
             >>> from tl_vlm import HookedVLM
-            >>> from tl_vlm.tasks import toy_task
+            >>> from tl_vlm.eval.tasks import toy_task
             >>> model = HookedVLM.from_pretrained("toy-distributed")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
             >>> gates.headline()                                    # doctest: +ELLIPSIS
@@ -613,7 +613,7 @@ class GateSearch:
         Example:
             >>> import json
             >>> from tl_vlm import HookedVLM
-            >>> from tl_vlm.tasks import toy_task
+            >>> from tl_vlm.eval.tasks import toy_task
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
             >>> again = GateSearch.from_dict(json.loads(json.dumps(gates.to_dict())))
@@ -748,7 +748,7 @@ class _Search:
     def attribution(self, batch: VLMBatch, examples, extra: Sequence[Hook] = (),
                     clean: Optional[tuple] = None) -> dict[str, Any]:
         """Per (layer, example, key): the derivative of the metric with respect to a scale
-        on every edge into the key (:class:`~tl_vlm.attention_edits.KeyScale`, applied to
+        on every edge into the key (:class:`~tl_vlm.core.attention_edits.KeyScale`, applied to
         the values: SDPA forward and backward), taken with the image-side scales at
         ``alpha``: one forward, one backward. The sum over layers estimates the drop when
         the key is knocked out. ``extra`` hooks ride along (the contribution's readers);
@@ -907,7 +907,7 @@ def _no_weight_grads(model) -> Iterator[None]:
 
 
 class _FirstCallReader(PatternReader):
-    """A :class:`~tl_vlm.attention_edits.PatternReader` that reads in its first attention
+    """A :class:`~tl_vlm.core.attention_edits.PatternReader` that reads in its first attention
     call only, and is still one: the attention function keeps to SDPA and hands it its
     rows (a plain function in its place would make the layer eager)."""
 
@@ -1005,7 +1005,7 @@ def find_gates(
     """Which image-side positions carry the image to the text (see the module docstring).
 
     Args:
-        task: a :class:`~tl_vlm.tasks.Task` (its examples, batching and score).
+        task: a :class:`~tl_vlm.eval.tasks.Task` (its examples, batching and score).
         batch_size, limit: examples per forward pass; only the first ``limit`` examples.
             The gradient pass keeps every layer's activations for its backward, as a
             training step does (but no weight gradients, no attention pattern): size
@@ -1027,7 +1027,7 @@ def find_gates(
         alpha: where on the path from the clean run (1) to the corrupted one (0) the
             gradient is taken (see the module docstring).
         recompute_activations: the gradient pass keeps only each block's input and
-            recomputes its activations in the backward (:mod:`tl_vlm.recompute`): memory
+            recomputes its activations in the backward (:mod:`tl_vlm.core.recompute`): memory
             for one residual per layer and one block's activations instead of every
             layer's, for one more forward per batch. For long inputs, big batches, deep
             models.
@@ -1043,7 +1043,7 @@ def find_gates(
 
     Example:
         >>> from tl_vlm import HookedVLM
-        >>> from tl_vlm.tasks import toy_task
+        >>> from tl_vlm.eval.tasks import toy_task
         >>> model = HookedVLM.from_pretrained("toy-last-image")    # gate planted on the last code
         >>> gates = find_gates(model, toy_task(24), batch_size=12, overlap=False)
         >>> gates.verdict, gates.gate, gates.best_class
@@ -1061,7 +1061,7 @@ def find_gates(
         raise ValueError(f"queries must be 'all' (every position, the paper's knockout) or "
                          f"'text', got {queries!r}")
     if not all(hasattr(task, a) for a in ("batches", "prepare", "score", "examples")):
-        raise TypeError(f"find_gates needs a tl_vlm.tasks.Task (its examples, batching and "
+        raise TypeError(f"find_gates needs a tl_vlm.eval.tasks.Task (its examples, batching and "
                         f"score), got {type(task).__name__}; wrap your examples in a "
                         f"NextTokenTask or GenerationTask")
     if not 0.0 < alpha <= 1.0:

@@ -49,10 +49,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_vlm._progress import progress
+from tl_vlm.core.progress import progress
 from tl_vlm.analyses.knockout import Layers, resolve_layers
-from tl_vlm.batch import VLMBatch
-from tl_vlm.positions import ImagePositions, PositionSet
+from tl_vlm.core.batch import VLMBatch
+from tl_vlm.core.positions import ImagePositions, PositionSet
 
 Selector = Callable[[VLMBatch], PositionSet]
 Representation = Union[str, Selector]

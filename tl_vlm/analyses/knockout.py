@@ -33,9 +33,9 @@ from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch  # noqa: F401  (the docstring examples use it)
 
-from tl_vlm.attention_edits import EdgeCut
-from tl_vlm.batch import VLMBatch
-from tl_vlm.positions import ImagePositions, PositionSet
+from tl_vlm.core.attention_edits import EdgeCut
+from tl_vlm.core.batch import VLMBatch
+from tl_vlm.core.positions import ImagePositions, PositionSet
 
 Layers = Union[Literal["all"], int, Sequence[int], range]
 Hook = tuple[str, Callable]

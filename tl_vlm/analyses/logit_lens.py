@@ -41,10 +41,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_vlm._devices import execution_device, weights_of
+from tl_vlm.core.devices import execution_device, weights_of
 from tl_vlm.analyses.knockout import Layers, resolve_layers
-from tl_vlm.batch import VLMBatch
-from tl_vlm.positions import PositionSet
+from tl_vlm.core.batch import VLMBatch
+from tl_vlm.core.positions import PositionSet
 
 TokenIds = Union[int, Sequence[int], Int[Tensor, "batch"]]
 

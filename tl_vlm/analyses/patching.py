@@ -20,7 +20,7 @@ Scores, at the last position of the target (where the next token is predicted):
 hook); :func:`patch_positions` runs a layer sweep and scores it; :func:`patch_gate` is
 the paper's preset. Sweeps reuse the unpatched prefix: one clean target forward caches
 every needed ``hook_resid_pre``, then each layer's patched run starts at that layer
-(:func:`tl_vlm.prefix.run_from_layer`), skipping the blocks before it.
+(:func:`tl_vlm.core.prefix.run_from_layer`), skipping the blocks before it.
 
 Example (``toy-gated``: the gate carries what the text says about the image):
     >>> from tl_vlm import HookedVLM
@@ -47,12 +47,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_vlm._progress import progress
+from tl_vlm.core.progress import progress
 from tl_vlm.analyses.knockout import Layers, resolve_layers
-from tl_vlm.answers import answer_token_id
-from tl_vlm.batch import VLMBatch
-from tl_vlm.positions import ImagePositions, PositionSet
-from tl_vlm.prefix import run_from_layer
+from tl_vlm.core.answers import answer_token_id
+from tl_vlm.core.batch import VLMBatch
+from tl_vlm.core.positions import ImagePositions, PositionSet
+from tl_vlm.core.prefix import run_from_layer
 
 Hook = tuple[str, Callable]
 Span = Literal["layer", "to_end"]
@@ -268,7 +268,7 @@ def patch_hooks(
 def first_token_ids(model, names: Sequence[Union[int, str]]) -> Int[Tensor, "n"]:
     """The token of each class name (ints pass through), by tl_vlm's one answer policy:
     the first token that carries the word as it follows a space
-    (:func:`tl_vlm.answers.answer_token_id`; a bare ``"▁"`` piece is never taken, an
+    (:func:`tl_vlm.core.answers.answer_token_id`; a bare ``"▁"`` piece is never taken, an
     unknown word is an error).
 
     Example:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Union
 import torch
 from torch import Tensor
 
-from tl_vlm.batch import VLMBatch
+from tl_vlm.core.batch import VLMBatch
 
 _MISSING = object()
 

@@ -32,40 +32,8 @@ from tl_vlm.toy.task import (ANSWERS, QUESTION_TYPES, ToyDataset, ToyExample, To
 # object as soon as anything imports ``tl_vlm.toy.evaluate``.
 from tl_vlm.toy.evaluate import evaluate  # noqa: E402
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-from tl_vlm.names import TOY_MODELS  # noqa: E402  (the CLI reads it without torch)
-
-
-def toy_model_path(name: str) -> Path:
-    """Directory of a shipped toy model: ``"toy-gated"``, ``"toy-distributed"`` or
-    ``"toy-last-image"`` (the directory names ``"gated"``, ``"last_image"`` ... work too).
-
-    Example:
-        >>> toy_model_path("toy-gated").name, (toy_model_path("gated") / "config.json").is_file()
-        ('gated', True)
-        >>> toy_model_path("toy-last-image") == toy_model_path("last_image")
-        True
-    """
-    by_dir = {d: n for n, d in TOY_MODELS.items()}
-    key = name if name in TOY_MODELS else by_dir.get(name, f"toy-{name}")
-    if key not in TOY_MODELS:
-        raise ValueError(f"unknown toy model {name!r}; choose from {sorted(TOY_MODELS)}")
-    path = MODELS_DIR / TOY_MODELS[key]
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the toy model {key!r} is missing from {path}; regenerate it with "
-            f"`python -m tl_vlm.toy.train --out {MODELS_DIR}`")
-    return path
-
-
-def is_toy_model(name: str) -> bool:
-    """Whether ``name`` is a shipped toy model's name.
-
-    Example:
-        >>> is_toy_model("toy-gated"), is_toy_model("facebook/chameleon-7b")
-        (True, False)
-    """
-    return name in TOY_MODELS
+# Resolving a toy model's name is core's job (loading must not import this package).
+from tl_vlm.core.names import TOY_MODELS, TOY_MODELS_DIR as MODELS_DIR, is_toy_model, toy_model_path  # noqa: E402
 
 
 __all__ = ["ANSWERS", "QUESTION_TYPES", "ToyDataset", "ToyExample", "ToyPair", "chance_level",

@@ -25,7 +25,7 @@ from typing import Iterator
 from transformer_lens.factories import architecture_adapter_factory as _factory
 
 from tl_vlm import _autoload
-from tl_vlm.compat import replace_tl_torchvision_installer, tl_adapter_tables
+from tl_vlm.core.compat import replace_tl_torchvision_installer, tl_adapter_tables
 
 _lock = threading.RLock()
 

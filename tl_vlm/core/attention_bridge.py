@@ -1,7 +1,7 @@
-"""The text-attention bridge every family's adapter uses (see :mod:`tl_vlm.attention`).
+"""The text-attention bridge every family's adapter uses (see :mod:`tl_vlm.core.attention`).
 
 :class:`HookedAttentionBridge` owns the hook points (``hook_rot_q/k``,
-``hook_attn_scores``, ``hook_pattern``) that :func:`tl_vlm.attention.hooked_attention`
+``hook_attn_scores``, ``hook_pattern``) that :func:`tl_vlm.core.attention.hooked_attention`
 fires; :func:`use_hooked_attention` puts it in an adapter's component mapping and makes
 the model load with ``attn_implementation="tl_vlm"`` for its text decoder only.
 """
@@ -14,8 +14,8 @@ from typing import Any, Optional
 import torch
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
-from tl_vlm.attention import _BRIDGE_ATTR, ATTN_IMPLEMENTATION
-from tl_vlm.compat import attn_implementation, set_attn_implementation
+from tl_vlm.core.attention import _BRIDGE_ATTR, ATTN_IMPLEMENTATION
+from tl_vlm.core.compat import attn_implementation, set_attn_implementation
 
 
 class HookedAttentionBridge(AttentionBridge):

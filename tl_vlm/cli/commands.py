@@ -44,8 +44,8 @@ examples:
 
 An interrupted command resumes when it is run again with the same settings."""
 
-from tl_vlm.names import CONDITIONS as CONDITION_CHOICES
-from tl_vlm.names import TASK_NAMES, TOY_MODELS
+from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
+from tl_vlm.core.names import TASK_NAMES, TOY_MODELS, is_toy_model, toy_model_path
 
 
 class CLIError(Exception):
@@ -156,7 +156,7 @@ def _name_list(choices: Optional[Sequence[str]] = None, what: str = "name") -> C
 
 
 def _shard_spec(text: str):
-    from tl_vlm.shards import Shard
+    from tl_vlm.study.shards import Shard
 
     if text == "auto":
         return text   # resolved from the environment once the command runs
@@ -273,7 +273,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _narrow_gate_parser(sub) -> None:
-    from tl_vlm.names import STEPS
+    from tl_vlm.core.names import STEPS
 
     p = sub.add_parser(
         "narrow-gate", formatter_class=_Formatter,
@@ -340,21 +340,21 @@ def _rescore_parser(sub) -> None:
 
 
 def _table_parser(sub) -> None:
-    from tl_vlm.table import _add_table_parser
+    from tl_vlm.study.table import _add_table_parser
 
     _add_table_parser(sub, _Formatter)
 
 
 # The commands parsed here: each entry adds one subcommand (``sub.add_parser(...)``)
 # and sets ``run=`` to the function that runs it.
-from tl_vlm.cli_gates import add_commands as _gate_parsers  # noqa: E402  (find-gate, compare)
+from tl_vlm.cli.find_gate import add_commands as _gate_parsers  # noqa: E402  (find-gate, compare)
 
 COMMANDS: list[Callable[[Any], None]] = [_narrow_gate_parser, _table_parser, _merge_parser,
                                          _rescore_parser, _gate_parsers]
 # Subcommands with their own parser, in their own module: name -> "module:function(argv)".
 # Registering another tool is one line here.
 EXTERNAL_COMMANDS = {
-    "verify-checkpoint": ("tl_vlm.verify:main",
+    "verify-checkpoint": ("tl_vlm.study.verify:main",
                           "check a checkpoint against Hugging Face (parity, positions, hooks)"),
 }
 
@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
 # -- checks before loading ------------------------------------------------------------
 def _checkpoint_dir(model: str) -> Optional[Path]:
     """The local directory of ``model`` (a toy model's or a path), None for a hub id."""
-    if model in TOY_MODELS:
-        return Path(__file__).resolve().parent / "toy" / "models" / TOY_MODELS[model]
+    if is_toy_model(model):
+        return toy_model_path(model)
     path = Path(model).expanduser()
     return path if path.exists() else None
 
@@ -471,7 +471,7 @@ def _check_device(device: Optional[str], n_devices: Optional[int]) -> None:
 
 
 def _check_model_name(model: str) -> None:
-    """The checks of :func:`tl_vlm.model.resolve_model_name`, without importing torch:
+    """The checks of :func:`tl_vlm.core.model.resolve_model_name`, without importing torch:
     a toy name misspelt, a local path that does not exist."""
     if model in TOY_MODELS or Path(model).expanduser().exists():
         return
@@ -494,12 +494,12 @@ def _check_geometry(steps: Sequence[str]) -> None:
 
 
 def _resolve_shard(spec: Any):
-    """``--shard`` as a :class:`~tl_vlm.shards.Shard` (``auto``: from the environment).
+    """``--shard`` as a :class:`~tl_vlm.study.shards.Shard` (``auto``: from the environment).
 
     torchrun's ``WORLD_SIZE`` is removed once read, so that the libraries loading the
     model do not set up distributed execution of their own (VLMEvalKit does the same).
     """
-    from tl_vlm.shards import Shard
+    from tl_vlm.study.shards import Shard
 
     if spec != "auto":
         return spec
@@ -534,7 +534,7 @@ def _rank_device(args: argparse.Namespace) -> Optional[str]:
 
 # -- narrow-gate -----------------------------------------------------------------------
 def _task_defaults(args: argparse.Namespace) -> str:
-    from tl_vlm.taskset import DEFAULT_STEPS, task_kind
+    from tl_vlm.eval.taskset import DEFAULT_STEPS, task_kind
 
     task = args.task or ("toy" if args.model in TOY_MODELS else None)
     if task is None:
@@ -599,15 +599,15 @@ def _prepare_run(args: argparse.Namespace, model_name: str, task_name: str,
                 data: Optional[str], out: Path, steps: Sequence[str], shard,
                 log: Callable[[str], None]):
     """Load the task (data, before any model) and open the run directory."""
-    from tl_vlm.runstore import RunStore, dumps, write_atomic
-    from tl_vlm.study import StudySettings
-    from tl_vlm.taskset import RANDOM_DRAWS, load_task, prefetch_images, task_kind
+    from tl_vlm.study.rundir import RunStore, dumps, write_atomic
+    from tl_vlm.study.runner import StudySettings
+    from tl_vlm.eval.taskset import RANDOM_DRAWS, load_task, prefetch_images, task_kind
 
     task, source = load_task(task_name, data=data, n=args.n_examples,
                              seed=getattr(args, "seed", 0), coco_root=args.coco_root,
                              image_cache=args.image_cache,
                              prompt_style=args.prompt_style or "paper", vqa_mode=args.vqa_mode)
-    from tl_vlm.evaldata import selection_hash
+    from tl_vlm.eval.data import selection_hash
 
     settings = StudySettings(
         model=model_name, task=task.name, n_examples=len(task), batch_size=args.batch_size,
@@ -660,7 +660,7 @@ def _run_meta(store, settings) -> dict[str, Any]:
     and merge of the same settings)."""
     import json as _json
 
-    from tl_vlm.shards import versions
+    from tl_vlm.study.shards import versions
 
     info = _json.loads((store.out / "model.json").read_text())
     return {"model": settings["model"], "family": info["family"], "gate": info["gate"],
@@ -704,8 +704,8 @@ def _write_run_report(store, header: Optional[dict] = None, log=print) -> Option
     """``index.html`` + ``results.json`` of a run whose planned steps are all finished.
     The page also shows ``header`` and the total compute time (not ``results.json``:
     it must not depend on how the run was split or resumed)."""
-    from tl_vlm.report import write_report
-    from tl_vlm.study import study_results
+    from tl_vlm.study.report import write_report
+    from tl_vlm.study.runner import study_results
 
     header = dict(header or {})
     total = _compute_seconds(store.out)
@@ -720,8 +720,8 @@ def _write_run_report(store, header: Optional[dict] = None, log=print) -> Option
 def _narrow_gate(args: argparse.Namespace) -> int:
     log = _log
     _validate_narrow_gate(args)        # before anything heavy is imported or loaded
-    from tl_vlm.study import finish_without_model, run_study
-    from tl_vlm.tasks import Scoring
+    from tl_vlm.study.runner import finish_without_model, run_study
+    from tl_vlm.eval.tasks import Scoring
 
     processor = _check_chat_template(args)
     shard = _resolve_shard(args.shard)
@@ -749,18 +749,18 @@ def _narrow_gate(args: argparse.Namespace) -> int:
 
 # -- merge and rescore ---------------------------------------------------------------------
 def _scoring(args: argparse.Namespace):
-    from tl_vlm.tasks import Scoring
+    from tl_vlm.eval.tasks import Scoring
 
     return Scoring(args.vqa_normalise, args.cider, args.extract)
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from tl_vlm.runstore import RunStore
-    from tl_vlm.shards import merge_run
+    from tl_vlm.study.rundir import RunStore
+    from tl_vlm.study.shards import merge_run
 
     out = Path(args.out)
     if (out / "table-run.json").exists():
-        from tl_vlm.table import _merge_table
+        from tl_vlm.study.table import _merge_table
 
         _merge_table(out, _scoring(args), log=_log)
         return 0
@@ -771,12 +771,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _rescore(args: argparse.Namespace) -> int:
-    from tl_vlm.runstore import RunStore
-    from tl_vlm.study import finalize_step
+    from tl_vlm.study.rundir import RunStore
+    from tl_vlm.study.runner import finalize_step
 
     out = Path(args.out)
     if (out / "table-run.json").exists():
-        from tl_vlm.table import _rescore_table
+        from tl_vlm.study.table import _rescore_table
 
         _rescore_table(out, _scoring(args), log=_log)
         return 0
@@ -802,12 +802,12 @@ def _log(message: str) -> None:
 # Exceptions that mean the input was wrong, not the code: one line, no traceback. Looked
 # up only in modules already imported (an error raised before torch loads stays fast).
 _USER_ERRORS = {
-    "tl_vlm.runstore": ("RunSettingsError", "RecordConflictError"),
-    "tl_vlm.shards": ("MergeError",),
-    "tl_vlm.evaldata": ("ImageFetchError", "ScriptDatasetError"),
-    "tl_vlm.prompts": ("PromptError",),
-    "tl_vlm.answers": ("AnswerTokenError",),
-    "tl_vlm.layout": ("LayoutError",),
+    "tl_vlm.study.rundir": ("RunSettingsError", "RecordConflictError"),
+    "tl_vlm.study.shards": ("MergeError",),
+    "tl_vlm.eval.data": ("ImageFetchError", "ScriptDatasetError"),
+    "tl_vlm.eval.prompts": ("PromptError",),
+    "tl_vlm.core.answers": ("AnswerTokenError",),
+    "tl_vlm.core.layout": ("LayoutError",),
     "tl_vlm.adapters": ("UnsupportedModelError",),
 }
 

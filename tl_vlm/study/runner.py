@@ -2,7 +2,7 @@
 ``tl-vlm narrow-gate``.
 
 Steps (each recorded chunk by chunk, then computed from its records; see
-:class:`~tl_vlm.runstore.RunStore`):
+:class:`~tl_vlm.study.rundir.RunStore`):
 
 - ``accuracy``: the task's predictions without knockout, with the gate knocked out,
   with img->text knocked out, and with ``random_k`` random image tokens knocked out
@@ -19,14 +19,14 @@ Steps (each recorded chunk by chunk, then computed from its records; see
 
 Work is cut into chunks: the batches of ``task.batches(batch_size)`` (patching: batches
 of the global pair list). A shard ``K/N`` computes the chunks ``j`` with ``j % N == K``
-and keeps its records under ``shards/K-of-N/``; :mod:`tl_vlm.shards` merges them. A
+and keeps its records under ``shards/K-of-N/``; :mod:`tl_vlm.study.shards` merges them. A
 step's result is always computed from the sorted records of every chunk, in an
 unsharded run as in a merge, so the two are equal to the byte.
 
 Example:
     >>> import tempfile
     >>> from tl_vlm import HookedVLM
-    >>> from tl_vlm.tasks import toy_task
+    >>> from tl_vlm.eval.tasks import toy_task
     >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
     >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12,
     ...                          steps=("accuracy", "contribution"))
@@ -52,12 +52,12 @@ import torch
 from torch import Tensor
 
 from tl_vlm import analyses as A
-from tl_vlm._progress import progress
-from tl_vlm.runstore import RunStore, dumps, write_atomic
-from tl_vlm.tasks import (CaptionTask, Example, GenerationTask, NextTokenTask, OpenClassTask,
+from tl_vlm.core.progress import progress
+from tl_vlm.study.rundir import RunStore, dumps, write_atomic
+from tl_vlm.eval.tasks import (CaptionTask, Example, GenerationTask, NextTokenTask, OpenClassTask,
                           Predictions, Scoring, Task, overlap_k)
 
-from tl_vlm.names import CONDITIONS, STEPS  # noqa: F401  (re-exported)
+from tl_vlm.core.names import CONDITIONS, STEPS  # noqa: F401  (re-exported)
 
 TASK_CLASSES = {cls.__name__: cls for cls in (NextTokenTask, GenerationTask, CaptionTask,
                                               OpenClassTask)}
@@ -125,7 +125,7 @@ def model_info(model, task: Task) -> dict[str, Any]:
 
     Example:
         >>> from tl_vlm import HookedVLM
-        >>> from tl_vlm.tasks import toy_task
+        >>> from tl_vlm.eval.tasks import toy_task
         >>> model_info(HookedVLM.from_pretrained("toy-gated"), toy_task(4))["has_gate"]
         True
     """
@@ -147,7 +147,7 @@ def load_examples(store: RunStore) -> list[Example]:
 
     Example:
         >>> import tempfile
-        >>> from tl_vlm.tasks import toy_task
+        >>> from tl_vlm.eval.tasks import toy_task
         >>> tmp = tempfile.TemporaryDirectory()
         >>> store = RunStore(tmp.name, {})
         >>> store.write_once("examples.jsonl", _examples_text(toy_task(3).examples), "examples")
@@ -495,7 +495,7 @@ class _SeparationStep(_GeometryStep):
 
 class _OverlapStep(_GeometryStep):
     """The gate (if any), last-image and mean-image residual per example; the label
-    overlap per layer at the end (k = :func:`~tl_vlm.tasks.overlap_k`)."""
+    overlap per layer at the end (k = :func:`~tl_vlm.eval.tasks.overlap_k`)."""
 
     name = "overlap"
 
@@ -528,7 +528,7 @@ def patching_pairs(task: Task, n_pairs: int, seed: int) -> list[tuple[Example, E
     otherwise random pairs of the same question kind and different answers.
 
     Example:
-        >>> from tl_vlm.tasks import toy_task
+        >>> from tl_vlm.eval.tasks import toy_task
         >>> pairs = patching_pairs(toy_task(24), n_pairs=3, seed=0)
         >>> [(s.kind == t.kind, s.klass != t.klass) for s, t in pairs]
         [(True, True), (True, True), (True, True)]
@@ -575,7 +575,7 @@ class _PatchingStep(_Step):
         return Plan(len(self.pair_chunks(ctx)), list(ctx.settings.patch_streams))
 
     def produce(self, ctx: _Context, plan: Plan, log) -> None:
-        from tl_vlm.answers import answer_token_ids
+        from tl_vlm.core.answers import answer_token_ids
 
         model, s = ctx.model, ctx.settings
         chunks = self.pair_chunks(ctx)
@@ -634,7 +634,7 @@ def finalize_step(store: RunStore, step: str, scoring: Scoring = Scoring(),
     Example (a finished run re-scored; the model is not needed):
         >>> import tempfile
         >>> from tl_vlm import HookedVLM
-        >>> from tl_vlm.tasks import toy_task
+        >>> from tl_vlm.eval.tasks import toy_task
         >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(12)
         >>> settings = StudySettings("toy-gated", "toy", 12, batch_size=6, steps=("accuracy",),
         ...                          conditions=("none",), task_settings=task.settings())
@@ -719,14 +719,14 @@ def run_study(model, task: Task, store: RunStore, settings: StudySettings,
 
     Steps that do not apply (no gate token) are saved as skipped and left out of the
     returned results. A rerun on the same ``store`` keeps the finished steps and, inside
-    a step, the recorded chunks. With ``shard`` (a :class:`tl_vlm.shards.Shard`) only
+    a step, the recorded chunks. With ``shard`` (a :class:`tl_vlm.study.shards.Shard`) only
     that shard's chunks are computed; a step is finished by whichever shard completes
-    it last (:func:`tl_vlm.shards.merge_step`).
+    it last (:func:`tl_vlm.study.shards.merge_step`).
 
     Example:
         >>> import tempfile
         >>> from tl_vlm import HookedVLM
-        >>> from tl_vlm.tasks import toy_task
+        >>> from tl_vlm.eval.tasks import toy_task
         >>> model, task = HookedVLM.from_pretrained("toy-gated"), toy_task(24)
         >>> settings = StudySettings("toy-gated", "toy", n_examples=24, batch_size=12,
         ...                          steps=("accuracy", "progressive"))
@@ -744,7 +744,7 @@ def run_study(model, task: Task, store: RunStore, settings: StudySettings,
         ValueError: unknown steps ['knockout']; choose from ['accuracy', 'progressive', ...]
         >>> tmp.cleanup()
     """
-    from tl_vlm.shards import ShardState, merge_step
+    from tl_vlm.study.shards import ShardState, merge_step
 
     unknown = [s for s in settings.steps if s not in STEP_CLASSES]
     if unknown:

@@ -14,7 +14,7 @@ This module imports nothing heavy at import time: ``tl_vlm._autoload`` uses it a
 interpreter start-up.
 
 Example:
-    >>> from tl_vlm import compat
+    >>> from tl_vlm.core import compat
     >>> sorted({name.package for name in compat.PRIVATE_NAMES})
     ['plotly', 'torch', 'transformer-lens', 'transformers']
     >>> compat.missing_private_names()
@@ -43,6 +43,11 @@ TL_HELPERS_MODULE = "transformer_lens.model_bridge.sources.transformers.helpers"
 @dataclass(frozen=True)
 class PrivateName:
     """One private upstream name tl_vlm uses.
+
+    Example:
+        >>> from tl_vlm.core.compat import PRIVATE_NAMES
+        >>> PRIVATE_NAMES[0].package, PRIVATE_NAMES[0].exists()
+        ('transformer-lens', True)
 
     Attributes:
         package: the distribution that owns it (``pip show`` name).
@@ -119,14 +124,14 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
         "transformers.models.pixtral.image_processing_pil_pixtral:get_resize_output_image_size",
         "module layout: PixtralProcessor's module imports this helper from the torchvision "
         "image-processor module; tl_vlm provides it from the PIL one when torchvision is "
-        "missing (tl_vlm._hf_compat)",
+        "missing (tl_vlm.core.hf_compat)",
         _has("transformers.models.pixtral.image_processing_pil_pixtral:"
              "get_resize_output_image_size")),
     PrivateName(
         "torch", "torch.nn:Module._forward_hooks (and _forward_pre_hooks, _backward_hooks, "
         "_backward_pre_hooks)",
         "whether anything hooks a hook point around TransformerLens' API, which decides "
-        "between fused and eager attention (tl_vlm.attention)",
+        "between fused and eager attention (tl_vlm.core.attention)",
         _torch_module_has_hook_dicts),
     PrivateName(
         "torch", "torch.utils._python_dispatch:TorchDispatchMode",
@@ -140,49 +145,105 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
 
 
 def missing_private_names() -> list[PrivateName]:
-    """The listed names the installed releases no longer have (empty when all is well)."""
+    """The listed names the installed releases no longer have (empty when all is well).
+
+    Example:
+        >>> missing_private_names()
+        []
+    """
     return [name for name in PRIVATE_NAMES if not name.exists()]
 
 
 # -- the accessors: the only places tl_vlm touches these names -------------------------
 def tl_adapter_tables(factory_module: Any) -> tuple[dict, dict]:
     """TransformerLens' two architecture -> adapter tables: ``SUPPORTED_ARCHITECTURES``
-    (public) and the factory's copy (private), which must agree."""
+    (public) and the factory's copy (private), which must agree.
+
+    Example:
+        >>> from transformer_lens.factories import architecture_adapter_factory as factory
+        >>> public, private = tl_adapter_tables(factory)
+        >>> "LlavaForConditionalGeneration" in public and "LlavaForConditionalGeneration" in private
+        True
+    """
     return (factory_module.SUPPORTED_ARCHITECTURES,
             factory_module.ArchitectureAdapterFactory._adapters)
 
 
 def replace_tl_torchvision_installer(check: Callable[[], bool]) -> None:
-    """Make TL call ``check`` where it would ``pip install torchvision``."""
+    """Make TL call ``check`` where it would ``pip install torchvision``.
+
+    Example:
+        >>> before = tl_torchvision_installer()
+        >>> replace_tl_torchvision_installer(lambda: False)
+        >>> tl_torchvision_installer()()
+        False
+        >>> replace_tl_torchvision_installer(before)
+    """
     helpers = importlib.import_module(TL_HELPERS_MODULE)
     helpers._ensure_torchvision = check
 
 
 def tl_torchvision_installer() -> Callable[[], bool]:
-    """What TL calls today where it would install torchvision."""
+    """What TL calls today where it would install torchvision.
+
+    Example:
+        >>> callable(tl_torchvision_installer())
+        True
+    """
     return importlib.import_module(TL_HELPERS_MODULE)._ensure_torchvision
 
 
 def attn_implementation(config: Any) -> str:
-    """The attention implementation a (sub)config selects."""
+    """The attention implementation a (sub)config selects.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> attn_implementation(LlamaConfig(attn_implementation="eager"))
+        'eager'
+    """
     return config._attn_implementation
 
 
 def set_attn_implementation(config: Any, name: Any) -> None:
-    """Select an attention implementation on one config only (not its sub-configs)."""
+    """Select an attention implementation on one config only (not its sub-configs).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> config = LlamaConfig(attn_implementation="eager")
+        >>> set_attn_implementation(config, "sdpa"); attn_implementation(config)
+        'sdpa'
+    """
     config._attn_implementation_internal = name
 
 
 def hook_dicts(module: Any) -> dict[str, dict]:
-    """A module's forward/backward hook dicts, by name (``_forward_hooks``...)."""
+    """A module's forward/backward hook dicts, by name (``_forward_hooks``...).
+
+    Example:
+        >>> import torch
+        >>> module = torch.nn.Identity()
+        >>> _ = module.register_forward_hook(lambda m, i, o: o)
+        >>> {name: len(hooks) for name, hooks in hook_dicts(module).items()}["_forward_hooks"]
+        1
+    """
     return {name: getattr(module, name) for name in _HOOK_DICTS}
 
 
 def plotly_notebook_renderer_base() -> type:
-    """plotly's notebook renderer class, to subclass."""
+    """plotly's notebook renderer class, to subclass.
+
+    Example:
+        >>> plotly_notebook_renderer_base().__name__
+        'NotebookRenderer'
+    """
     return _resolve("plotly.io._base_renderers:NotebookRenderer")
 
 
 def torch_dispatch_mode() -> type:
-    """torch's ``TorchDispatchMode`` base class, to subclass."""
+    """torch's ``TorchDispatchMode`` base class, to subclass.
+
+    Example:
+        >>> torch_dispatch_mode().__name__
+        'TorchDispatchMode'
+    """
     return _resolve("torch.utils._python_dispatch:TorchDispatchMode")

@@ -1,0 +1,1 @@
+"""Evaluation: examples and data loading, images, tasks, prompts and metrics."""
