@@ -73,8 +73,10 @@ def test_hook_name_typos_raise(tiny_zoo):
 
 
 def test_tl_processor_fallback_never_installs():
-    import tl_vlm.core.registration  # noqa: F401  (applies the guard on import)
+    from tl_vlm.core import registration
     from tl_vlm.core.compat import tl_torchvision_installer
+
+    registration.ensure_registered()   # what tl_vlm runs before it boots anything
 
     calls = []
     real = subprocess.check_call
@@ -119,32 +121,77 @@ for family, (path, inputs) in torch.load(sys.argv[1], weights_only=False).items(
     report[family] = dict(adapter=type(bridge.adapter).__module__ + ":" + type(bridge.adapter).__name__,
                           max_diff=float((got[mask] - expected[mask]).abs().max()),
                           live=float((edited[mask] - got[mask]).abs().max()))
-table = {name: (cls.__name__, inspect.getsourcefile(cls))
+table = {name: (cls.__name__, inspect.getsourcefile(cls), cls.__module__)
          for name, cls in factory.SUPPORTED_ARCHITECTURES.items()}
 print(json.dumps(dict(report=report, table=table)))
 """
 
 
-def test_plain_transformer_lens_boots_every_family_exactly_with_live_hooks(tiny_zoo, tmp_path):
-    """After `pip install tl-vlm`, TL itself boots all 9 families, in a fresh interpreter,
-    with logits equal to HF eager and live attention hooks; its table holds real classes."""
+def _plain_boot(tiny_zoo, tmp_path, names, **env_extra) -> tuple[dict, str]:
+    """Boot ``names`` with plain TransformerLens in a fresh interpreter (no tl_vlm import)."""
     inputs = {family: (str(tiny_zoo.path(family)), tiny_zoo.batch(family)[1].inputs)
-              for family in tiny_zoo.specs}
+              for family in names}
     torch.save(inputs, tmp_path / "inputs.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k != "TL_VLM_PATCH_TRANSFORMER_LENS"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **env_extra)
     done = subprocess.run([sys.executable, "-c", PLAIN_BOOT, str(tmp_path / "inputs.pt")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert sorted(out["report"]) == sorted(tiny_zoo.specs)
-    for family, r in out["report"].items():
+    assert "attempted to override" not in done.stderr and "could not register" not in done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def _check_exact_and_live(report: dict, names) -> None:
+    assert sorted(report) == sorted(names)
+    for family, r in report.items():
         assert r["adapter"].startswith("tl_vlm.adapters."), (family, r)
         assert r["max_diff"] < 1e-4, (family, r)
         assert r["live"] > 1e-4, (family, r)
-    assert out["report"]["pixtral"]["adapter"].endswith(":PixtralAdapter")
-    for name, (cls_name, source) in out["table"].items():
+
+
+def test_plain_transformer_lens_gains_the_families_it_lacks_and_keeps_its_own(tiny_zoo, tmp_path):
+    """After `pip install tl-vlm`, TL itself boots the architectures it lacks (Chameleon,
+    Janus, Qwen2-VL) with tl_vlm's adapters, exactly and with live hooks, in a fresh
+    interpreter; the architectures TL supports keep TL's own adapters."""
+    from tl_vlm.core import registration
+
+    added = set(registration.added_architectures())
+    names = [f.name for f in families() if set(f.architectures) <= added]
+    assert sorted(names) == ["chameleon", "janus", "qwen2_vl"]
+    out, _ = _plain_boot(tiny_zoo, tmp_path, names)
+    _check_exact_and_live(out["report"], names)
+    for name, (cls_name, source, module) in out["table"].items():
         assert cls_name and source and source.endswith(".py"), (name, cls_name, source)
-    assert "attempted to override" not in done.stderr and "could not register" not in done.stderr
+        assert module.startswith("tl_vlm.") == (name in added), (name, module)
+    assert out["table"]["LlavaForConditionalGeneration"][2].startswith("transformer_lens.")
+
+
+def test_plain_transformer_lens_patched_boots_every_family_exactly_with_live_hooks(tiny_zoo, tmp_path):
+    """With TL_VLM_PATCH_TRANSFORMER_LENS=1, TL itself boots all 9 families with tl_vlm's
+    adapters: logits equal to HF eager, live attention hooks, real classes in its table."""
+    out, _ = _plain_boot(tiny_zoo, tmp_path, list(tiny_zoo.specs), TL_VLM_PATCH_TRANSFORMER_LENS="1")
+    _check_exact_and_live(out["report"], tiny_zoo.specs)
+    assert out["report"]["pixtral"]["adapter"].endswith(":PixtralAdapter")
+    for name, (cls_name, source, _) in out["table"].items():
+        assert cls_name and source and source.endswith(".py"), (name, cls_name, source)
+
+
+def test_patch_transformer_lens_in_process():
+    """``tl_vlm.patch_transformer_lens()`` puts tl_vlm's adapters in TL's table for the
+    architectures TL supports too (a fresh interpreter: the table is process-wide)."""
+    script = ("import tl_vlm\n"
+              "from transformer_lens.factories import architecture_adapter_factory as f\n"
+              "before = f.SUPPORTED_ARCHITECTURES['LlavaForConditionalGeneration'].__module__\n"
+              "changed = tl_vlm.patch_transformer_lens()\n"
+              "after = f.SUPPORTED_ARCHITECTURES['LlavaForConditionalGeneration'].__module__\n"
+              "print(before, after, 'LlavaForConditionalGeneration' in changed)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TL_VLM_PATCH_TRANSFORMER_LENS"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(env, HF_HUB_OFFLINE="1"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after, changed = done.stdout.split()[-3:]
+    assert before.startswith("transformer_lens.") and after.startswith("tl_vlm.")
+    assert changed == "True"
 
 
 # -- placement and dtypes ------------------------------------------------------------
@@ -276,7 +323,8 @@ def test_layout_errors_name_expected_found_and_what_to_do(toy_models):
                                    "tl_vlm.analyses"])
 def test_registration_whatever_is_imported_first(first):
     """Whichever module a user imports first, TL's table ends up holding tl_vlm's adapter
-    classes, and nothing warns (no circular import on the way)."""
+    classes for the architectures TL lacks and TL's own for the others, and nothing
+    warns (no circular import on the way)."""
     script = textwrap.dedent(f"""
         import {first}
         import transformer_lens
@@ -285,8 +333,9 @@ def test_registration_whatever_is_imported_first(first):
         print(table["ChameleonForConditionalGeneration"].__module__,
               table["LlavaForConditionalGeneration"].__name__)
     """)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k != "TL_VLM_PATCH_TRANSFORMER_LENS"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["tl_vlm.adapters.chameleon", "SharedArchitectureAdapter"]
+    assert done.stdout.split() == ["tl_vlm.adapters.chameleon", "LlavaArchitectureAdapter"]

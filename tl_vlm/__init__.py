@@ -34,8 +34,9 @@ _LAZY = {
     "PositionSet": "tl_vlm.core.positions",
     "ImageLayout": "tl_vlm.core.layout",
     "LayoutError": "tl_vlm.core.layout",
-    "UnsupportedModelError": "tl_vlm.adapters",
-    "families": "tl_vlm.adapters",
+    "UnsupportedModelError": "tl_vlm.core.family",
+    "families": "tl_vlm.core.family",
+    "patch_transformer_lens": "tl_vlm.core.registration",
 }
 
 __all__ = sorted(_LAZY)

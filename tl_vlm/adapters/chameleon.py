@@ -49,7 +49,7 @@ from transformer_lens.model_bridge.generalized_components import (
     UnembeddingBridge,
 )
 
-from tl_vlm.adapters import Family
+from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
 from tl_vlm.core.layout import Box, resize_crop_box

@@ -42,7 +42,7 @@ from transformer_lens.model_bridge.supported_architectures.emu3 import (
     Emu3ArchitectureAdapter,
 )
 
-from tl_vlm.adapters import Family
+from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.layout import GridQueue, ImageLayout, LayoutError, RowLayout
 

@@ -34,7 +34,7 @@ from transformer_lens.model_bridge.supported_architectures.gemma3_multimodal imp
     Gemma3MultimodalArchitectureAdapter,
 )
 
-from tl_vlm.adapters import Family
+from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.layout import ImageLayout, LayoutError
 

@@ -40,7 +40,7 @@ from transformer_lens.model_bridge.supported_architectures.llama import (
 )
 
 
-from tl_vlm.adapters import Family
+from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.layout import ImageLayout, LayoutError
 from tl_vlm.core.layout import Box, padded_square_box

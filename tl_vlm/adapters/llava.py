@@ -17,7 +17,7 @@ from transformer_lens.model_bridge.supported_architectures.llava import (
     LlavaArchitectureAdapter,
 )
 
-from tl_vlm.adapters import Family
+from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.layout import ImageLayout
 from tl_vlm.core.layout import Box, ImageView, LayoutError, resize_crop_box

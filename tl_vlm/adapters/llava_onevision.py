@@ -42,7 +42,7 @@ from transformer_lens.model_bridge.supported_architectures.llava_onevision impor
     LlavaOnevisionArchitectureAdapter,
 )
 
-from tl_vlm.adapters import Family
+from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
 from tl_vlm.core.layout import Box, ImageView, padded_square_box

@@ -12,7 +12,7 @@ requires torchvision); tl_vlm uses its own subclass, without that requirement.
 
 from __future__ import annotations
 
-from tl_vlm.adapters import Family
+from tl_vlm.core.family import Family
 from tl_vlm.adapters.qwen2_vl import QWEN2_5_VL, Qwen2VLAdapter, Qwen2VLLayout
 
 FAMILY = Family(

@@ -40,7 +40,7 @@ from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import (
     Qwen2_5_VLArchitectureAdapter,
 )
 
-from tl_vlm.adapters import Family
+from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.layout import ImageLayout, LayoutError
 

@@ -30,7 +30,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from tl_vlm.core import registration
 from tl_vlm.core.devices import resolve_dtype
 from tl_vlm.core.progress import quiet_hub_bars_in_bare_notebooks
-from tl_vlm.adapters import Family, family_for_config
+from tl_vlm.core.family import Family, family_for_config
 from tl_vlm.core.batch import VLMBatch
 from tl_vlm.core.layout import ImageLayout, LayoutError
 from tl_vlm.core.loading import check_placement, load_processor, offline_if_local, resolve_model_name

@@ -81,7 +81,7 @@ def family_is_native(family: Optional[str]) -> Optional[bool]:
         >>> family_is_native("chameleon"), family_is_native("pixtral"), family_is_native("x")
         (True, False, None)
     """
-    from tl_vlm.adapters import families
+    from tl_vlm.core.family import families
 
     for fam in families():
         if fam.name == family:

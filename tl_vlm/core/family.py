@@ -1,0 +1,186 @@
+"""The contract of a VLM family, and the registry that finds the family files.
+
+A family (:class:`Family`) is what tl_vlm knows about one kind of checkpoint: the HF
+architecture names it covers, its TransformerLens adapter and its
+:class:`~tl_vlm.core.layout.ImageLayout`. Each lives in its own file in
+:mod:`tl_vlm.adapters`, which defines ``FAMILY``; :func:`families` finds them by
+name, so core depends on the contract only, never on a family.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+
+from tl_vlm.core.layout import ImageLayout
+
+
+@dataclass(frozen=True)
+class Family:
+    """One VLM family as tl_vlm supports it.
+
+    Attributes:
+        name: short name used in docs and errors ("chameleon").
+        architectures: HF ``config.architectures`` names this family covers.
+        adapter: the TransformerLens ``ArchitectureAdapter`` subclass to use.
+        layout: the image-token layout class.
+        example_ids: hub ids, for docs and error messages.
+        matches: optional predicate on the HF config, for architectures shared by two
+            families (a Llava checkpoint with a Pixtral tower is the pixtral family).
+        final_logits: what the HF forward does to ``lm_head``'s output, as
+            ``model -> (logits -> logits)``; None when it returns it unchanged. The logit
+            lens applies it so that lensing the last residual gives the model's logits.
+
+    Example:
+        >>> llava = next(f for f in families() if f.name == "llava")
+        >>> llava.architectures, llava.layout.__name__
+        (('LlavaForConditionalGeneration',), 'LlavaLayout')
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    adapter: type
+    layout: type[ImageLayout]
+    example_ids: tuple[str, ...] = ()
+    matches: Optional[Any] = field(default=None, compare=False)
+    final_logits: Optional[Any] = field(default=None, compare=False)
+
+
+#: the packages whose modules are family files (each defines ``FAMILY``)
+FAMILY_PACKAGES: list[str] = ["tl_vlm.adapters"]
+_FAMILIES: Optional[list[Family]] = None
+_LOADING = False
+
+
+def families() -> list[Family]:
+    """All supported families: the ``FAMILY`` of every module of the family packages
+    (:data:`FAMILY_PACKAGES`, found by name and imported on first use).
+
+    Core never imports a family module by its name: a family is a file that defines
+    ``FAMILY``; adding one is adding a file (CONTRIBUTING.md, "Adding a family").
+
+    Example:
+        >>> sorted(f.name for f in families())[:3]
+        ['chameleon', 'emu3', 'gemma3']
+    """
+    global _FAMILIES, _LOADING
+    if _FAMILIES is None:
+        loaded = []
+        _LOADING = True
+        try:
+            for package_name in FAMILY_PACKAGES:
+                package = importlib.import_module(package_name)
+                names = sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                               if not m.name.startswith("_"))
+                for m in names:
+                    try:
+                        loaded.append(importlib.import_module(f"{package_name}.{m}").FAMILY)
+                    except Exception as err:  # name the broken family, not a bare ImportError
+                        raise RuntimeError(f"tl_vlm family module {m!r} failed to load: "
+                                           f"{err!r}") from err
+        finally:
+            _LOADING = False
+        _FAMILIES = loaded
+    return _FAMILIES
+
+
+def loading() -> bool:
+    """Whether :func:`families` cannot list the families now: they are being imported,
+    or the family package itself is (its import is what imported TransformerLens).
+
+    Example:
+        >>> loading()
+        False
+    """
+    if _LOADING:
+        return True
+    # A family package sets READY as its last import-time step.
+    return any(name in sys.modules and not hasattr(sys.modules[name], "READY")
+               for name in FAMILY_PACKAGES)
+
+
+def tl_adapter_classes() -> dict[str, type]:
+    """Architecture name -> the adapter class TransformerLens should use for it.
+
+    One family's adapter where the architecture is that family's alone,
+    :class:`SharedArchitectureAdapter` where families share it (a
+    ``LlavaForConditionalGeneration`` is LLaVA or Pixtral, by its vision tower).
+
+    Example:
+        >>> classes = tl_adapter_classes()
+        >>> classes["ChameleonForConditionalGeneration"].__name__
+        'ChameleonAdapter'
+        >>> classes["LlavaForConditionalGeneration"] is SharedArchitectureAdapter
+        True
+    """
+    owners: dict[str, list[Family]] = {}
+    for fam in families():
+        for arch in fam.architectures:
+            owners.setdefault(arch, []).append(fam)
+    out = {}
+    for arch, fams in owners.items():
+        adapters = {f.adapter for f in fams}
+        out[arch] = fams[0].adapter if len(adapters) == 1 else SharedArchitectureAdapter
+    return out
+
+
+class SharedArchitectureAdapter(ArchitectureAdapter):
+    """The adapter TransformerLens gets for an architecture several families share.
+
+    ``SharedArchitectureAdapter(cfg)`` builds the adapter of the family the config
+    belongs to (:func:`family_for_config`): a ``LlavaForConditionalGeneration`` with a
+    Pixtral tower gets :class:`~tl_vlm.adapters.pixtral.PixtralAdapter`, one with a CLIP
+    tower :class:`~tl_vlm.adapters.llava.LlavaAdapter`.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> cfg = HookedVLM.from_pretrained("toy-gated").cfg   # a Chameleon: not shared
+        >>> type(SharedArchitectureAdapter(cfg)).__name__
+        'ChameleonAdapter'
+    """
+
+    def __new__(cls, cfg: Any) -> ArchitectureAdapter:  # type: ignore[misc]
+        return family_for_config(cfg).adapter(cfg)
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one tl_vlm supports.
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> family_for_config(BertConfig(architectures=["BertModel"]))
+        Traceback (most recent call last):
+        ...
+        tl_vlm.core.family.UnsupportedModelError: tl_vlm does not support architecture ['BertModel'] ...
+    """
+
+
+def family_for_config(hf_config: Any) -> Family:
+    """The family of an HF config, or a clear error listing the supported ones.
+
+    Example:
+        >>> from transformers import ChameleonConfig
+        >>> family_for_config(ChameleonConfig(architectures=["ChameleonForConditionalGeneration"])).name
+        'chameleon'
+    """
+    # An HF config lists ``architectures``; TransformerLens' bridge config has one ``architecture``.
+    archs = list(getattr(hf_config, "architectures", None)
+                 or [a for a in [getattr(hf_config, "architecture", None)] if a])
+    candidates = [f for f in families() if set(archs) & set(f.architectures)]
+    specific = [f for f in candidates if f.matches is not None and f.matches(hf_config)]
+    generic = [f for f in candidates if f.matches is None]
+    if specific or generic:
+        return (specific or generic)[0]
+    table = "\n".join(
+        f"  {f.name:16s} {', '.join(f.architectures)}" for f in families()
+    )
+    raise UnsupportedModelError(
+        f"tl_vlm does not support architecture {archs or '(none in config)'} "
+        f"(model_type={getattr(hf_config, 'model_type', None)!r}). Supported families:\n"
+        f"{table}\nVILA-U is not in transformers; see the README for what to use instead."
+    )
