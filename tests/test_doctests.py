@@ -43,6 +43,7 @@ MODULES = [
     "tl_vlm.core.positions",
     "tl_vlm.core.batch",
     "tl_vlm.eval.tasks",
+    "tl_vlm.eval.examples",
     "tl_vlm.core.answers",
     "tl_vlm.study.verify",
     "tl_vlm.eval.data",

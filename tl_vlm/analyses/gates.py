@@ -267,11 +267,10 @@ class _Targets:
 
     def __init__(self, model, task) -> None:
         from tl_vlm.core.answers import answer_token_ids
-        from tl_vlm.eval.tasks import NextTokenTask
 
         self.model = model
         self.task = task
-        self.answers = isinstance(task, NextTokenTask)
+        self.answers = callable(getattr(task, "answer_ids", None))   # a NextTokenTask
         self.closed: Optional[dict[Any, Tensor]] = None
         if self.answers and getattr(task, "closed_set", False) \
                 and all(ex.kind is not None for ex in task.examples):

@@ -808,7 +808,7 @@ _USER_ERRORS = {
     "tl_vlm.eval.prompts": ("PromptError",),
     "tl_vlm.core.answers": ("AnswerTokenError",),
     "tl_vlm.core.layout": ("LayoutError",),
-    "tl_vlm.adapters": ("UnsupportedModelError",),
+    "tl_vlm.core.family": ("UnsupportedModelError",),
 }
 
 

@@ -12,7 +12,7 @@ ImageNet 100 x 100 and the counterfactual steering set) with their split, select
 and the columns read. :func:`select_indices` applies the rule (VQAv2: the authors'
 ``random.Random(42).sample``; captions: the first N rows; ImageNet: every row),
 :func:`source_record` describes what was loaded for ``run.json`` and
-:func:`to_examples` turns rows into :class:`~tl_vlm.eval.tasks.Example` objects. COCO
+:func:`to_examples` turns rows into :class:`~tl_vlm.eval.examples.Example` objects. COCO
 Karpathy rows hold image URLs, which :class:`ImageResolver` turns into local files (a
 COCO root, a shared content cache, ``file://`` URLs, then HTTP).
 
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from tl_vlm.eval.prompts import CAPTION_INSTRUCTION
-from tl_vlm.eval.tasks import Example, LazyImage
+from tl_vlm.eval.examples import Example, LazyImage
 
 if TYPE_CHECKING:  # datasets is imported on first use: importing tl_vlm stays light
     import datasets

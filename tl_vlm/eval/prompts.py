@@ -36,7 +36,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from tl_vlm.eval.tasks import Example
+from tl_vlm.eval.examples import Example
 
 VQA_INSTRUCTION = "Answer the question using a single word or phrase."
 # The authors' PROMT_PIXTRAL: a triple-quoted string whose lines end in a backslash, so

@@ -46,7 +46,7 @@ import math
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -712,6 +712,45 @@ def finish_without_model(store: RunStore, settings: StudySettings, scoring: Scor
     return True
 
 
+class Recorder(Protocol):
+    """How a run records its progress and finishes its steps: :class:`WholeRun`, or a
+    shard's :class:`tl_vlm.study.shards.ShardState` (shards plug in here; the runner
+    never imports them)."""
+
+    def open(self, store: RunStore, info: dict[str, Any]) -> None: ...
+    def step_done(self, step: str, plan: Plan) -> bool: ...
+    def begin(self, step: str, plan: Plan) -> None: ...
+    def finish(self, step: str) -> None: ...
+    def complete(self, store: RunStore, step: str, scoring: Scoring, plan: Plan,
+                 log: Callable[[str], None]) -> None: ...
+
+
+class WholeRun:
+    """The :class:`Recorder` of an unsharded run: ``model.json``, and each step's result
+    computed from its records as soon as it is produced.
+
+    Example:
+        >>> WholeRun().step_done("accuracy", Plan(3, ["none"]))
+        False
+    """
+
+    def open(self, store: RunStore, info: dict[str, Any]) -> None:
+        write_atomic(store.out / "model.json", dumps(info))
+
+    def step_done(self, step: str, plan: Plan) -> bool:
+        return False   # a finished step is kept by the caller (store.done)
+
+    def begin(self, step: str, plan: Plan) -> None:
+        pass
+
+    def finish(self, step: str) -> None:
+        pass
+
+    def complete(self, store: RunStore, step: str, scoring: Scoring, plan: Plan,
+                 log: Callable[[str], None]) -> None:
+        finalize_step(store, step, scoring, plan.to_dict())
+
+
 def run_study(model, task: Task, store: RunStore, settings: StudySettings,
               log: Callable[[str], None] = print, scoring: Scoring = Scoring(),
               shard: Optional[Any] = None) -> dict[str, Any]:
@@ -720,8 +759,9 @@ def run_study(model, task: Task, store: RunStore, settings: StudySettings,
     Steps that do not apply (no gate token) are saved as skipped and left out of the
     returned results. A rerun on the same ``store`` keeps the finished steps and, inside
     a step, the recorded chunks. With ``shard`` (a :class:`tl_vlm.study.shards.Shard`) only
-    that shard's chunks are computed; a step is finished by whichever shard completes
-    it last (:func:`tl_vlm.study.shards.merge_step`).
+    that shard's chunks are computed, and its recorder (``shard.recorder(out)``, a
+    :class:`Recorder`) finishes a step in whichever shard completes it last
+    (:func:`tl_vlm.study.shards.merge_step`); without, :class:`WholeRun` does.
 
     Example:
         >>> import tempfile
@@ -744,18 +784,13 @@ def run_study(model, task: Task, store: RunStore, settings: StudySettings,
         ValueError: unknown steps ['knockout']; choose from ['accuracy', 'progressive', ...]
         >>> tmp.cleanup()
     """
-    from tl_vlm.study.shards import ShardState, merge_step
-
     unknown = [s for s in settings.steps if s not in STEP_CLASSES]
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {list(STEP_CLASSES)}")
     store.write_once("examples.jsonl", _examples_text(task.examples), "examples")
     info = model_info(model, task)
-    state = ShardState(store.out, shard) if shard is not None else None
-    if state is None:
-        write_atomic(store.out / "model.json", dumps(info))
-    else:
-        state.start(store.settings, info)
+    recorder = WholeRun() if shard is None else shard.recorder(store.out)
+    recorder.open(store, info)
     ctx = _Context(model, task, store, settings, info,
                   None if shard is None else (shard.index, shard.count))
     for name in settings.steps:
@@ -766,20 +801,15 @@ def run_study(model, task: Task, store: RunStore, settings: StudySettings,
                 log(f"[{name}] already done: kept")
                 continue
         plan = step.plan(ctx)
-        if state is not None and state.step_done(name, plan):
+        if recorder.step_done(name, plan):
             log(f"[{name}] this shard's part is done")
         else:
-            if state is not None:
-                state.begin(name, plan)
+            recorder.begin(name, plan)
             if plan.skipped is None:
                 log(f"[{name}] running")
                 step.produce(ctx, plan, log)
-            if state is not None:
-                state.finish(name)
+            recorder.finish(name)
         if plan.skipped is not None:
             log(f"[{name}] does not apply to this model ({plan.skipped}): skipped")
-        if state is None:
-            finalize_step(store, name, scoring, plan.to_dict())
-        else:
-            merge_step(store, name, scoring, log=log)
+        recorder.complete(store, name, scoring, plan, log)
     return study_results(store, settings.steps)

@@ -72,6 +72,10 @@ class Shard:
     def owns(self, chunk: int) -> bool:
         return chunk % self.count == self.index
 
+    def recorder(self, out) -> "ShardState":
+        """This shard's :class:`~tl_vlm.study.runner.Recorder` in run directory ``out``."""
+        return ShardState(out, self)
+
     @classmethod
     def parse(cls, spec: str, environ: Optional[Mapping[str, str]] = None) -> "Shard":
         """``"K/N"``, or ``"auto"``: a SLURM array task
@@ -205,6 +209,14 @@ class ShardState:
     def step_done(self, step: str, plan) -> bool:
         entry = self.data.get("steps", {}).get(step)
         return bool(entry and entry["done"] and entry["plan"] == plan.to_dict())
+
+    # -- the runner's Recorder interface (tl_vlm.study.runner.Recorder) -----------------
+    def open(self, store: RunStore, info: dict[str, Any]) -> None:
+        self.start(store.settings, info)
+
+    def complete(self, store: RunStore, step: str, scoring, plan,
+                 log: Callable[[str], None]) -> None:
+        merge_step(store, step, scoring, log=log)
 
 
 def shard_count(out) -> int:
