@@ -158,7 +158,9 @@ def test_hub_record_asks_for_the_sha_only_online(monkeypatch):
 
     import huggingface_hub
 
-    monkeypatch.setattr(evaldata, "_hub_online", lambda: True)
+    from tl_vlm.eval import selection
+
+    monkeypatch.setattr(selection, "_hub_online", lambda: True)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert source_record(SOURCES["flickr30k"].spec, ds)["sha"] == "abc123"
     assert source_record(SOURCES["coco"].spec, ds)["sha"] == "abc123"

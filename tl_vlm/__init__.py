@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from tl_vlm.core.version import __version__  # noqa: E402,F401
 
 from tl_vlm.core.progress import quiet_tqdm_widget_warning  # noqa: E402
 

@@ -54,7 +54,7 @@ ATTN_IMPLEMENTATION = "tl_vlm"
 # The HF attention module keeps a *weak* reference to the bridge that owns its hooks.
 # (A global module -> bridge table would keep every model alive: the bridge holds the
 # module.) The bridge holds the module, so the pair is freed together.
-_BRIDGE_ATTR = "_tl_vlm_bridge"
+BRIDGE_ATTR = "_tl_vlm_bridge"
 _paths: Optional[list[str]] = None      # set by record_paths()
 _query_chunk: Optional[int] = None      # set by eager_query_chunks()
 
@@ -69,7 +69,7 @@ def bridge_of(module: torch.nn.Module) -> Optional[Any]:
         >>> bridge_of(model.blocks[0].attn.original_component) is model.blocks[0].attn
         True
     """
-    ref = module.__dict__.get(_BRIDGE_ATTR)
+    ref = module.__dict__.get(BRIDGE_ATTR)
     return None if ref is None else ref()
 
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
-from tl_vlm.core.attention import _BRIDGE_ATTR, ATTN_IMPLEMENTATION
+from tl_vlm.core.attention import BRIDGE_ATTR, ATTN_IMPLEMENTATION
 from tl_vlm.core.compat import attn_implementation, set_attn_implementation
 
 
@@ -39,7 +39,7 @@ class HookedAttentionBridge(AttentionBridge):
 
     def set_original_component(self, original_component: torch.nn.Module) -> None:
         super().set_original_component(original_component)
-        original_component.__dict__[_BRIDGE_ATTR] = weakref.ref(self)
+        original_component.__dict__[BRIDGE_ATTR] = weakref.ref(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if "hidden_states" in kwargs:

@@ -53,7 +53,14 @@ from tl_vlm.core.batch import VLMBatch
 Hook = tuple[Any, Callable]
 
 
-def _blocks(model) -> list[torch.nn.Module]:
+def decoder_blocks(model) -> list[torch.nn.Module]:
+    """The model's decoder blocks, or a clear error for a model without a block stack.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> len(decoder_blocks(HookedVLM.from_pretrained("toy-gated")))
+        4
+    """
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise NotImplementedError(
@@ -64,7 +71,7 @@ def _blocks(model) -> list[torch.nn.Module]:
 
 def _check_layer(model, layer: int) -> int:
     """The block index ``layer`` (negative counts from the end), or a clear IndexError."""
-    n = len(_blocks(model))
+    n = len(decoder_blocks(model))
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
         raise IndexError(f"layer {layer!r} is outside the model's {n} layers (0..{n - 1})")
     return layer % n
@@ -89,13 +96,23 @@ def _check_residual(model, batch: Any, resid: Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _overridden_forwards(forwards: dict[torch.nn.Module, Callable], who: str) -> Iterator[None]:
+def overridden_forwards(forwards: dict[torch.nn.Module, Callable], who: str) -> Iterator[None]:
     """Within the block, each block in ``forwards`` runs the given function instead of its
     own ``forward`` (which that function may call); restored on exit, exceptions too.
 
     The one way tl_vlm replaces a decoder block's forward (:func:`start_at_layer`,
     :func:`~tl_vlm.core.recompute.recompute_blocks`): two at once would silently nest, so a
     block already overridden is refused, naming ``who`` asked.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> model = HookedVLM.from_pretrained("toy-gated")
+        >>> block = decoder_blocks(model)[0]
+        >>> with overridden_forwards({block: lambda *a, **k: "replaced"}, "an example"):
+        ...     block.forward()
+        'replaced'
+        >>> "forward" in block.__dict__
+        False
     """
     if any("forward" in block.__dict__ for block in forwards):
         raise RuntimeError(f"a block's forward is already overridden (another start_at_layer "
@@ -146,7 +163,7 @@ def start_at_layer(model, layer: int, resid: Float[Tensor, "batch pos d_model"],
         ...
         IndexError: layer 4 is outside the model's 4 layers (0..3)
     """
-    blocks = _blocks(model)
+    blocks = decoder_blocks(model)
     layer = _check_layer(model, layer)
     _check_residual(model, batch, resid)
     first = blocks[layer]
@@ -179,7 +196,7 @@ def start_at_layer(model, layer: int, resid: Float[Tensor, "batch pos d_model"],
         return bound_forward(*args, **kwargs)
 
     forwards = {**{block: _pass_through for block in blocks[:layer]}, first: inject}
-    with _overridden_forwards(forwards, "start_at_layer"):
+    with overridden_forwards(forwards, "start_at_layer"):
         yield layer
 
 

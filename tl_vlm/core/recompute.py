@@ -40,7 +40,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
-from tl_vlm.core.prefix import _blocks, _overridden_forwards
+from tl_vlm.core.prefix import decoder_blocks, overridden_forwards
 
 
 def _checkpointed(forward: Callable) -> Callable:
@@ -71,15 +71,15 @@ def recompute_blocks(model, enabled: bool = True) -> Iterator[None]:
         >>> from tl_vlm.toy import make_examples
         >>> model = HookedVLM.from_pretrained("toy-gated")
         >>> batch = model.prepare(make_examples(2).prompts)
-        >>> with recompute_blocks(model):
+        >>> with recomputedecoder_blocks(model):
         ...     model.last_logits(batch, use_cache=False).sum().backward()   # weights' grads
         >>> model.zero_grad(set_to_none=True)
-        >>> with recompute_blocks(model):
+        >>> with recomputedecoder_blocks(model):
         ...     model.last_logits(batch).sum().backward()
         Traceback (most recent call last):
         ...
         RuntimeError: recompute_blocks: the forward passes a KV cache to the blocks; run it with use_cache=False
-        >>> with recompute_blocks(model), recompute_blocks(model):
+        >>> with recomputedecoder_blocks(model), recomputedecoder_blocks(model):
         ...     pass
         Traceback (most recent call last):
         ...
@@ -88,6 +88,6 @@ def recompute_blocks(model, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    forwards = {block: _checkpointed(block.forward) for block in _blocks(model)}
-    with _overridden_forwards(forwards, "recompute_blocks"):
+    forwards = {block: _checkpointed(block.forward) for block in decoder_blocks(model)}
+    with overridden_forwards(forwards, "recompute_blocks"):
         yield

@@ -372,7 +372,7 @@ def write_comparison(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]
     """
     from plotly.offline import get_plotlyjs
 
-    from tl_vlm.study.report import _figure_html, html_page, html_table
+    from tl_vlm.study.report import figure_html, html_page, html_table
 
     if not run_dirs:
         raise ValueError("give at least one run directory (the --out of `tl-vlm narrow-gate`)")
@@ -396,7 +396,7 @@ def write_comparison(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]
         fig, header, rows = made
         parts.append(f"<h2 id='{step}'>{html.escape(title)}</h2>")
         fig.update_layout(template="plotly_white", height=380, margin=dict(l=60, r=20, t=60, b=50))
-        parts.append(_figure_html(fig))
+        parts.append(figure_html(fig))
         parts.append(f"<details><summary>numbers</summary>{html_table(header, rows)}</details>")
     path = out / "index.html"
     path.write_text(html_page("Narrow Gate comparison", parts, get_plotlyjs() + _TOGGLE_JS))

@@ -28,12 +28,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from tl_vlm import __version__, plot
+from tl_vlm import plot
+from tl_vlm.core.version import __version__
 
 
-def _figure_html(fig: Any) -> str:
+def figure_html(fig: Any) -> str:
+    """A plotly figure as an HTML fragment for a report page (plotly.js loaded once by
+    the page).
+
+    Example:
+        >>> import plotly.graph_objects as go
+        >>> html = figure_html(go.Figure()); html.startswith("<div") and "<html" not in html
+        True
+    """
     return fig.to_html(full_html=False, include_plotlyjs=False,
                        config={"displaylogo": False, "responsive": True})
+
+
+_figure_html = figure_html   # the old private name, until gate_figures moves over
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -48,7 +60,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def _figures(step: str, res: dict) -> str:
     """The step's figures (:data:`tl_vlm.plot.STUDY_FIGURES`), as HTML."""
     figures = (draw(res) for draw in plot.STUDY_FIGURES[step])
-    return "".join(_figure_html(fig) for fig in figures if fig is not None)
+    return "".join(figure_html(fig) for fig in figures if fig is not None)
 
 
 def _accuracy(res: dict) -> str:

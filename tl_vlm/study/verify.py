@@ -203,7 +203,7 @@ def _append_row(path: Path, report: VerificationReport, diff: float, agree: floa
     import transformer_lens
     import transformers
 
-    import tl_vlm
+    from tl_vlm.core.version import __version__
 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def _append_row(path: Path, report: VerificationReport, diff: float, agree: floa
     pos = "n/a" if positions is None else ("ok" if positions else "MISMATCH")
     row = [datetime.date.today().isoformat(), report.model, report.family, report.dtype,
            f"{report.device} ({platform.machine()})", f"{diff:.3g}", f"{agree:.3f}", pos,
-           "yes" if all(v > 0 for v in live) else "NO", f"{kl:.3g}", tl_vlm.__version__,
+           "yes" if all(v > 0 for v in live) else "NO", f"{kl:.3g}", __version__,
            torch.__version__, transformers.__version__,
            getattr(transformer_lens, "__version__", "?")]
     with path.open("a") as f:

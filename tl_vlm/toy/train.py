@@ -449,7 +449,7 @@ def save(model, tokenizer, out: Path) -> None:
 
 def evaluate_saved(path: Path, n: int = EVAL_SIZE) -> dict[str, Any]:
     """Load ``path`` with :class:`tl_vlm.HookedVLM` and score every condition."""
-    from tl_vlm import HookedVLM
+    from tl_vlm.core.model import HookedVLM
     from tl_vlm.toy.evaluate import evaluate_all
 
     model = HookedVLM.from_pretrained(str(path))
