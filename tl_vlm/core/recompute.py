@@ -71,15 +71,15 @@ def recompute_blocks(model, enabled: bool = True) -> Iterator[None]:
         >>> from tl_vlm.toy import make_examples
         >>> model = HookedVLM.from_pretrained("toy-gated")
         >>> batch = model.prepare(make_examples(2).prompts)
-        >>> with recomputedecoder_blocks(model):
+        >>> with recompute_blocks(model):
         ...     model.last_logits(batch, use_cache=False).sum().backward()   # weights' grads
         >>> model.zero_grad(set_to_none=True)
-        >>> with recomputedecoder_blocks(model):
+        >>> with recompute_blocks(model):
         ...     model.last_logits(batch).sum().backward()
         Traceback (most recent call last):
         ...
         RuntimeError: recompute_blocks: the forward passes a KV cache to the blocks; run it with use_cache=False
-        >>> with recomputedecoder_blocks(model), recomputedecoder_blocks(model):
+        >>> with recompute_blocks(model), recompute_blocks(model):
         ...     pass
         Traceback (most recent call last):
         ...

@@ -98,8 +98,10 @@ def load_run(path: Union[str, Path]) -> Run:
         ...
         FileNotFoundError: /nonexistent/results.json not found: give the output directory of a `tl-vlm narrow-gate` run
     """
+    from tl_vlm.study.rundir import RunStore
+
     path = Path(path)
-    file = path / "results.json"
+    file = path / RunStore.RESULTS
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: give the output directory of a "
                                 f"`tl-vlm narrow-gate` run")
@@ -373,6 +375,7 @@ def write_comparison(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]
     from plotly.offline import get_plotlyjs
 
     from tl_vlm.study.report import figure_html, html_page, html_table
+    from tl_vlm.study.rundir import RunStore
 
     if not run_dirs:
         raise ValueError("give at least one run directory (the --out of `tl-vlm narrow-gate`)")
@@ -398,6 +401,6 @@ def write_comparison(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]
         fig.update_layout(template="plotly_white", height=380, margin=dict(l=60, r=20, t=60, b=50))
         parts.append(figure_html(fig))
         parts.append(f"<details><summary>numbers</summary>{html_table(header, rows)}</details>")
-    path = out / "index.html"
+    path = out / RunStore.REPORT
     path.write_text(html_page("Narrow Gate comparison", parts, get_plotlyjs() + _TOGGLE_JS))
     return path

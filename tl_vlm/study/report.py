@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Union
 
 from tl_vlm import plot
 from tl_vlm.core.version import __version__
+from tl_vlm.study.rundir import RunStore
 
 
 def figure_html(fig: Any) -> str:
@@ -189,7 +190,7 @@ def write_report(results: dict[str, Any], out: Union[str, Path],
     out.mkdir(parents=True, exist_ok=True)
     meta = meta or {}
     written = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
-    (out / "results.json").write_text(json.dumps(
+    (out / RunStore.RESULTS).write_text(json.dumps(
         {"meta": meta, "results": results, "tl_vlm": __version__}, indent=1) + "\n")
     parts = [f"<h1>Narrow Gate study: {html.escape(str(meta.get('model', '')))}</h1>",
              f"<p class='note'>tl_vlm {html.escape(__version__)} · written "
@@ -202,7 +203,7 @@ def write_report(results: dict[str, Any], out: Union[str, Path],
         parts.append(_figures(step, results[step]))
         parts.append(f"<details><summary>numbers</summary>{numbers(results[step])}</details>")
     parts.append("<p class='note'>Raw numbers: <code>results.json</code> in this folder.</p>")
-    path = out / "index.html"
+    path = out / RunStore.REPORT
     path.write_text(html_page("Narrow Gate study", parts, scripts=get_plotlyjs()))
     return path
 

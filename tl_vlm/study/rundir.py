@@ -202,21 +202,34 @@ class RunStore:
         >>> tmp.cleanup()
     """
 
+    #: the file names of a run directory: spelled here only
+    RUN = "run.json"
+    EXAMPLES = "examples.jsonl"
+    MODEL = "model.json"
+    SOURCE = "source.json"
+    RESULTS = "results.json"
+    COMPUTE = "compute.jsonl"
+    REPORT = "index.html"
+    STEPS = "steps"
+    SHARDS = "shards"
+    SHARD_STATE = "shard.json"
+    #: what a fresh (unsharded) start discards besides the steps and shards
+    RUN_FILES = (EXAMPLES, MODEL, SOURCE, RESULTS, COMPUTE)
+
     def __init__(self, out: Union[str, Path], settings: dict[str, Any], fresh: bool = False,
                  shard: Optional[tuple[int, int]] = None) -> None:
         self.out = Path(out)
-        self.steps = self.out / "steps"
+        self.steps = self.out / self.STEPS
         self.shard = shard
-        self.shard_dir = None if shard is None else self.out / "shards" / f"{shard[0]}-of-{shard[1]}"
-        self.records_dir = self.steps if shard is None else self.shard_dir / "steps"
+        self.shard_dir = None if shard is None else self.shard_path(self.out, *shard)
+        self.records_dir = self.steps if shard is None else self.shard_dir / self.STEPS
         settings = json.loads(json.dumps(settings))   # tuples -> lists, as saved
-        settings_file = self.out / "run.json"
+        settings_file = self.out / self.RUN
         if fresh:
             shutil.rmtree(self.shard_dir if shard else self.steps, ignore_errors=True)
             if shard is None:
-                shutil.rmtree(self.out / "shards", ignore_errors=True)
-                for name in ("examples.jsonl", "model.json", "source.json", "results.json",
-                             "compute.jsonl"):
+                shutil.rmtree(self.out / self.SHARDS, ignore_errors=True)
+                for name in self.RUN_FILES:
                     (self.out / name).unlink(missing_ok=True)
         if settings_file.exists() and not fresh:
             saved = json.loads(settings_file.read_text())
@@ -231,6 +244,50 @@ class RunStore:
         self.records_dir.mkdir(parents=True, exist_ok=True)
         self.steps.mkdir(parents=True, exist_ok=True)
         self.settings = settings
+
+    # -- opening and naming ----------------------------------------------------------
+    @classmethod
+    def open(cls, out: Union[str, Path], shard: Optional[tuple[int, int]] = None) -> "RunStore":
+        """Reopen the run in ``out`` with its own settings (rescore, merge, table cells).
+
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> _ = RunStore(tmp.name, {"model": "toy-gated"})
+            >>> RunStore.open(tmp.name).settings
+            {'model': 'toy-gated'}
+            >>> RunStore.open(tmp.name + "/nothing")
+            Traceback (most recent call last):
+            ...
+            tl_vlm.study.rundir.RunSettingsError: .../nothing holds no run.json: expected a tl-vlm run directory
+            >>> tmp.cleanup()
+        """
+        out = Path(out)
+        if not (out / cls.RUN).is_file():
+            raise RunSettingsError(f"{out} holds no {cls.RUN}: expected a tl-vlm run directory")
+        return cls(out, json.loads((out / cls.RUN).read_text()), shard=shard)
+
+    @classmethod
+    def shard_path(cls, out: Union[str, Path], index: int, count: int) -> Path:
+        """Where shard ``index`` of ``count`` keeps its records and state.
+
+        Example:
+            >>> RunStore.shard_path("runs/a", 1, 4).as_posix()
+            'runs/a/shards/1-of-4'
+        """
+        return Path(out) / cls.SHARDS / f"{index}-of-{count}"
+
+    def path(self, name: str) -> Path:
+        """``out/name`` for one of the run's file names (``RunStore.MODEL``...).
+
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> RunStore(tmp.name, {}).path(RunStore.MODEL).name
+            'model.json'
+            >>> tmp.cleanup()
+        """
+        return self.out / name
 
     # -- finished steps --------------------------------------------------------------
     def done(self, step: str) -> bool:
@@ -305,3 +362,7 @@ class RunStore:
                     f"directory, or --fresh to discard it")
             return
         write_atomic(path, text)
+
+
+#: the name the restructuring gave the run directory (``RunStore`` stays)
+RunDir = RunStore

@@ -169,7 +169,7 @@ class WholeRun:
     """
 
     def open(self, store: RunStore, info: dict[str, Any]) -> None:
-        write_atomic(store.out / "model.json", dumps(info))
+        write_atomic(store.path(RunStore.MODEL), dumps(info))
 
     def step_done(self, step: str, plan: Plan) -> bool:
         return False   # a finished step is kept by the caller (store.done)
@@ -221,7 +221,7 @@ def run_study(model, task: Task, store: RunStore, settings: StudySettings,
     unknown = [s for s in settings.steps if s not in STEP_CLASSES]
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {list(STEP_CLASSES)}")
-    store.write_once("examples.jsonl", examples_text(task.examples), "examples")
+    store.write_once(RunStore.EXAMPLES, examples_text(task.examples), "examples")
     info = model_info(model, task)
     recorder = WholeRun() if shard is None else shard.recorder(store.out)
     recorder.open(store, info)

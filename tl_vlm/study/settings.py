@@ -117,7 +117,7 @@ def load_examples(store: RunStore) -> list[Example]:
     """
     import json
 
-    path = store.out / "examples.jsonl"
+    path = store.path(RunStore.EXAMPLES)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: is {store.out} a tl-vlm run directory?")
     return [Example.from_record(json.loads(line)) for line in path.read_text().splitlines()]
@@ -148,4 +148,4 @@ def load_model_info(store: RunStore) -> dict[str, Any]:
         {'n_layers': 4}
         >>> tmp.cleanup()
     """
-    return json.loads((store.out / "model.json").read_text())
+    return json.loads(store.path(RunStore.MODEL).read_text())

@@ -182,7 +182,7 @@ class ShardState:
 
     def __init__(self, out, shard: Shard) -> None:
         self.shard = shard
-        self.path = Path(out) / "shards" / shard.name / "shard.json"
+        self.path = RunStore.shard_path(out, shard.index, shard.count) / RunStore.SHARD_STATE
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def _save(self) -> None:
@@ -229,7 +229,7 @@ def shard_count(out) -> int:
         >>> shard_count(tmp)
         3
     """
-    found = {int(m.group(2)) for p in (Path(out) / "shards").glob("*-of-*")
+    found = {int(m.group(2)) for p in (Path(out) / RunStore.SHARDS).glob("*-of-*")
              if (m := re.fullmatch(r"(\d+)-of-(\d+)", p.name))}
     if not found:
         raise MergeError(f"{out} holds no shards (no {Path(out) / 'shards'}/K-of-N): nothing "
@@ -252,7 +252,7 @@ def _command_for(states: dict[int, dict], k: int, n: int) -> str:
 
 def _load_states(out, n: int) -> dict[int, Optional[dict]]:
     """Each shard's ``shard.json`` (None for a shard that never started)."""
-    paths = {k: Path(out) / "shards" / f"{k}-of-{n}" / "shard.json" for k in range(n)}
+    paths = {k: RunStore.shard_path(out, k, n) / RunStore.SHARD_STATE for k in range(n)}
     return {k: json.loads(p.read_text()) if p.exists() else None for k, p in paths.items()}
 
 
@@ -287,7 +287,7 @@ def _copy_tensors(out: Path, src_dir: Path, step: str, record: dict) -> None:
     name = record.get("tensors")
     if not name:
         return
-    src, dst = src_dir / step / name, out / "steps" / step / name
+    src, dst = src_dir / step / name, out / RunStore.STEPS / step / name
     if not src.exists():
         raise MergeError(f"{src} is missing though a record names it; rerun that shard")
     if dst.exists():
@@ -341,7 +341,7 @@ def merge_step(store: RunStore, step: str, scoring=None, log: Callable[[str], No
         log(f"[{step}] waiting for shard(s) {sorted(missing + pending)} of {n}")
         return None
     checked = _check_shards(out, step, states, store.settings)
-    lock = out / "steps" / f".merge-{step}.lock"
+    lock = out / RunStore.STEPS / f".merge-{step}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -353,12 +353,12 @@ def merge_step(store: RunStore, step: str, scoring=None, log: Callable[[str], No
     try:
         plan = checked["plan"]
         merged = RunStore(out, store.settings)
-        write_atomic(out / "model.json", dumps(checked["model"]))
+        write_atomic(out / RunStore.MODEL, dumps(checked["model"]))
         if plan.get("skipped"):
             return finalize_step(merged, step, plan=plan)
-        records = read_records(out / "steps" / f"{step}.jsonl")
+        records = read_records(out / RunStore.STEPS / f"{step}.jsonl")
         for k in range(n):
-            shard_dir = out / "shards" / f"{k}-of-{n}" / "steps"
+            shard_dir = RunStore.shard_path(out, k, n) / RunStore.STEPS
             own = read_records(shard_dir / f"{step}.jsonl")
             for r in own:
                 _copy_tensors(out, shard_dir, step, r)
@@ -371,7 +371,7 @@ def merge_step(store: RunStore, step: str, scoring=None, log: Callable[[str], No
             owners = sorted({j % n for j, _ in lost})
             raise MergeError(f"{step}: chunks {sorted({j for j, _ in lost})[:10]} are missing "
                              f"though shards {owners} of {n} say they finished; rerun them")
-        write_atomic(out / "steps" / f"{step}.jsonl",
+        write_atomic(out / RunStore.STEPS / f"{step}.jsonl",
                      "".join(json.dumps(r) + "\n" for r in records))
         result = finalize_step(merged, step, scoring or Scoring(), plan)
         log(f"[{step}] merged {len(records)} records from {n} shard(s)")
@@ -387,7 +387,7 @@ def _merged_steps(out) -> list[str]:
     n = shard_count(out)
     planned: set[str] = set()
     for k in range(n):
-        path = Path(out) / "shards" / f"{k}-of-{n}" / "shard.json"
+        path = RunStore.shard_path(out, k, n) / RunStore.SHARD_STATE
         if path.exists():
             planned |= set(json.loads(path.read_text()).get("steps", {}))
     return [s for s in STEPS if s in planned]
@@ -406,11 +406,10 @@ def merge_run(out, scoring=None, log: Callable[[str], None] = print) -> dict[str
     from tl_vlm.study.runner import study_results
 
     out = Path(out)
-    if not (out / "run.json").exists():
-        raise MergeError(f"{out} holds no run.json: expected a tl-vlm run directory")
-    settings = json.loads((out / "run.json").read_text())
+    if not (out / RunStore.RUN).exists():
+        raise MergeError(f"{out} holds no {RunStore.RUN}: expected a tl-vlm run directory")
     n = shard_count(out)
-    store = RunStore(out, settings)
+    store = RunStore.open(out)
     steps = _merged_steps(out)
     if not steps:
         raise MergeError(f"no shard of {out} has started a step yet; nothing to merge")
