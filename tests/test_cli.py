@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tl_vlm.cli import commands as cli
+from tl_vlm.cli import options, running
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
@@ -131,17 +132,17 @@ def test_shard_auto_reads_slurm_or_torchrun(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
-    assert (cli._resolve_shard("auto").index, cli._resolve_shard("auto").count) == (1, 3)
+    assert (options.resolve_shard("auto").index, options.resolve_shard("auto").count) == (1, 3)
     for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    shard = cli._resolve_shard("auto")
+    shard = options.resolve_shard("auto")
     assert (shard.index, shard.count) == (1, 2)
     assert "WORLD_SIZE" not in os.environ       # the model loaders must not see it
     monkeypatch.delenv("RANK")
-    with pytest.raises(cli.CLIError, match="--shard auto found neither"):
-        cli._resolve_shard("auto")
+    with pytest.raises(options.CLIError, match="--shard auto found neither"):
+        options.resolve_shard("auto")
 
 
 def test_each_torchrun_rank_takes_its_gpu_or_block(monkeypatch):
@@ -154,13 +155,13 @@ def test_each_torchrun_rank_takes_its_gpu_or_block(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     one = argparse.Namespace(device=None, n_devices=None)
-    assert cli._rank_device(one) == "cuda:1"
+    assert running.rank_device(one) == "cuda:1"
     block = argparse.Namespace(device=None, n_devices=2)
-    assert cli._rank_device(block) is None and os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert running.rank_device(block) is None and os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    with pytest.raises(cli.CLIError, match="rank 1 needs GPUs 2..3"):
-        cli._rank_device(block)
-    assert cli._rank_device(argparse.Namespace(device="cpu", n_devices=None)) == "cpu"
+    with pytest.raises(options.CLIError, match="rank 1 needs GPUs 2..3"):
+        running.rank_device(block)
+    assert running.rank_device(argparse.Namespace(device="cpu", n_devices=None)) == "cpu"
 
 
 def test_a_model_split_by_a_device_map_gives_the_same_results(tmp_path):

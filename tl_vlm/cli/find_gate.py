@@ -1,11 +1,10 @@
-"""``tl-vlm find-gate`` and ``tl-vlm compare`` (registered in :data:`tl_vlm.cli.COMMANDS`).
+"""``tl-vlm find-gate``: which image-side positions carry the image to the text.
 
 Examples::
 
     tl-vlm find-gate --model toy-last-image --out gate-report/      # which positions carry the image
     tl-vlm find-gate --model facebook/chameleon-7b --task vqav2 --n-examples 64 \\
         --device cuda --dtype bfloat16 --out gate-chameleon/
-    tl-vlm compare runs/toy-gated runs/toy-distributed runs/toy-last-image --out compare/
 
 Nothing here imports torch before the arguments are checked (as the rest of the CLI).
 """
@@ -13,47 +12,46 @@ Nothing here imports torch before the arguments are checked (as the rest of the 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from tl_vlm.cli.options import (Formatter, add_data_arguments, add_model_arguments,
+                                add_source_arguments, check_chat_template, check_device,
+                                check_model_name, check_placement_flags, log, non_negative_int,
+                                positive_int, task_defaults)
+from tl_vlm.cli.running import load_model
 
-def add_commands(sub) -> None:
-    """Add the ``find-gate`` and ``compare`` sub-commands to ``tl-vlm``'s parser.
+
+def add_parser(sub) -> None:
+    """Add ``find-gate`` to ``tl-vlm``'s sub-commands.
 
     Example:
         >>> from tl_vlm.cli.commands import build_parser
-        >>> args = build_parser().parse_args(["compare", "runs/a", "runs/b", "--out", "cmp"])
-        >>> args.runs, args.out, args.run.__name__
-        (['runs/a', 'runs/b'], 'cmp', 'compare')
-        >>> build_parser().parse_args(["find-gate"]).model
-        'toy-gated'
+        >>> args = build_parser().parse_args(["find-gate"])
+        >>> args.model, args.batch_size, args.run.__name__
+        ('toy-gated', 16, 'find_gate')
     """
-    # The CLI module imports this one while it loads: its helpers are read at call time.
-    from tl_vlm.cli.commands import (_Formatter, _add_data_arguments, _add_model_arguments,
-                            _add_source_arguments, _non_negative_int, _positive_int)
-
     p = sub.add_parser(
-        "find-gate", formatter_class=_Formatter,
+        "find-gate", formatter_class=Formatter,
         help="find the image-side positions that carry the image to the text",
         description="Knock out every position class and estimate every single image-side\n"
                     "position's effect on the task (checked by exact knockouts); say whether\n"
                     "the image reaches the text narrowly, distributed or mixed, and from\n"
                     "which layer on. Writes OUT/index.html and OUT/gates.json.")
-    _add_source_arguments(p)
+    add_source_arguments(p)
     p.add_argument("--out", default="gate-report", help="output directory")
-    _add_data_arguments(p)
-    p.add_argument("--batch-size", type=_positive_int, default=16,
+    add_data_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=16,
                    help="examples per forward pass (the search holds one backward's activations)")
     p.add_argument("--queries", default="all", choices=("all", "text"),
                    help="whose attention a knockout cuts: every position (the paper) or text")
     p.add_argument("--no-rows", action="store_true", help="leave out the per-row classes")
-    p.add_argument("--check-per-example", type=_non_negative_int, default=5,
+    p.add_argument("--check-per-example", type=non_negative_int, default=5,
                    help="positions knocked out exactly in each example, its best by estimate "
                         "(one forward per batch each; refines every position's value; 0: none)")
-    p.add_argument("--check-top", type=_positive_int, default=5,
+    p.add_argument("--check-top", type=positive_int, default=5,
                    help="best positions (by refined value) knocked out exactly in every "
                         "example (one forward per batch each; default 5)")
-    p.add_argument("--check-random", type=_non_negative_int, default=5,
+    p.add_argument("--check-random", type=non_negative_int, default=5,
                    help="random other positions checked by exact knockout")
     p.add_argument("--recompute-activations", action="store_true",
                    help="the gradient pass keeps one residual per layer and recomputes each "
@@ -61,18 +59,9 @@ def add_commands(sub) -> None:
     p.add_argument("--check-all", action="store_true",
                    help="check every position by exact knockout (one forward each per batch)")
     p.add_argument("--seed", type=int, default=0, help="the random checks; the toy held-out set")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.set_defaults(run=find_gate)
-
-    c = sub.add_parser("compare", formatter_class=_Formatter,
-                       help="one HTML report overlaying several narrow-gate runs",
-                       description="Overlay the results.json of several `tl-vlm narrow-gate` "
-                                   "runs in one page\n(OUT/index.html), native models first.")
-    c.add_argument("runs", nargs="+", help="output directories of `tl-vlm narrow-gate` runs")
-    c.add_argument("--out", default="narrow-gate-compare", help="output directory")
-    c.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    c.set_defaults(run=compare)
 
 
 def find_gate(args: argparse.Namespace) -> int:
@@ -91,14 +80,12 @@ def find_gate(args: argparse.Namespace) -> int:
         0
         >>> tmp.cleanup()
     """
-    from tl_vlm.cli import commands as cli
-
-    cli._check_model_name(args.model)
+    check_model_name(args.model)
     args.steps = None                    # find-gate runs no study steps
-    cli._task_defaults(args)             # --task, --data and --coco-root checked, toy default
-    cli._check_placement_flags(args)
-    cli._check_device(args.device, args.n_devices)
-    processor = cli._check_chat_template(args)
+    task_defaults(args)                  # --task, --data and --coco-root checked, toy default
+    check_placement_flags(args)
+    check_device(args.device, args.n_devices)
+    processor = check_chat_template(args)
 
     from tl_vlm.analyses import find_gates
     from tl_vlm.study.gate_figures import write_gate_report
@@ -107,37 +94,16 @@ def find_gate(args: argparse.Namespace) -> int:
     task, _ = load_task(args.task, data=args.data, n=args.n_examples, seed=args.seed,
                         coco_root=args.coco_root, image_cache=args.image_cache,
                         prompt_style=args.prompt_style or "paper", vqa_mode=args.vqa_mode)
-    cli._log(f"loading {args.model} ...")
-    model = cli._load_model(args.model, args, processor)
+    log(f"loading {args.model} ...")
+    model = load_model(args.model, args, processor)
     t0 = time.time()
     gates = find_gates(model, task, batch_size=args.batch_size, queries=args.queries,
                        rows=not args.no_rows, check_per_example=args.check_per_example,
                        check_top=args.check_top, recompute_activations=args.recompute_activations,
                        check_random=args.check_random, check_all=args.check_all, seed=args.seed,
-                       log=cli._log)
+                       log=log)
     gates.model = args.model
     print(gates.summary())
     path = write_gate_report(gates, args.out)
-    cli._log(f"report: {path} ({time.time() - t0:.1f}s)")
-    return 0
-
-
-def compare(args: argparse.Namespace) -> int:
-    """Write the comparison of ``args.runs`` to ``args.out``.
-
-    Example:
-        >>> import argparse
-        >>> compare(argparse.Namespace(runs=["no-such-run"], out="cmp"))
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: no-such-run/results.json not found: give the output directory of a `tl-vlm narrow-gate` run
-    """
-    from tl_vlm.cli.commands import CLIError
-    from tl_vlm.study.compare import write_comparison
-
-    try:
-        path = write_comparison(args.runs, args.out)
-    except ValueError as err:          # a results.json that is not one: the user's input
-        raise CLIError(str(err)) from None
-    print(f"report: {path}", file=sys.stderr)
+    log(f"report: {path} ({time.time() - t0:.1f}s)")
     return 0

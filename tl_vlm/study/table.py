@@ -1,9 +1,10 @@
-"""``tl-vlm table``: the paper's Table 1 (models x tasks x knockout conditions).
+"""The paper's Table 1 (models x tasks x knockout conditions), as ``tl-vlm table`` runs it.
 
 Each (model, task) cell is an ordinary run directory, ``OUT/cells/<model>/<task>/``,
 holding the accuracy step only (its predictions per condition, recorded per batch).
-A cell that is finished is skipped, and a model is loaded only when one of its cells
-has work left, so a rerun after a kill redoes nothing finished. The table is written
+The command (:mod:`tl_vlm.cli.table`) skips a cell that is finished and loads a model
+only when one of its cells has work left, so a rerun after a kill redoes nothing
+finished. This module names the cells and writes the table from them: it is written
 as ``table.json``, ``table.md`` and ``index.html`` (the report's style), each cell next
 to the paper's published number where there is one (:data:`PAPER`).
 
@@ -16,8 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import gc
 import hashlib
 import html
 import json
@@ -25,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from tl_vlm.study.rundir import RunStore, dumps, write_atomic
+from tl_vlm.study.rundir import dumps, write_atomic
 
 TABLE_TASKS = ("vqav2", "flickr30k", "coco", "imagenet")
 TASK_TITLES = {"vqav2": "VQAv2", "flickr30k": "Flickr30k", "coco": "COCO", "imagenet": "ImageNet",
@@ -109,127 +108,6 @@ def parse_data(text: Optional[str], tasks: Sequence[str]) -> dict[str, str]:
                              f"{','.join(tasks)}")
         out[task] = path
     return out
-
-
-def _add_table_parser(sub, formatter) -> None:
-    from tl_vlm.cli import commands as cli
-    from tl_vlm.eval.taskset import TASK_NAMES
-
-    p = sub.add_parser(
-        "table", formatter_class=formatter,
-        help="the paper's table: task scores of several models under each knockout",
-        description="Run the models x tasks x conditions matrix (the accuracy step of each "
-                    "cell), skipping finished cells, and write OUT/table.json, table.md and "
-                    "index.html next to the paper's published numbers.",
-        epilog="example:\n  tl-vlm table --models facebook/chameleon-7b,"
-               "mistral-community/pixtral-12b --tasks vqav2,flickr30k,coco,imagenet \\\n"
-               "      --conditions none,gate,img_to_text,random --dtype bfloat16 --device cuda "
-               "--out runs/table")
-    p.add_argument("--models", type=cli._name_list(what="model"), required=True,
-                   help="comma-separated model names (toy models, local checkpoints, hub ids)")
-    p.add_argument("--tasks", type=cli._name_list(TASK_NAMES, "task"), default=TABLE_TASKS,
-                   help="comma-separated tasks")
-    p.add_argument("--conditions", type=cli._name_list(cli.CONDITION_CHOICES, "condition"),
-                   default=cli.CONDITION_CHOICES, help="knockout conditions")
-    p.add_argument("--data", default=None,
-                   help="local copies of the datasets: task=PATH,task=PATH (a directory "
-                        "<dir>/data/<split>-*.parquet, a parquet file or a glob)")
-    p.add_argument("--out", default="tl-vlm-table", help="output directory (resumable)")
-    cli._add_task_arguments(p)
-    p.add_argument("--seed", type=int, default=0, help="the toy task's held-out set")
-    cli._add_model_arguments(p)
-    cli._add_scoring_arguments(p)
-    cli._add_run_arguments(p)
-    p.set_defaults(run=_run_table)
-
-
-def _cell_status(store: RunStore, settings, scoring) -> str:
-    """``"done"``, ``"rescore"`` (no model needed) or ``"run"``."""
-    from tl_vlm.study.runner import STEP_CLASSES
-
-    if not store.done("accuracy"):
-        return "run"
-    saved = store.load("accuracy")
-    asked = set(settings.conditions) - set(saved.get("skipped", {}))
-    if not asked <= set(saved["conditions"]):
-        return "run"
-    return "done" if STEP_CLASSES["accuracy"].satisfied(saved, settings, scoring) else "rescore"
-
-
-def _validate_table(args: argparse.Namespace) -> dict[str, str]:
-    from tl_vlm.cli import commands as cli
-    from tl_vlm.eval.taskset import DATASET_TASKS
-
-    for model in args.models:
-        cli._check_model_name(model)
-    try:
-        data = parse_data(args.data, args.tasks)
-    except ValueError as err:
-        raise cli.CLIError(str(err)) from None
-    for task, path in data.items():
-        if task not in DATASET_TASKS:
-            raise cli.CLIError(f"--data {task}=...: the {task} task has its own data")
-        cli._check_data_path(path)
-    toy_only = [m for m in args.models if m not in cli.TOY_MODELS]
-    if "toy" in args.tasks and toy_only:
-        raise cli.CLIError(f"the toy task is for the toy models; {toy_only} cannot read its "
-                           f"token images")
-    if args.prompt_style == "chat":
-        raise cli.CLIError("--prompt-style chat: run `tl-vlm narrow-gate` per model (each "
-                           "checkpoint's chat template is checked there)")
-    cli._check_placement_flags(args)
-    cli._check_device(args.device, args.n_devices)
-    return data
-
-
-def _run_table(args: argparse.Namespace) -> int:
-    from tl_vlm.cli import commands as cli
-
-    data = _validate_table(args)        # before anything heavy is imported or loaded
-    from tl_vlm.study.runner import finalize_step, run_study
-    from tl_vlm.eval.tasks import Scoring
-
-    shard = cli._resolve_shard(args.shard)
-    scoring = Scoring(args.vqa_normalise, args.cider, args.extract)
-    out = Path(args.out)
-    write_atomic(out / "table-run.json", dumps({"models": list(args.models),
-                                                "tasks": list(args.tasks),
-                                                "conditions": list(args.conditions)}))
-    for model_name in args.models:
-        pending = []
-        for task_name in args.tasks:
-            args.seed = getattr(args, "seed", 0)
-            task, settings, store = cli._prepare_run(args, model_name, task_name,
-                                                    data.get(task_name),
-                                                    cell_dir(out, model_name, task_name),
-                                                    ("accuracy",), shard, cli._log)
-            status = _cell_status(store, settings, scoring)
-            if status == "done":
-                cli._log(f"[{model_name} / {task_name}] finished: kept")
-            elif status == "rescore":
-                finalize_step(store, "accuracy", scoring)
-                cli._log(f"[{model_name} / {task_name}] rescored")
-            else:
-                pending.append((task_name, task, settings, store))
-        if not pending:
-            continue
-        cli._log(f"loading {model_name} ...")
-        model = cli._load_model(model_name, args)
-        for task_name, task, settings, store in pending:
-            cli._log(f"[{model_name} / {task_name}]")
-            run_study(model, task, store, settings, log=cli._log, scoring=scoring, shard=shard)
-        del model
-        _free_memory()
-    write_table(out, args.models, args.tasks, args.conditions, log=cli._log)
-    return 0
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _collect(out, models: Sequence[str], tasks: Sequence[str]) -> dict[str, Any]:
@@ -325,35 +203,3 @@ def write_table(out, models: Sequence[str], tasks: Sequence[str], conditions: Se
     log(f"table: {out / 'index.html'}" + (f" ({len(missing)} cell(s) not finished yet)"
                                           if missing else ""))
     return out / "index.html"
-
-
-def _table_request(out) -> dict[str, Any]:
-    path = Path(out) / "table-run.json"
-    return json.loads(path.read_text())
-
-
-def _merge_table(out, scoring=None, log: Callable[[str], None] = print) -> Path:
-    """``tl-vlm merge`` for a table: merge each cell's shards, then write the table."""
-    from tl_vlm.study.shards import merge_run
-
-    request = _table_request(out)
-    for model in request["models"]:
-        for task in request["tasks"]:
-            log(f"[{model} / {task}]")
-            merge_run(cell_dir(out, model, task), scoring, log=log)
-    return write_table(out, request["models"], request["tasks"], request["conditions"], log)
-
-
-def _rescore_table(out, scoring, log: Callable[[str], None] = print) -> Path:
-    """``tl-vlm rescore`` for a table: score every finished cell again (no model)."""
-    from tl_vlm.study.runner import finalize_step
-
-    request = _table_request(out)
-    for model in request["models"]:
-        for task in request["tasks"]:
-            path = cell_dir(out, model, task)
-            if (path / "steps" / "accuracy.json").exists():
-                store = RunStore(path, json.loads((path / "run.json").read_text()))
-                finalize_step(store, "accuracy", scoring)
-                log(f"[{model} / {task}] rescored")
-    return write_table(out, request["models"], request["tasks"], request["conditions"], log)
