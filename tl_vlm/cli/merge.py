@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tl_vlm.cli.options import add_run_dir_command, log
@@ -53,6 +52,6 @@ def merge(args: argparse.Namespace) -> int:
         merge_table(out, scoring(args), log=log)
         return 0
     merge_run(out, scoring(args), log=log)
-    store = RunStore(out, json.loads((out / "run.json").read_text()))
+    store = RunStore.open(out)
     write_run_report(store, log=log)
     return 0

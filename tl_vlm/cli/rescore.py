@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tl_vlm.cli.options import CLIError, add_run_dir_command, log
@@ -55,9 +54,9 @@ def rescore(args: argparse.Namespace) -> int:
 
         rescore_table(out, scoring(args), log=log)
         return 0
-    if not (out / "run.json").exists():
-        raise CLIError(f"{out} holds no run.json: expected a tl-vlm run directory")
-    store = RunStore(out, json.loads((out / "run.json").read_text()))
+    if not (out / RunStore.RUN).exists():
+        raise CLIError(f"{out} holds no {RunStore.RUN}: expected a tl-vlm run directory")
+    store = RunStore.open(out)
     steps = [s for s in ("accuracy", "progressive") if store.done(s)
              and store.load(s).get("skipped") is not True]
     if not steps:

@@ -91,7 +91,7 @@ def prepare_run(args: argparse.Namespace, model_name: str, task_name: str,
         selection_hash=selection_hash([ex.id for ex in task.examples]))
     store = RunStore(out, settings.run_settings(), fresh=args.fresh,
                      shard=None if shard is None else (shard.index, shard.count))
-    write_atomic(out / "source.json", dumps(source))
+    write_atomic(store.path(RunStore.SOURCE), dumps(source))
     owned = [ex for j, (_, chunk) in enumerate(task.batches(args.batch_size))
              if shard is None or shard.owns(j) for ex in chunk]
     if prefetch_images(owned):
@@ -150,11 +150,10 @@ def scoring(args: argparse.Namespace):
 def _run_meta(store, settings) -> dict[str, Any]:
     """What heads the report and ``results.json`` (settings-level: equal for every run
     and merge of the same settings)."""
-    import json as _json
-
+    from tl_vlm.study.settings import load_model_info
     from tl_vlm.study.shards import versions
 
-    info = _json.loads((store.out / "model.json").read_text())
+    info = load_model_info(store)
     return {"model": settings["model"], "family": info["family"], "gate": info["gate"],
             "task": settings["task"], "examples": settings["n_examples"],
             "layers": info["layers"], "heads": info["heads"], "dtype": settings["dtype"],

@@ -223,8 +223,8 @@ def rescore_table(out, scoring, log: Callable[[str], None] = print) -> Path:
     for model in request["models"]:
         for task in request["tasks"]:
             path = cell_dir(out, model, task)
-            if (path / "steps" / "accuracy.json").exists():
-                store = RunStore(path, json.loads((path / "run.json").read_text()))
+            if (path / RunStore.STEPS / "accuracy.json").exists():
+                store = RunStore.open(path)
                 finalize_step(store, "accuracy", scoring)
                 log(f"[{model} / {task}] rescored")
     return write_table(out, request["models"], request["tasks"], request["conditions"], log)
