@@ -272,7 +272,8 @@ def operations(spec: ModelSpec, model, hf, batch, new_tokens: int = 0) -> dict[s
     def gate_gradient(readers: bool = False, recompute: bool = False):
         """find_gates' gradient pass: a KeyScale on every layer, d(last logits)/d(scales);
         with ``readers``, the contribution's hooks ride along as in find_gates."""
-        from tl_vlm.analyses.gates import _contribution_groups, _first_call_only, _no_weight_grads
+        from tl_vlm.analyses.gates.candidates import contribution_groups
+        from tl_vlm.analyses.gates.search import first_call_only, no_weight_grads
         from tl_vlm.core.attention_edits import KeyScale
         from tl_vlm.core.recompute import recompute_blocks
 
@@ -281,18 +282,18 @@ def operations(spec: ModelSpec, model, hf, batch, new_tokens: int = 0) -> dict[s
                   for _ in range(model.cfg.n_layers)]
         hooks = []
         if readers:
-            acc = ContributionAccumulator(model, groups=_contribution_groups())
-            hooks = [(name, _first_call_only(fn)) for name, fn in acc.hooks(batch)]
+            acc = ContributionAccumulator(model, groups=contribution_groups())
+            hooks = [(name, first_call_only(fn)) for name, fn in acc.hooks(batch)]
         hooks += [(f"blocks.{l}.attn.hook_pattern", KeyScale(s, padding=pos.padding.mask))
                   for l, s in enumerate(scales)]
-        with torch.enable_grad(), _no_weight_grads(model), model.hooks(fwd_hooks=hooks), \
+        with torch.enable_grad(), no_weight_grads(model), model.hooks(fwd_hooks=hooks), \
                 recompute_blocks(model, enabled=recompute):
             last = model.last_logits(batch, use_cache=False)
             return torch.autograd.grad(last.float().logsumexp(-1).sum(), scales)
 
     def hf_gradient():
         """The same backward on HF sdpa: d(last logits)/d(first decoder layer's input)."""
-        from tl_vlm.analyses.gates import _no_weight_grads
+        from tl_vlm.analyses.gates.search import no_weight_grads
 
         first = next(m for m in hf.modules() if type(m).__name__.endswith("DecoderLayer"))
         leaf = {}
@@ -306,7 +307,7 @@ def operations(spec: ModelSpec, model, hf, batch, new_tokens: int = 0) -> dict[s
 
         handle = first.register_forward_pre_hook(as_leaf, with_kwargs=True)
         try:
-            with torch.enable_grad(), _no_weight_grads(hf):
+            with torch.enable_grad(), no_weight_grads(hf):
                 logits = hf(**batch.inputs, logits_to_keep=keep).logits
                 return torch.autograd.grad(logits.float().logsumexp(-1).sum(), leaf["x"])
         finally:

@@ -27,8 +27,14 @@ KERNEL = "python3"
 CELL_TIMEOUT = 120  # seconds per cell
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 PLOTLY_JSON = "application/vnd.plotly.v1+json"
-#: what the site is built from, besides the notebooks
-PAGES = ("conf.py", "index.md", "reference.md", "api", "images", "_templates")
+#: what the site is built from, besides the notebooks, the README and CONTRIBUTING.md
+PAGES = ("conf.py", "index.md", "install-and-versions.md", "families.md", "real-hardware.md",
+         "how-it-works.md", "performance.md", "analyses.md", "toy-models.md", "gate-finder.md",
+         "gate-finder-measurements.md", "main-job.md", "paper-table.md", "sharding.md",
+         "testing.md", "verified-models.md", "reference.md", "api", "images", "_templates")
+#: the page that shows CONTRIBUTING.md (staged next to the README); its links to
+#: ``docs/*.md`` are made relative to the site, as index.md does for the README's
+CONTRIBUTING_PAGE = "```{include} ../CONTRIBUTING.md\n:relative-docs: docs/\n```\n"
 
 
 def notebooks() -> list[Path]:
@@ -91,6 +97,8 @@ def stage(target: Path, executed: Mapping[str, object]) -> Path:
         src = DOCS / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, target / name)
     shutil.copy(ROOT / "README.md", target.parent / "README.md")   # index.md includes ../README.md
+    shutil.copy(ROOT / "CONTRIBUTING.md", target.parent / "CONTRIBUTING.md")
+    (target / "CONTRIBUTING.md").write_text(CONTRIBUTING_PAGE)     # README links CONTRIBUTING.md
     (target / "_static").mkdir(exist_ok=True)
     (target / "_static" / "plotly.min.js").write_text(get_plotlyjs())
     for name, nb in executed.items():

@@ -13,8 +13,8 @@ import torch
 
 from tl_vlm import analyses as A
 from tl_vlm.cli import commands as cli
-from tl_vlm.analyses.gates import (GateSearch, _spearman, candidate_classes, position_roles,
-                                  role_label)
+from tl_vlm.analyses.gates import GateSearch, candidate_classes, position_roles, role_label
+from tl_vlm.analyses.gates.stats import spearman as _spearman
 from tl_vlm.eval.tasks import Example, GenerationTask, NextTokenTask, toy_task
 
 N = 24
@@ -80,7 +80,8 @@ def test_estimates_agree_with_exact_knockouts(searches, name):
 def test_a_position_estimate_is_the_mean_of_each_examples_clipped_at_zero(toy_models):
     """estimate = mean over examples of max(0, sum over layers of the attribution);
     per_layer keeps the plain (unclipped) means."""
-    from tl_vlm.analyses.gates import GateMetric, _Search
+    from tl_vlm.analyses.gates import GateMetric
+    from tl_vlm.analyses.gates.search import BatchSearch as _Search
 
     model = toy_models["toy-distributed"]
     task = toy_task(6)
@@ -104,7 +105,8 @@ def test_per_example_checks_are_exact_knockouts_of_each_examples_best(toy_models
     clipped estimate (BOI, EOI, the first and last code aside: their classes measure them)
     is knocked out by hand; a position's refined value is the mean of those exact drops
     where it was that example's pick, of its clipped estimate elsewhere."""
-    from tl_vlm.analyses.gates import GateMetric, _Search
+    from tl_vlm.analyses.gates import GateMetric
+    from tl_vlm.analyses.gates.search import BatchSearch as _Search
     from tl_vlm.core.positions import PositionSet
 
     model = toy_models["toy-last-image"]
@@ -143,7 +145,8 @@ def test_per_example_checks_are_exact_knockouts_of_each_examples_best(toy_models
 def test_the_estimate_is_the_gradient_times_the_pattern_by_hand(toy_models):
     """The gradient pass (key scales on the values, SDPA) equals sum over heads and
     queries of dM/dA * A computed on the eager pattern, layer by layer."""
-    from tl_vlm.analyses.gates import GateMetric, _Search
+    from tl_vlm.analyses.gates import GateMetric
+    from tl_vlm.analyses.gates.search import BatchSearch as _Search
 
     model = toy_models["toy-gated"]
     task = toy_task(6)
@@ -327,7 +330,8 @@ def test_settled_positions_use_the_paired_difference():
     """Both drops come from the same examples: a constant lead is settled however much
     the examples differ; the same means with the lead changing sign are not; a position
     the runner-up's examples lack is compared where both were measured."""
-    from tl_vlm.analyses.gates import _settled, _standard_error
+    from tl_vlm.analyses.gates.stats import standard_error as _standard_error
+    from tl_vlm.analyses.gates.verdict import settled as _settled
 
     noisy = torch.tensor([0.0, 5.0, 1.0, 9.0, 3.0])
     assert _settled(["a", "b"], {"a": noisy + 0.1, "b": noisy}, 1) == ["a"]

@@ -320,7 +320,8 @@ def test_layout_errors_name_expected_found_and_what_to_do(toy_models):
 
 @pytest.mark.parametrize("first", ["transformer_lens", "tl_vlm.core.attention", "tl_vlm.core.attention_edits",
                                    "tl_vlm.adapters", "tl_vlm.adapters.llava", "tl_vlm.core.model",
-                                   "tl_vlm.analyses"])
+                                   "tl_vlm.analyses", "tl_vlm.core.family", "tl_vlm.core.registration",
+                                   "tl_vlm.core.attention_bridge", "tl_vlm"])
 def test_registration_whatever_is_imported_first(first):
     """Whichever module a user imports first, TL's table ends up holding tl_vlm's adapter
     classes for the architectures TL lacks and TL's own for the others, and nothing

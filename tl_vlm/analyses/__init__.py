@@ -33,7 +33,8 @@ from tl_vlm.analyses.contribution import (
     contribution_hooks,
     cross_modal_contribution,
 )
-from tl_vlm.analyses.gates import GateCandidate, GateMetric, GateSearch, find_gates
+from tl_vlm.analyses.gates import (GateCandidate, GateCheck, GateCost, GateMetric, GateSearch,
+                                  GateSearchConfig, find_gates)
 from tl_vlm.analyses.geometry import (
     ModalitySeparation,
     NeighbourhoodOverlap,
@@ -56,7 +57,8 @@ from tl_vlm.analyses.tl_patching import batch_inputs, run_patching
 __all__ = [
     "DEFAULT_GROUPS", "ContributionAccumulator", "CrossModalContribution", "contribution_hooks",
     "cross_modal_contribution",
-    "GateCandidate", "GateMetric", "GateSearch", "find_gates",
+    "GateCandidate", "GateCheck", "GateCost", "GateMetric", "GateSearch", "GateSearchConfig",
+    "find_gates",
     "ModalitySeparation", "NeighbourhoodOverlap", "modality_separation", "neighbourhood_overlap",
     "neighbourhood_overlaps",
     "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers",

@@ -114,3 +114,8 @@ def default_attention_outside_text(hf_model: torch.nn.Module) -> dict[str, str]:
         set_attn_implementation(config, default)
         changed[path] = default
     return changed
+
+
+from tl_vlm.core import autoload as _autoload  # noqa: E402
+
+_autoload.retry_pending()   # TransformerLens may have been imported while this module was

@@ -17,15 +17,37 @@ import warnings
 FACTORY_MODULE = "transformer_lens.factories.architecture_adapter_factory"
 
 
+#: modules of the registration path and a name each defines last-ish: while one of them is
+#: being imported (it imported TransformerLens, which ran this hook), registering waits
+_IN_PROGRESS = (("tl_vlm.core.family", "loading"), ("tl_vlm.core.registration", "register_if_imported"),
+                ("tl_vlm.core.attention_bridge", "use_hooked_attention"))
+_pending = False
+
+
 def _register() -> None:
-    partial = sys.modules.get("tl_vlm.core.registration")
-    if partial is not None and not hasattr(partial, "register_if_imported"):
-        return  # imported right now, by tl_vlm itself, which registers when it is done
+    global _pending
+    if any(name in sys.modules and not hasattr(sys.modules[name], attr)
+           for name, attr in _IN_PROGRESS):
+        _pending = True   # tl_vlm itself is importing them: they call retry_pending() when done
+        return
+    _pending = False
     try:
         importlib.import_module("tl_vlm.core.registration").register_if_imported()
     except Exception as err:  # never break TL's import over tl_vlm; say so instead
         warnings.warn(f"tl_vlm could not register its adapters with TransformerLens "
                       f"({type(err).__name__}: {err}); `import tl_vlm` to see the error")
+
+
+def retry_pending() -> None:
+    """Register now if the hook had to wait for a module of the registration path (called
+    at the end of :mod:`tl_vlm.core.family`, :mod:`tl_vlm.core.registration` and
+    :mod:`tl_vlm.core.attention_bridge`, the modules that import TransformerLens on the way).
+
+    Example:
+        >>> retry_pending()
+    """
+    if _pending:
+        _register()
 
 
 class _Finder(importlib.abc.MetaPathFinder):

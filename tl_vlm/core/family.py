@@ -184,3 +184,8 @@ def family_for_config(hf_config: Any) -> Family:
         f"(model_type={getattr(hf_config, 'model_type', None)!r}). Supported families:\n"
         f"{table}\nVILA-U is not in transformers; see the README for what to use instead."
     )
+
+
+from tl_vlm.core import autoload as _autoload  # noqa: E402
+
+_autoload.retry_pending()   # TransformerLens may have been imported while this module was

@@ -221,3 +221,8 @@ def forbid_runtime_installs() -> None:
         True
     """
     replace_tl_torchvision_installer(_torchvision_importable)
+
+
+from tl_vlm.core import autoload as _autoload  # noqa: E402
+
+_autoload.retry_pending()   # TransformerLens may have been imported while this module was

@@ -186,23 +186,23 @@ def check_figure(gates: GateSearch) -> Any:
         >>> gates = A.find_gates(HookedVLM.from_pretrained("toy-gated"), toy_task(12),
         ...                      rows=False, overlap=False, check_random=0)
         >>> fig = check_figure(gates)
-        >>> len(fig.data), len(fig.data[0].x) == len(gates.check["names"])
+        >>> len(fig.data), len(fig.data[0].x) == len(gates.check.names)
         (2, True)
     """
     import plotly.graph_objects as go
 
     check = gates.check
-    fig = go.Figure(go.Scatter(x=check["estimate"], y=check["exact"], mode="markers+text",
-                               name="estimate", text=check["names"], textposition="top center",
+    fig = go.Figure(go.Scatter(x=check.estimate, y=check.exact, mode="markers+text",
+                               name="estimate", text=check.names, textposition="top center",
                                hovertemplate="%{text}: estimate %{x:.3g}, exact %{y:.3g}<extra></extra>"))
     title = (f"Estimate vs exact knockout (drop of the {gates.metric}; Spearman "
-             f"{_number(check['spearman'])}, top-{check['top_k']} agree on {check['top_k_agree']}")
-    if check.get("per_example"):
-        fig.add_trace(go.Scatter(x=check["refined"], y=check["exact"], mode="markers",
-                                 name=f"refined ({check['per_example']} checks per example)",
-                                 text=check["names"],
+             f"{_number(check.spearman)}, top-{check.top_k} agree on {check.top_k_agree}")
+    if check.per_example:
+        fig.add_trace(go.Scatter(x=check.refined, y=check.exact, mode="markers",
+                                 name=f"refined ({check.per_example} checks per example)",
+                                 text=check.names,
                                  hovertemplate="%{text}: refined %{x:.3g}, exact %{y:.3g}<extra></extra>"))
-        title += f"; refined: {_number(check['refined_spearman'])}, {check['refined_top_k_agree']}"
+        title += f"; refined: {_number(check.refined_spearman)}, {check.refined_top_k_agree}"
     fig.update_layout(title=title + ")", xaxis=dict(title="estimated drop"),
                       yaxis=dict(title="exact"))
     return fig
@@ -227,7 +227,7 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
     from plotly.offline import get_plotlyjs
 
     from tl_vlm.study.compare import EXTRA_CSS
-    from tl_vlm.study.report import _figure_html, html_page, html_table
+    from tl_vlm.study.report import figure_html, html_page, html_table
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +258,7 @@ def write_gate_report(gates: GateSearch, out: Union[str, Path]) -> Path:
     for title, fig, note in [s for s in sections if s[1] is not None]:
         parts.append(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>")
         fig.update_layout(template="plotly_white", height=380, margin=dict(l=60, r=20, t=60, b=50))
-        parts.append(_figure_html(fig))
+        parts.append(figure_html(fig))
     parts.append("<details><summary>every candidate</summary>" + html_table(
         ["candidate", "kind", "share", "exact drop", "its standard error",
          "estimate (a class: its positions' unclipped sum)", "refined", "task score",

@@ -46,9 +46,6 @@ def figure_html(fig: Any) -> str:
                        config={"displaylogo": False, "responsive": True})
 
 
-_figure_html = figure_html   # the old private name, until gate_figures moves over
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else html.escape(str(v))
