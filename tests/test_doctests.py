@@ -84,6 +84,7 @@ MODULES = [
     "tl_vlm.eval.metrics",
     "tl_vlm.core.compat",
     "tl_vlm.core.names",
+    "tl_vlm.core.jsonable",
     "tl_vlm.core.family",
     "tl_vlm.core.registration",
     "tl_vlm.core.autoload",

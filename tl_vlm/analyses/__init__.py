@@ -47,6 +47,7 @@ from tl_vlm.analyses.knockout import (
     image_to_text_knockout,
     knockout_hooks,
     last_layers,
+    progressive_widths,
     random_image_knockout,
     resolve_layers,
 )
@@ -61,7 +62,7 @@ __all__ = [
     "find_gates",
     "ModalitySeparation", "NeighbourhoodOverlap", "modality_separation", "neighbourhood_overlap",
     "neighbourhood_overlaps",
-    "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers",
+    "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers", "progressive_widths",
     "random_image_knockout", "resolve_layers",
     "LogitLensResult", "head_logit_attribution", "logit_lens",
     "PatchingResult", "patch_gate", "patch_hooks", "patch_positions",

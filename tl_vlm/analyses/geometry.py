@@ -53,6 +53,7 @@ from tl_vlm.core.progress import progress
 from tl_vlm.analyses.knockout import Layers, resolve_layers
 from tl_vlm.core.batch import VLMBatch
 from tl_vlm.core.positions import ImagePositions, PositionSet
+from tl_vlm.core.jsonable import jsonable
 
 Selector = Callable[[VLMBatch], PositionSet]
 Representation = Union[str, Selector]
@@ -254,22 +255,8 @@ class ModalitySeparation:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: arrays become lists, NaN becomes None; vectors are left out."""
-        return _jsonable({f.name: getattr(self, f.name) for f in fields(self)
+        return jsonable({f.name: getattr(self, f.name) for f in fields(self)
                           if f.name not in ("text_vectors", "image_vectors")})
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return value
 
 
 def abs_cosine_quartiles(text: Float[np.ndarray, "n d"],
@@ -526,7 +513,7 @@ class NeighbourhoodOverlap:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: arrays become lists; vectors are left out."""
-        return _jsonable({f.name: getattr(self, f.name) for f in fields(self)
+        return jsonable({f.name: getattr(self, f.name) for f in fields(self)
                           if f.name != "vectors"})
 
 

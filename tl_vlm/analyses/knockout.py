@@ -99,6 +99,19 @@ def last_layers(model, w: int) -> list[int]:
     return list(range(model.cfg.n_layers - w, model.cfg.n_layers))
 
 
+def progressive_widths(n_layers: int) -> list[int]:
+    """The w values of the progressive knockout (the gate knocked out in the last w layers):
+    eighths of the depth, and every w on a model of at most 8 layers.
+
+    Example:
+        >>> progressive_widths(4), progressive_widths(32)
+        ([1, 2, 3, 4], [4, 8, 12, 16, 20, 24, 28, 32])
+    """
+    fractions = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1)
+    return sorted({max(1, round(n_layers * f)) for f in fractions}
+                  | (set(range(1, n_layers + 1)) if n_layers <= 8 else set()))
+
+
 def _positions(batch: Union[VLMBatch, ImagePositions]) -> ImagePositions:
     return batch.positions if isinstance(batch, VLMBatch) else batch
 

@@ -24,6 +24,7 @@ from tl_vlm.cli.options import (CLIError, Formatter, add_model_arguments, add_ru
                                 check_placement_flags, checkpoint_layers, layer_spec, log,
                                 name_list, positive_int, resolve_shard, task_defaults)
 from tl_vlm.cli.running import load_model, prepare_run, write_run_report
+from tl_vlm.cli.running import scoring as scoring_of
 from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
 
 
@@ -146,7 +147,6 @@ def narrow_gate(args: argparse.Namespace) -> int:
     """
     _validate_narrow_gate(args)        # before anything heavy is imported or loaded
     from tl_vlm.study.runner import finish_without_model, run_study
-    from tl_vlm.eval.tasks import Scoring
 
     processor = check_chat_template(args)
     shard = resolve_shard(args.shard)
@@ -154,7 +154,7 @@ def narrow_gate(args: argparse.Namespace) -> int:
     task, settings, store = prepare_run(args, args.model, args.task, args.data, out, args.steps,
                                         shard, log)
     t0 = time.time()
-    scoring = Scoring(args.vqa_normalise, args.cider, args.extract)
+    scoring = scoring_of(args)
     if shard is None and finish_without_model(store, settings, scoring, log):
         write_run_report(store, log=log)     # nothing to compute: no model loaded
         return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -465,22 +464,19 @@ def check_device(device: Optional[str], n_devices: Optional[int]) -> None:
 
 
 def check_model_name(model: str) -> None:
-    """The checks of :func:`tl_vlm.core.model.resolve_model_name`, without importing torch:
-    a toy name misspelt, a local path that does not exist.
+    """The checks of :func:`tl_vlm.core.loading.resolve_model_name` (no torch import), as
+    a one-line CLI error: a toy name misspelt, a local path that does not exist.
 
     Example:
         >>> check_model_name("toy-gated"), check_model_name("facebook/chameleon-7b")
         (None, None)
     """
-    if model in TOY_MODELS or Path(model).expanduser().exists():
-        return
-    close = [t for t in TOY_MODELS if t.replace("-", "") == model.replace("_", "").replace("-", "")]
-    if close:
-        raise CLIError(f"no model {model!r}: did you mean the shipped toy model {close[0]!r}?")
-    if model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
-        raise CLIError(f"no checkpoint directory {model!r} (resolved to "
-                       f"{os.path.abspath(os.path.expanduser(model))}); pass an existing "
-                       f"directory or a hub id of the form 'org/name'")
+    from tl_vlm.core.loading import resolve_model_name
+
+    try:
+        resolve_model_name(model)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
 
 
 def resolve_shard(spec: Any):

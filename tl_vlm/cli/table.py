@@ -26,6 +26,7 @@ from tl_vlm.cli.options import (CLIError, Formatter, add_model_arguments, add_ru
                                 check_device, check_model_name, check_placement_flags, log,
                                 name_list, resolve_shard)
 from tl_vlm.cli.running import load_model, prepare_run
+from tl_vlm.cli.running import scoring as scoring_of
 from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
 from tl_vlm.core.names import TOY_MODELS
 from tl_vlm.study.rundir import RunStore, dumps, write_atomic
@@ -136,10 +137,9 @@ def run_table(args: argparse.Namespace) -> int:
     """
     data = validate_table(args)        # before anything heavy is imported or loaded
     from tl_vlm.study.runner import finalize_step, run_study
-    from tl_vlm.eval.tasks import Scoring
 
     shard = resolve_shard(args.shard)
-    scoring = Scoring(args.vqa_normalise, args.cider, args.extract)
+    scoring = scoring_of(args)
     out = Path(args.out)
     write_atomic(out / "table-run.json", dumps({"models": list(args.models),
                                                 "tasks": list(args.tasks),

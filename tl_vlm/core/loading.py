@@ -18,8 +18,6 @@ import os
 import re
 from typing import Any, Iterator
 
-import torch
-
 
 @contextlib.contextmanager
 def offline_if_local(name_or_path: str) -> Iterator[None]:
@@ -78,7 +76,8 @@ def resolve_model_name(name_or_path: str) -> str:
     close = [t for t in TOY_MODELS if t.replace("-", "") == name.replace("_", "").replace("-", "")]
     if close and not os.path.exists(name):
         raise ValueError(f"no model {name!r}: did you mean the shipped toy model {close[0]!r}?")
-    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None  # "org/name"
+    hub_id = (not name.startswith((".", "/", "~"))            # "org/name", never a path
+              and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None)
     if not hub_id and not os.path.exists(os.path.expanduser(name)):
         raise FileNotFoundError(
             f"no checkpoint directory {name!r} (resolved to "
@@ -99,6 +98,8 @@ def check_placement(device, device_map, n_devices, max_memory, offload_folder):
         ...
         ValueError: device='cuda:0' together with device_map: pass either one device ...
     """
+    import torch   # here: the CLI imports this module to check names before torch loads
+
     if device is not None and (device_map is not None or n_devices not in (None, 1)):
         raise ValueError(
             f"device={device!r} together with {'device_map' if device_map is not None else 'n_devices'}: "

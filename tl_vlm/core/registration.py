@@ -22,7 +22,7 @@ edits are live, unhooked layers run SDPA), and TL 4.3 crashes on Pixtral and nee
 torchvision for Qwen2.5-VL. :class:`~tl_vlm.HookedVLM` always boots with tl_vlm's
 adapter, for its own call only (:func:`adapter_override`).
 
-**No run-time installs.** TL's processor loader ``pip install``s torchvision when an
+**No run-time installs.** TL's processor loader runs ``pip install torchvision`` when an
 AutoProcessor fails to load; :func:`forbid_runtime_installs` (run by
 :func:`ensure_registered`, before tl_vlm boots anything) turns that into "not
 available", so the failure surfaces as a clear error instead.

@@ -206,11 +206,7 @@ class _AccuracyStep(_PredictionStep):
 class _ProgressiveStep(_PredictionStep):
     name = "progressive"
 
-    @staticmethod
-    def widths(n_layers: int) -> list[int]:
-        return sorted({max(1, round(n_layers * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8,
-                                                              3 / 4, 7 / 8, 1)}
-                      | ({*range(1, n_layers + 1)} if n_layers <= 8 else set()))
+    widths = staticmethod(A.progressive_widths)
 
     def plan(self, ctx: StepContext) -> Plan:
         if not ctx.info["has_gate"]:

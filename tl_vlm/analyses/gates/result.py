@@ -27,6 +27,7 @@ from torch import Tensor
 
 from tl_vlm.analyses.gates.candidates import IMAGE_SIDE
 from tl_vlm.analyses.gates.records import GateCheck, GateCost
+from tl_vlm.core.jsonable import jsonable
 
 
 @dataclass
@@ -176,7 +177,6 @@ class GateSearch:
         Example:
             >>> from tl_vlm import HookedVLM
             >>> from tl_vlm.eval.tasks import toy_task
-        >>> from tl_vlm.analyses.gates import find_gates
             >>> from tl_vlm.analyses.gates import find_gates
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
@@ -192,7 +192,6 @@ class GateSearch:
         Example:
             >>> from tl_vlm import HookedVLM
             >>> from tl_vlm.eval.tasks import toy_task
-        >>> from tl_vlm.analyses.gates import find_gates
             >>> from tl_vlm.analyses.gates import find_gates
             >>> model = HookedVLM.from_pretrained("toy-distributed")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
@@ -207,7 +206,6 @@ class GateSearch:
         Example:
             >>> from tl_vlm import HookedVLM
             >>> from tl_vlm.eval.tasks import toy_task
-        >>> from tl_vlm.analyses.gates import find_gates
             >>> from tl_vlm.analyses.gates import find_gates
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
@@ -231,7 +229,6 @@ class GateSearch:
         Example:
             >>> from tl_vlm import HookedVLM
             >>> from tl_vlm.eval.tasks import toy_task
-        >>> from tl_vlm.analyses.gates import find_gates
             >>> from tl_vlm.analyses.gates import find_gates
             >>> model = HookedVLM.from_pretrained("toy-distributed")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
@@ -255,7 +252,6 @@ class GateSearch:
         Example:
             >>> from tl_vlm import HookedVLM
             >>> from tl_vlm.eval.tasks import toy_task
-        >>> from tl_vlm.analyses.gates import find_gates
             >>> from tl_vlm.analyses.gates import find_gates
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
@@ -324,7 +320,6 @@ class GateSearch:
         Example:
             >>> from tl_vlm import HookedVLM
             >>> from tl_vlm.eval.tasks import toy_task
-        >>> from tl_vlm.analyses.gates import find_gates
             >>> from tl_vlm.analyses.gates import find_gates
             >>> model = HookedVLM.from_pretrained("toy-distributed")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
@@ -357,7 +352,6 @@ class GateSearch:
             >>> import json
             >>> from tl_vlm import HookedVLM
             >>> from tl_vlm.eval.tasks import toy_task
-        >>> from tl_vlm.analyses.gates import find_gates
             >>> from tl_vlm.analyses.gates import find_gates
             >>> model = HookedVLM.from_pretrained("toy-gated")
             >>> gates = find_gates(model, toy_task(12), rows=False, overlap=False, check_random=0)
@@ -369,7 +363,7 @@ class GateSearch:
         data.update(classes=[asdict(c) for c in self.classes],
                     positions=[asdict(c) for c in self.positions],
                     check=self.check.to_dict(), cost=self.cost.to_dict())
-        return _jsonable(data)
+        return jsonable(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GateSearch":
@@ -382,11 +376,3 @@ class GateSearch:
         return cls(**data)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value

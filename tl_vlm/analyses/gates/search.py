@@ -58,7 +58,7 @@ from tl_vlm.analyses.gates.candidates import (IMAGE_SIDE, Key, candidate_classes
 from tl_vlm.analyses.gates.config import Queries
 from tl_vlm.analyses.gates.metric import AnswerTargets, GateMetric
 from tl_vlm.analyses.gates.stats import per_example
-from tl_vlm.analyses.knockout import Hook, knockout_hooks
+from tl_vlm.analyses.knockout import Hook, knockout_hooks, progressive_widths
 from tl_vlm.analyses.logit_lens import final_logit_transform
 from tl_vlm.core.attention_edits import KeyScale, PatternReader
 from tl_vlm.core.batch import VLMBatch
@@ -374,7 +374,7 @@ class BatchSearch:
     def layer_sweep(self, chunks, target: Optional[list], say: Callable[[str], None]) -> dict:
         """Drop of the metric with ``target`` (roles, or the whole image side when None)
         knocked out in the last w layers only."""
-        widths = _widths(self.n_layers)
+        widths = progressive_widths(self.n_layers)
         sums, count = torch.zeros(len(widths)), 0
         for start, examples in chunks:
             batch = self.task.prepare(self.model, examples)
@@ -466,10 +466,3 @@ def first_call_only(fn: Callable) -> Callable:
             fn(x, hook)
 
     return hook
-
-
-def _widths(n_layers: int) -> list[int]:
-    """The layer sweep's w values (the study's progressive knockout widths)."""
-    fractions = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1)
-    return sorted({max(1, round(n_layers * f)) for f in fractions}
-                  | (set(range(1, n_layers + 1)) if n_layers <= 8 else set()))
