@@ -10,13 +10,13 @@ import io
 import socket
 import threading
 import urllib.error
+import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from tests.tinydata import SCHEMAS, SPLITS, N_ROWS
-from tl_vlm.eval import data as evaldata
 from tl_vlm.eval.data import (SOURCES, ImageFetchError, ImageResolver, ScriptDatasetError,
                              SourceSpec, load_rows, open_eval_set, select_indices,
                              selection_hash, source_record, steering_pairs, to_examples,
@@ -242,7 +242,7 @@ class FakeResponse(io.BytesIO):
 
 
 def test_resolver_prefers_the_coco_root(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaldata.urllib.request, "urlopen", pytest.fail)
+    monkeypatch.setattr(urllib.request, "urlopen", pytest.fail)
     row = dict(_raw_rows(tiny_data, "coco")[0], url=URL)
     resolver = ImageResolver(coco_root=tiny_data.coco_root(), cache_dir=tmp_path)
     assert resolver.resolve_row(row) == tiny_data.coco_root() / "val2014" / row["filename"]
@@ -259,7 +259,7 @@ def test_resolver_downloads_once_into_the_shared_cache(tmp_path, monkeypatch):
             raise urllib.error.URLError("temporary failure")     # retried
         return FakeResponse(PNG.getvalue())
 
-    monkeypatch.setattr(evaldata.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     resolver = ImageResolver(cache_dir=tmp_path / "cache", backoff=0)
     path = resolver.resolve(URL)
     assert path.parent == tmp_path / "cache" and path.read_bytes() == PNG.getvalue()
@@ -270,7 +270,7 @@ def test_resolver_downloads_once_into_the_shared_cache(tmp_path, monkeypatch):
 
 
 def test_concurrent_shards_share_one_complete_cache_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaldata.urllib.request, "urlopen",
+    monkeypatch.setattr(urllib.request, "urlopen",
                         lambda request, timeout: FakeResponse(PNG.getvalue()))
     results = []
     threads = [threading.Thread(target=lambda: results.append(
@@ -294,7 +294,7 @@ def test_failed_download_says_how_to_work_offline(tmp_path, no_network):
 
 
 def test_non_image_response_is_not_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaldata.urllib.request, "urlopen",
+    monkeypatch.setattr(urllib.request, "urlopen",
                         lambda request, timeout: FakeResponse(b"<html>rate limited</html>"))
     with pytest.raises(ImageFetchError, match="did not return an image"):
         ImageResolver(cache_dir=tmp_path, retries=1).resolve(URL)

@@ -44,9 +44,10 @@ def merge(args: argparse.Namespace) -> int:
     """
     from tl_vlm.study.rundir import RunStore
     from tl_vlm.study.shards import merge_run
+    from tl_vlm.study.table import TABLE_REQUEST
 
     out = Path(args.out)
-    if (out / "table-run.json").exists():
+    if (out / TABLE_REQUEST).exists():
         from tl_vlm.cli.table import merge_table
 
         merge_table(out, scoring(args), log=log)

@@ -43,20 +43,19 @@ def rescore(args: argparse.Namespace) -> int:
         ...                            extract="full"))
         Traceback (most recent call last):
         ...
-        tl_vlm.cli.options.CLIError: /no/such/run holds no run.json: expected a tl-vlm run directory
+        tl_vlm.study.rundir.RunSettingsError: /no/such/run holds no run.json: expected a tl-vlm run directory
     """
     from tl_vlm.study.rundir import RunStore
     from tl_vlm.study.runner import finalize_step
+    from tl_vlm.study.table import TABLE_REQUEST
 
     out = Path(args.out)
-    if (out / "table-run.json").exists():
+    if (out / TABLE_REQUEST).exists():
         from tl_vlm.cli.table import rescore_table
 
         rescore_table(out, scoring(args), log=log)
         return 0
-    if not (out / RunStore.RUN).exists():
-        raise CLIError(f"{out} holds no {RunStore.RUN}: expected a tl-vlm run directory")
-    store = RunStore.open(out)
+    store = RunStore.open(out)          # a directory without run.json: a one-line error
     steps = [s for s in ("accuracy", "progressive") if store.done(s)
              and store.load(s).get("skipped") is not True]
     if not steps:

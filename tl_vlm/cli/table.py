@@ -30,7 +30,7 @@ from tl_vlm.cli.running import scoring as scoring_of
 from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
 from tl_vlm.core.names import TOY_MODELS
 from tl_vlm.study.rundir import RunStore, dumps, write_atomic
-from tl_vlm.study.table import TABLE_TASKS, cell_dir, parse_data, write_table
+from tl_vlm.study.table import TABLE_REQUEST, TABLE_TASKS, cell_dir, parse_data, write_table
 
 
 def add_parser(sub) -> None:
@@ -141,7 +141,7 @@ def run_table(args: argparse.Namespace) -> int:
     shard = resolve_shard(args.shard)
     scoring = scoring_of(args)
     out = Path(args.out)
-    write_atomic(out / "table-run.json", dumps({"models": list(args.models),
+    write_atomic(out / TABLE_REQUEST, dumps({"models": list(args.models),
                                                 "tasks": list(args.tasks),
                                                 "conditions": list(args.conditions)}))
     for model_name in args.models:
@@ -182,7 +182,7 @@ def _free_memory() -> None:
 
 
 def _table_request(out) -> dict[str, Any]:
-    path = Path(out) / "table-run.json"
+    path = Path(out) / TABLE_REQUEST
     return json.loads(path.read_text())
 
 
@@ -211,7 +211,7 @@ def rescore_table(out, scoring, log: Callable[[str], None] = print) -> Path:
     Example (a table with no finished cell yet: the paper's numbers and dashes):
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
-        >>> write_atomic(Path(tmp.name) / "table-run.json", dumps(
+        >>> write_atomic(Path(tmp.name) / TABLE_REQUEST, dumps(
         ...     {"models": ["toy-gated"], "tasks": ["toy"], "conditions": ["none"]}))
         >>> rescore_table(tmp.name, None, log=lambda m: None).name
         'index.html'

@@ -41,8 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import urllib.request  # noqa: F401  (tests patch urllib.request.urlopen through here)
-
 from tl_vlm.eval.sources import (  # noqa: F401
     SourceSpec, ScriptDatasetError, PARQUET_ALTERNATIVES, resolve_source, load_rows)
 from tl_vlm.eval.paper_sets import (  # noqa: F401

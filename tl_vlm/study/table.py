@@ -27,6 +27,9 @@ from typing import Any, Callable, Optional, Sequence
 from tl_vlm.study.rundir import dumps, write_atomic
 
 TABLE_TASKS = ("vqav2", "flickr30k", "coco", "imagenet")
+#: the file a table run keeps its request in (models, tasks, conditions); it also marks
+#: a directory as a table, for `tl-vlm merge` and `tl-vlm rescore`
+TABLE_REQUEST = "table-run.json"
 TASK_TITLES = {"vqav2": "VQAv2", "flickr30k": "Flickr30k", "coco": "COCO", "imagenet": "ImageNet",
                "imagenet_open": "ImageNet (open vocabulary)", "steering": "steering set",
                "toy": "toy task"}
