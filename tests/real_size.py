@@ -14,9 +14,30 @@ conversion scripts (``src/transformers/models/<family>/convert_*_weights_to_hf.p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Callable
 
 import tl_vlm.adapters  # noqa: F401  (processors that need torchvision only for videos)
+
+PHOTO, WIDE, TALL, SMALL = (480, 640), (1080, 1920), (1920, 1080), (40, 40)  # (height, width)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One image's content grid: ``blocks`` of (rows, cols) stacked top to bottom, and
+    how many row-break tokens it has."""
+
+    blocks: tuple[tuple[int, int], ...]
+    breaks: int = 0
+
+    @property
+    def row_widths(self) -> list[int]:
+        return [cols for rows, cols in self.blocks for _ in range(rows)]
+
+
+def fixed(rows: int, cols: int, *sizes: tuple[int, int]) -> dict:
+    """A family whose every image is resized/cropped to one size: one grid for all."""
+    return {size: Expected(((rows, cols),)) for size in sizes}
 
 
 @dataclass(frozen=True)
@@ -202,7 +223,35 @@ def qwen2_5_vl() -> Released:
     return _qwen(Qwen2_5_VLProcessor, Qwen2_5_VLConfig)
 
 
-BUILDERS: dict[str, Callable[[], Released]] = {
+@cache
+def tiny_modules() -> dict[str, Any]:
+    """The ``tests/tiny`` family modules that carry their own real-size builder
+    (``released()``) and expected table (``REAL_SIZE``: (height, width) -> Expected);
+    optionally ``REAL_SIZE_MULTI_IMAGE`` (the same for an image of a two-image prompt,
+    where the processor treats it otherwise) and ``processor_image_mask(layout, inputs)``
+    (where the processor marks image tokens other than by ``mm_token_type_ids``). A new
+    family's tests live in its own files, so families can be added side by side."""
+    import importlib
+    import pkgutil
+
+    import tests.tiny as tiny
+
+    modules = {}
+    for info in pkgutil.iter_modules(tiny.__path__):
+        if not info.name.startswith("_"):
+            module = importlib.import_module(f"tests.tiny.{info.name}")
+            if hasattr(module, "released"):
+                modules[info.name] = module
+    return modules
+
+
+def tiny_module_tables() -> dict[str, dict]:
+    """family -> its ``REAL_SIZE`` table, for the families whose tiny module has one."""
+    return {name: module.REAL_SIZE for name, module in tiny_modules().items()}
+
+
+BUILDERS: dict[str, Callable[..., Released]] = {
     f.__name__: f for f in (chameleon, emu3, gemma3, janus, llava, llava_onevision, pixtral,
                             qwen2_vl, qwen2_5_vl)
 }
+BUILDERS.update({name: module.released for name, module in tiny_modules().items()})

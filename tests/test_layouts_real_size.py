@@ -18,7 +18,6 @@ tokens); no model is built. For each image, three sources must agree:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 
 import pytest
@@ -28,25 +27,8 @@ from tests import real_size
 from tests.tiny import image
 from tl_vlm.adapters import families
 
-PHOTO, WIDE, TALL, SMALL = (480, 640), (1080, 1920), (1920, 1080), (40, 40)  # (height, width)
-
-
-@dataclass(frozen=True)
-class Expected:
-    """One image's content grid: ``blocks`` of (rows, cols) stacked top to bottom, and
-    how many row-break tokens it has."""
-
-    blocks: tuple[tuple[int, int], ...]
-    breaks: int = 0
-
-    @property
-    def row_widths(self) -> list[int]:
-        return [cols for rows, cols in self.blocks for _ in range(rows)]
-
-
-def _fixed(rows: int, cols: int, *sizes: tuple[int, int]) -> dict:
-    """A family whose every image is resized/cropped to one size: one grid for all."""
-    return {size: Expected(((rows, cols),)) for size in sizes}
+PHOTO, WIDE, TALL, SMALL = real_size.PHOTO, real_size.WIDE, real_size.TALL, real_size.SMALL
+Expected, _fixed = real_size.Expected, real_size.fixed
 
 
 def _onevision(rows: int, cols: int) -> Expected:
@@ -105,6 +87,8 @@ EXPECTED: dict[str, dict[tuple[int, int], Expected]] = {
     },
 }
 EXPECTED["qwen2_5_vl"] = EXPECTED["qwen2_vl"]  # same processor and released settings
+# Families whose tiny module (tests/tiny/<name>.py) carries its own table (REAL_SIZE).
+EXPECTED.update(real_size.tiny_module_tables())
 
 # A multi-image LLaVA-OneVision prompt keeps only each image's base features + a newline.
 ONEVISION_BASE_ONLY = Expected(((27, 27),), breaks=1)
@@ -144,7 +128,11 @@ def _process(layout, prompts: list[str], sizes: list[list[tuple[int, int]]], sid
 
 
 def _processor_image_mask(family: str, layout, inputs) -> torch.Tensor:
-    """The positions the processor itself marks as image tokens."""
+    """The positions the processor itself marks as image tokens (a tiny module may say
+    how its processor marks them: ``processor_image_mask(layout, inputs)``)."""
+    module = real_size.tiny_modules().get(family)
+    if module is not None and hasattr(module, "processor_image_mask"):
+        return module.processor_image_mask(layout, inputs)
     if family == "janus":  # its image_token_ids is unset: use the tokens it writes
         proc = layout.processor
         ids = layout.tokenizer.convert_tokens_to_ids(
@@ -250,6 +238,9 @@ def test_mixed_sizes_in_a_padded_batch(name, side):
             expected = EXPECTED[family][size]
             if family == "llava_onevision" and len(row_sizes) > 1:
                 expected = ONEVISION_BASE_ONLY
+            module = real_size.tiny_modules().get(family)
+            if len(row_sizes) > 1 and hasattr(module, "REAL_SIZE_MULTI_IMAGE"):
+                expected = module.REAL_SIZE_MULTI_IMAGE[size]  # images of a multi-image prompt
             _check_image(family, layout, inputs, pos, b, n, expected)
     _check_mask(family, layout, inputs, pos)
 
