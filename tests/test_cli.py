@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tl_vlm.cli import commands as cli
-from tl_vlm.cli import options, running
+from tl_vlm.cli import options
+from tl_vlm.study.config import Placement, StudyConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
@@ -154,14 +155,14 @@ def test_each_torchrun_rank_takes_its_gpu_or_block(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    one = argparse.Namespace(device=None, n_devices=None)
-    assert running.rank_device(one) == "cuda:1"
-    block = argparse.Namespace(device=None, n_devices=2)
-    assert running.rank_device(block) is None and os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    one = Placement(device=None, n_devices=None)
+    assert one.rank_device() == "cuda:1"
+    block = Placement(device=None, n_devices=2)
+    assert block.rank_device() is None and os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    with pytest.raises(options.CLIError, match="rank 1 needs GPUs 2..3"):
-        running.rank_device(block)
-    assert running.rank_device(argparse.Namespace(device="cpu", n_devices=None)) == "cpu"
+    with pytest.raises(StudyConfigError, match="rank 1 needs GPUs 2..3"):
+        block.rank_device()
+    assert Placement(device="cpu", n_devices=None).rank_device() == "cpu"
 
 
 def test_a_model_split_by_a_device_map_gives_the_same_results(tmp_path):

@@ -34,7 +34,7 @@ from tl_vlm.analyses.contribution import (
     cross_modal_contribution,
 )
 from tl_vlm.analyses.gates import (GateCandidate, GateCheck, GateCost, GateMetric, GateSearch,
-                                  GateSearchConfig, find_gates)
+                                  GateSearchConfig, LayerSweep, find_gates)
 from tl_vlm.analyses.geometry import (
     ModalitySeparation,
     NeighbourhoodOverlap,
@@ -59,7 +59,7 @@ __all__ = [
     "DEFAULT_GROUPS", "ContributionAccumulator", "CrossModalContribution", "contribution_hooks",
     "cross_modal_contribution",
     "GateCandidate", "GateCheck", "GateCost", "GateMetric", "GateSearch", "GateSearchConfig",
-    "find_gates",
+    "LayerSweep", "find_gates",
     "ModalitySeparation", "NeighbourhoodOverlap", "modality_separation", "neighbourhood_overlap",
     "neighbourhood_overlaps",
     "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers", "progressive_widths",

@@ -4,8 +4,8 @@ Each command lives in a module of its own (:mod:`tl_vlm.cli.narrow_gate`,
 :mod:`~tl_vlm.cli.table`, :mod:`~tl_vlm.cli.merge`, :mod:`~tl_vlm.cli.rescore`,
 :mod:`~tl_vlm.cli.find_gate`, :mod:`~tl_vlm.cli.compare`) that adds its parser with
 ``add_parser(sub)``; what they share is :mod:`tl_vlm.cli.options` (option groups,
-argument types, checks) and :mod:`tl_vlm.cli.running` (run set-up, model loading, the
-report). Commands are registered in :data:`COMMANDS`, so another module can add one
+argument types, checks, and the builders of the typed
+:class:`~tl_vlm.study.config.StudyConfig` the study runs from). Commands are registered in :data:`COMMANDS`, so another module can add one
 with a single line (``COMMANDS.append(add_parser)``).
 
 Every flag is checked before a model is loaded; a mistake is one line saying what to
@@ -101,6 +101,7 @@ _USER_ERRORS = {
     "tl_vlm.core.answers": ("AnswerTokenError",),
     "tl_vlm.core.layout": ("LayoutError",),
     "tl_vlm.core.family": ("UnsupportedModelError",),
+    "tl_vlm.study.config": ("StudyConfigError",),
 }
 
 

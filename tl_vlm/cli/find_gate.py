@@ -16,9 +16,8 @@ import time
 
 from tl_vlm.cli.options import (Formatter, add_data_arguments, add_model_arguments,
                                 add_source_arguments, check_chat_template, check_device,
-                                check_model_name, check_placement_flags, log, non_negative_int,
-                                positive_int, task_defaults)
-from tl_vlm.cli.running import load_model
+                                check_model_name, log, non_negative_int, placement_from,
+                                positive_int, resolve_task, task_source_from)
 
 
 def add_parser(sub) -> None:
@@ -80,22 +79,22 @@ def find_gate(args: argparse.Namespace) -> int:
         0
         >>> tmp.cleanup()
     """
+    from tl_vlm.study.config import StudyConfig
+
     check_model_name(args.model)
-    args.steps = None                    # find-gate runs no study steps
-    task_defaults(args)                  # --task, --data and --coco-root checked, toy default
-    check_placement_flags(args)
+    placement = placement_from(args)
+    # --task, --data and --coco-root checked, the toy task by default (no study steps run)
+    source = resolve_task(StudyConfig(model=args.model, source=task_source_from(args),
+                                      placement=placement)).source
     check_device(args.device, args.n_devices)
-    processor = check_chat_template(args)
+    processor = check_chat_template(args.model, source.prompt_style)
 
     from tl_vlm.analyses import find_gates
     from tl_vlm.study.gate_figures import write_gate_report
-    from tl_vlm.eval.taskset import load_task
 
-    task, _ = load_task(args.task, data=args.data, n=args.n_examples, seed=args.seed,
-                        coco_root=args.coco_root, image_cache=args.image_cache,
-                        prompt_style=args.prompt_style or "paper", vqa_mode=args.vqa_mode)
+    task, _ = source.load()
     log(f"loading {args.model} ...")
-    model = load_model(args.model, args, processor)
+    model = placement.load(args.model, processor)
     t0 = time.time()
     gates = find_gates(model, task, batch_size=args.batch_size, queries=args.queries,
                        rows=not args.no_rows, check_per_example=args.check_per_example,

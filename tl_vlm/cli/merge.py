@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tl_vlm.cli.options import add_run_dir_command, log
-from tl_vlm.cli.running import scoring, write_run_report
+from tl_vlm.cli.options import add_run_dir_command, log, scoring_from
 
 
 def add_parser(sub) -> None:
@@ -50,9 +49,11 @@ def merge(args: argparse.Namespace) -> int:
     if (out / TABLE_REQUEST).exists():
         from tl_vlm.cli.table import merge_table
 
-        merge_table(out, scoring(args), log=log)
+        merge_table(out, scoring_from(args), log=log)
         return 0
-    merge_run(out, scoring(args), log=log)
+    merge_run(out, scoring_from(args), log=log)
     store = RunStore.open(out)
+    from tl_vlm.study.job import write_run_report
+
     write_run_report(store, log=log)
     return 0

@@ -13,18 +13,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from tl_vlm.cli.options import (CLIError, Formatter, add_model_arguments, add_run_arguments,
                                 add_scoring_arguments, add_source_arguments, add_task_arguments,
                                 check_chat_template, check_device, check_model_name,
-                                check_placement_flags, checkpoint_layers, layer_spec, log,
-                                name_list, positive_int, resolve_shard, task_defaults)
-from tl_vlm.cli.running import load_model, prepare_run, write_run_report
-from tl_vlm.cli.running import scoring as scoring_of
+                                checkpoint_layers, layer_spec, log, name_list, positive_int,
+                                resolve_task, study_config_from)
 from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
 
 
@@ -97,38 +93,24 @@ def _check_geometry(steps: Sequence[str]) -> None:
                        '"tl-vlm[geometry]", or leave them out with --steps')
 
 
-def _validate_narrow_gate(args: argparse.Namespace) -> None:
-    """Every check that needs no model weights (config and processor files only)."""
+def validated_config(args: argparse.Namespace):
+    """The :class:`~tl_vlm.study.config.StudyConfig` of the parsed flags, after every check
+    that needs no model weights (config and processor files only).
+
+    Example:
+        >>> from tl_vlm.cli.commands import build_parser
+        >>> config = validated_config(build_parser().parse_args(["narrow-gate"]))
+        >>> config.source.task, config.placement.device
+        ('toy', None)
+    """
     check_model_name(args.model)
-    task_defaults(args)
-    _check_geometry(args.steps)
-    check_placement_flags(args)
+    config = resolve_task(study_config_from(args))
+    _check_geometry(config.steps)
     check_device(args.device, args.n_devices)
     n_layers = checkpoint_layers(args.model)
-    _check_layers("--patch-layers", args.patch_layers, n_layers, args.model)
-    _check_layers("--geometry-layers", args.geometry_layers, n_layers, args.model)
-
-
-# -- running ---------------------------------------------------------------------------
-def _add_compute_time(out: Path, seconds: float, shard, placement: Optional[dict] = None) -> None:
-    """Append one process's compute time to ``OUT/compute.jsonl`` (one short line per
-    run, resume or shard: appends from concurrent shards do not interleave), with where
-    the model ran (placement is not a result setting: it may differ between resumes)."""
-    import socket
-
-    line = json.dumps({"seconds": round(seconds, 1), "host": socket.gethostname(),
-                       "shard": None if shard is None else shard.name,
-                       **({"placement": placement} if placement else {})}) + "\n"
-    with open(out / "compute.jsonl", "a") as f:
-        f.write(line)
-
-
-def _placement(model) -> dict:
-    """Where the model ran: its device, or its device map and device count."""
-    placement = {"device": str(model.cfg.device), "n_devices": getattr(model.cfg, "n_devices", 1)}
-    if model.device_map:
-        placement["device_map"] = {k: str(v) for k, v in model.device_map.items()}
-    return placement
+    _check_layers("--patch-layers", config.patch_layers, n_layers, args.model)
+    _check_layers("--geometry-layers", config.geometry_layers, n_layers, args.model)
+    return config
 
 
 def narrow_gate(args: argparse.Namespace) -> int:
@@ -145,28 +127,9 @@ def narrow_gate(args: argparse.Namespace) -> int:
         (0, True)
         >>> tmp.cleanup()
     """
-    _validate_narrow_gate(args)        # before anything heavy is imported or loaded
-    from tl_vlm.study.runner import finish_without_model, run_study
+    config = validated_config(args)     # before anything heavy is imported or loaded
+    processor = check_chat_template(config.model, config.source.prompt_style)
+    from tl_vlm.study.job import run_main_job
 
-    processor = check_chat_template(args)
-    shard = resolve_shard(args.shard)
-    out = Path(args.out)
-    task, settings, store = prepare_run(args, args.model, args.task, args.data, out, args.steps,
-                                        shard, log)
-    t0 = time.time()
-    scoring = scoring_of(args)
-    if shard is None and finish_without_model(store, settings, scoring, log):
-        write_run_report(store, log=log)     # nothing to compute: no model loaded
-        return 0
-    log(f"loading {args.model} ...")
-    model = load_model(args.model, args, processor)
-    try:
-        run_study(model, task, store, settings, log=log, scoring=scoring, shard=shard)
-    finally:   # a resumed or sharded run adds up
-        _add_compute_time(out, time.time() - t0, shard, _placement(model))
-    if all(store.done(s) for s in settings.steps):
-        write_run_report(store, header={"device": str(model.cfg.device)}, log=log)
-    else:
-        log(f"shard {shard.index}/{shard.count} done; the last shard to finish (or "
-            f"`tl-vlm merge {out}`) writes the report")
+    run_main_job(config, log=log, processor=processor)
     return 0

@@ -501,40 +501,121 @@ def resolve_shard(spec: Any):
     return shard
 
 
-def task_defaults(args: argparse.Namespace) -> str:
-    """Check --task, --data, --coco-root and --prompt-style; fill in the toy task and the
-    task's default steps. Returns the task's kind.
+def resolve_task(config):
+    """Check --task, --data, --coco-root and --prompt-style of a
+    :class:`~tl_vlm.study.config.StudyConfig`; returns it with the toy task and the task's
+    default steps filled in (:meth:`~tl_vlm.study.config.StudyConfig.resolved`).
 
     Example:
-        >>> args = argparse.Namespace(model="toy-gated", task=None, data=None, coco_root=None,
-        ...                           prompt_style=None, steps=None)
-        >>> task_defaults(args), args.task, args.steps[:2]
-        ('toy', 'toy', ('accuracy', 'progressive'))
+        >>> from tl_vlm.study.config import StudyConfig
+        >>> config = resolve_task(StudyConfig(model="toy-gated"))
+        >>> config.source.task, config.steps[:2]
+        ('toy', ('accuracy', 'progressive'))
     """
-    from tl_vlm.eval.taskset import DEFAULT_STEPS, task_kind
+    from tl_vlm.study.config import StudyConfigError
 
-    task = args.task or ("toy" if args.model in TOY_MODELS else None)
-    if task is None:
+    source = config.source
+    if source.task is None and config.model not in TOY_MODELS:
         raise CLIError("--task is required for a model other than the toy models: one of "
                        f"{', '.join(TASK_NAMES[1:])}, or a JSONL file")
     try:
-        kind = task_kind(task)
-    except (ValueError, FileNotFoundError) as err:
+        config = config.resolved()
+    except StudyConfigError as err:
         raise CLIError(str(err)) from None
-    if args.data is not None:
+    kind = config.task_kind
+    if source.data is not None:
         if kind in ("toy", "jsonl"):
             raise CLIError(f"--data gives a local copy of a dataset task; the {kind} task "
                            f"has its own data")
-        check_data_path(str(args.data))
-    if args.coco_root is not None and not Path(args.coco_root).is_dir():
-        raise CLIError(f"--coco-root {args.coco_root}: not a directory; expected the folder "
+        check_data_path(str(source.data))
+    if source.coco_root is not None and not Path(source.coco_root).is_dir():
+        raise CLIError(f"--coco-root {source.coco_root}: not a directory; expected the folder "
                        f"holding val2014/")
-    if args.prompt_style is not None and kind == "toy":
+    if source.prompt_style is not None and kind == "toy":
         raise CLIError("--prompt-style applies to the dataset tasks; the toy task writes its "
                        "own prompts")
-    args.task = task
-    args.steps = args.steps or DEFAULT_STEPS[kind]
-    return kind
+    return config
+
+
+# -- option groups -> the typed configuration ------------------------------------------
+def placement_from(args: argparse.Namespace):
+    """The :class:`~tl_vlm.study.config.Placement` of :func:`add_model_arguments`' flags
+    (checked first, so that a clash is named by its flags).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_model_arguments(p)
+        >>> placement_from(p.parse_args(["--dtype", "bfloat16"])).dtype
+        'bfloat16'
+    """
+    from tl_vlm.study.config import Placement
+
+    check_placement_flags(args)
+    return Placement(dtype=args.dtype, device=args.device, n_devices=args.n_devices,
+                     device_map=getattr(args, "device_map", None),
+                     max_memory=getattr(args, "max_memory", None),
+                     offload_folder=getattr(args, "offload_folder", None))
+
+
+def task_source_from(args: argparse.Namespace, task: Optional[str] = None,
+                     data: Optional[str] = None):
+    """The :class:`~tl_vlm.study.config.TaskSource` of :func:`add_source_arguments` and
+    :func:`add_data_arguments` (``task``/``data`` for the commands that take several).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_source_arguments(p); add_data_arguments(p)
+        >>> task_source_from(p.parse_args(["--task", "toy", "--n-examples", "8"])).n_examples
+        8
+    """
+    from tl_vlm.study.config import TaskSource
+
+    return TaskSource(task=task or getattr(args, "task", None),
+                      data=data or getattr(args, "data", None), n_examples=args.n_examples,
+                      seed=getattr(args, "seed", 0), coco_root=args.coco_root,
+                      image_cache=args.image_cache, prompt_style=args.prompt_style,
+                      vqa_mode=args.vqa_mode)
+
+
+def scoring_from(args: argparse.Namespace):
+    """The :class:`~tl_vlm.eval.scoring.Scoring` of :func:`add_scoring_arguments`' flags.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_scoring_arguments(p)
+        >>> scoring_from(p.parse_args(["--cider", "ptb"])).cider
+        'ptb'
+    """
+    from tl_vlm.eval.scoring import Scoring
+
+    return Scoring(args.vqa_normalise, args.cider, args.extract)
+
+
+def study_config_from(args: argparse.Namespace):
+    """The :class:`~tl_vlm.study.config.StudyConfig` of ``tl-vlm narrow-gate``'s flags
+    (``--shard auto`` read from the environment), not yet resolved.
+
+    Example:
+        >>> from tl_vlm.cli.commands import build_parser
+        >>> args = build_parser().parse_args(["narrow-gate", "--n-examples", "8",
+        ...                                   "--patch-layers", "0:4:2"])
+        >>> config = study_config_from(args)
+        >>> config.source.n_examples, config.patch_layers, config.steps
+        (8, (0, 2), None)
+    """
+    from tl_vlm.study.config import StudyConfig
+
+    steps = getattr(args, "steps", None)
+    return StudyConfig(
+        model=args.model, source=task_source_from(args), placement=placement_from(args),
+        scoring=scoring_from(args), out=str(args.out),
+        steps=None if steps is None else tuple(steps), conditions=tuple(args.conditions),
+        batch_size=args.batch_size, random_k=args.random_k, random_draws=args.random_draws,
+        patch_layers=getattr(args, "patch_layers", None),
+        patch_streams=tuple(getattr(args, "patch_streams", ("resid_pre", "attn_in"))),
+        n_pairs=getattr(args, "n_pairs", 128),
+        geometry_layers=getattr(args, "geometry_layers", None),
+        shard=resolve_shard(args.shard), fresh=args.fresh)
 
 
 def check_data_path(path: str) -> None:
@@ -555,18 +636,19 @@ def check_data_path(path: str) -> None:
                        f"or a glob of them")
 
 
-def check_chat_template(args: argparse.Namespace) -> Any:
+def check_chat_template(model: str, prompt_style: Optional[str]) -> Any:
     """With ``--prompt-style chat``: the processor, checked for a chat template now.
 
     Example:
-        >>> check_chat_template(argparse.Namespace(prompt_style="paper", model="toy-gated"))
+        >>> check_chat_template("toy-gated", "paper") is None
+        True
     """
-    if args.prompt_style != "chat":
+    if prompt_style != "chat":
         return None
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(_checkpoint_dir(args.model) or args.model))
+    processor = AutoProcessor.from_pretrained(str(_checkpoint_dir(model) or model))
     if not getattr(processor, "chat_template", None):
         raise CLIError(f"--prompt-style chat needs the checkpoint's chat template, but "
-                       f"{args.model}'s processor has none; use --prompt-style paper or clean")
+                       f"{model}'s processor has none; use --prompt-style paper or clean")
     return processor

@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tl_vlm.cli.options import CLIError, add_run_dir_command, log
-from tl_vlm.cli.running import scoring, write_run_report
+from tl_vlm.cli.options import CLIError, add_run_dir_command, log, scoring_from
 
 
 def add_parser(sub) -> None:
@@ -53,7 +52,7 @@ def rescore(args: argparse.Namespace) -> int:
     if (out / TABLE_REQUEST).exists():
         from tl_vlm.cli.table import rescore_table
 
-        rescore_table(out, scoring(args), log=log)
+        rescore_table(out, scoring_from(args), log=log)
         return 0
     store = RunStore.open(out)          # a directory without run.json: a one-line error
     steps = [s for s in ("accuracy", "progressive") if store.done(s)
@@ -61,7 +60,9 @@ def rescore(args: argparse.Namespace) -> int:
     if not steps:
         raise CLIError(f"{out} has no finished accuracy or progressive step to rescore")
     for step in steps:
-        finalize_step(store, step, scoring(args))
+        finalize_step(store, step, scoring_from(args))
         log(f"[{step}] rescored")
+    from tl_vlm.study.job import write_run_report
+
     write_run_report(store, log=log)
     return 0

@@ -24,9 +24,7 @@ from typing import Any, Callable
 from tl_vlm.cli.options import (CLIError, Formatter, add_model_arguments, add_run_arguments,
                                 add_scoring_arguments, add_task_arguments, check_data_path,
                                 check_device, check_model_name, check_placement_flags, log,
-                                name_list, resolve_shard)
-from tl_vlm.cli.running import load_model, prepare_run
-from tl_vlm.cli.running import scoring as scoring_of
+                                name_list, study_config_from)
 from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
 from tl_vlm.core.names import TOY_MODELS
 from tl_vlm.study.rundir import RunStore, dumps, write_atomic
@@ -136,10 +134,12 @@ def run_table(args: argparse.Namespace) -> int:
         >>> tmp.cleanup()
     """
     data = validate_table(args)        # before anything heavy is imported or loaded
+    from tl_vlm.study.job import prepare_run
     from tl_vlm.study.runner import finalize_step, run_study
 
-    shard = resolve_shard(args.shard)
-    scoring = scoring_of(args)
+    # One StudyConfig for the whole table; each cell is it with its model, task and folder.
+    config = study_config_from(argparse.Namespace(**{**vars(args), "model": args.models[0]}))
+    shard, scoring = config.shard, config.scoring
     out = Path(args.out)
     write_atomic(out / TABLE_REQUEST, dumps({"models": list(args.models),
                                                 "tasks": list(args.tasks),
@@ -147,11 +147,9 @@ def run_table(args: argparse.Namespace) -> int:
     for model_name in args.models:
         pending = []
         for task_name in args.tasks:
-            args.seed = getattr(args, "seed", 0)
-            task, settings, store = prepare_run(args, model_name, task_name,
-                                                data.get(task_name),
-                                                cell_dir(out, model_name, task_name),
-                                                ("accuracy",), shard, log)
+            cell = config.with_cell(model_name, task_name, data.get(task_name),
+                                    str(cell_dir(out, model_name, task_name)), ("accuracy",))
+            task, settings, store = prepare_run(cell, log)
             status = _cell_status(store, settings, scoring)
             if status == "done":
                 log(f"[{model_name} / {task_name}] finished: kept")
@@ -163,7 +161,7 @@ def run_table(args: argparse.Namespace) -> int:
         if not pending:
             continue
         log(f"loading {model_name} ...")
-        model = load_model(model_name, args)
+        model = config.placement.load(model_name)
         for task_name, task, settings, store in pending:
             log(f"[{model_name} / {task_name}]")
             run_study(model, task, store, settings, log=log, scoring=scoring, shard=shard)

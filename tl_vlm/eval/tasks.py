@@ -58,6 +58,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_vlm.core.answers import answer_token_id, answer_token_ids  # noqa: F401  (re-exported)
+from tl_vlm.eval.scoring import EXTRACT_MODES, Scoring  # noqa: F401  (re-exported)
 from tl_vlm.core.batch import VLMBatch
 from tl_vlm.eval.examples import Example, LazyImage, load_image  # noqa: F401  (re-exported)
 
@@ -101,46 +102,6 @@ class Predictions:
                    {k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """How predictions are scored (chosen at scoring time; a run can be re-scored).
-
-    Attributes:
-        vqa_normalise: ``"always"`` (the paper's code, lmms-eval) or ``"official"`` (the
-            VQA script: only when the ten answers differ).
-        cider: ``"raw"`` (whitespace tokens, the paper's setting), ``"ptb-approx"`` (a
-            pure-Python PTB tokenisation) or ``"ptb"`` (Java; falls back to ptb-approx).
-        extract: ``"full"`` (the whole continuation, line breaks as spaces: the paper)
-            or ``"first_line"``.
-
-    Example:
-        >>> Scoring(cider="ptb-approx").to_dict()
-        {'vqa_normalise': 'always', 'cider': 'ptb-approx', 'extract': 'full'}
-        >>> Scoring(extract="last")
-        Traceback (most recent call last):
-        ...
-        ValueError: extract must be one of ('full', 'first_line'), got 'last'
-    """
-
-    vqa_normalise: str = "always"
-    cider: str = "raw"
-    extract: str = "full"
-
-    def __post_init__(self) -> None:
-        from tl_vlm.eval.metrics import NORMALISE_MODES, TOKENIZE_MODES
-
-        for name, allowed in (("vqa_normalise", NORMALISE_MODES), ("cider", TOKENIZE_MODES),
-                              ("extract", EXTRACT_MODES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {tuple(allowed)}, got "
-                                 f"{getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, str]:
-        return {"vqa_normalise": self.vqa_normalise, "cider": self.cider,
-                "extract": self.extract}
-
-
-EXTRACT_MODES = ("full", "first_line")
 
 
 def extract_answer(text: str, mode: str = "full") -> str:

@@ -14,7 +14,7 @@ Modules: :mod:`.config` (:class:`GateSearchConfig`, the options), :mod:`.candida
 (classes and single positions), :mod:`.metric` (the score), :mod:`.search` (the
 passes; the estimate), :mod:`.verdict`, :mod:`.result` and :mod:`.records` (what was
 found: :class:`GateSearch`, :class:`GateCandidate`, :class:`GateCheck`,
-:class:`GateCost`), :mod:`.find` (:func:`find_gates`), :mod:`.stats`. What the search
+:class:`GateCost`, :class:`LayerSweep`), :mod:`.find` (:func:`find_gates`), :mod:`.stats`. What the search
 costs and how well it ranks positions on the toy models:
 ``docs/gate-finder-measurements.md``.
 
@@ -36,12 +36,13 @@ from tl_vlm.analyses.gates.candidates import (IMAGE_SIDE, Key, candidate_classes
 from tl_vlm.analyses.gates.config import GateSearchConfig, Queries
 from tl_vlm.analyses.gates.find import find_gates
 from tl_vlm.analyses.gates.metric import GateMetric
-from tl_vlm.analyses.gates.records import GateCheck, GateCost
+from tl_vlm.analyses.gates.records import GateCheck, GateCost, LayerSweep
 from tl_vlm.analyses.gates.result import GateCandidate, GateSearch
 from tl_vlm.analyses.gates.search import first_call_only, no_weight_grads
 
 __all__ = [
     "find_gates", "GateSearchConfig", "GateSearch", "GateCandidate", "GateCheck", "GateCost",
+    "LayerSweep",
     "GateMetric", "candidate_classes", "position_roles", "role_label", "Key", "Queries",
     "IMAGE_SIDE",
 ]

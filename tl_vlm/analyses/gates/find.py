@@ -22,7 +22,7 @@ from tl_vlm.analyses.contribution import ContributionAccumulator
 from tl_vlm.analyses.gates.candidates import (CLASS_GROUPS, IMAGE_SIDE, OVERLAP_CLASSES,
                                               candidate_classes, contribution_groups)
 from tl_vlm.analyses.gates.config import GateSearchConfig
-from tl_vlm.analyses.gates.records import GateCheck, GateCost
+from tl_vlm.analyses.gates.records import GateCheck, GateCost, LayerSweep
 from tl_vlm.analyses.gates.result import GateCandidate, GateSearch
 from tl_vlm.analyses.gates.search import BatchSearch
 from tl_vlm.analyses.gates.stats import finite_mean, spearman, standard_error
@@ -120,11 +120,11 @@ def find_gates(model, task, config: Optional[GateSearchConfig] = None,
     verdict, gate, gate_share = verdict_of(top_shares, total, best, narrow=config.narrow,
                                            distributed=config.distributed,
                                            min_effect=config.min_effect)
-    layers = {"target": [], "widths": [], "effect": [], "from_layer": None}
+    layers = LayerSweep()
     if config.layer_sweep and verdict != "no image effect":
         target = gate if verdict != "distributed" else None
-        layers = search.layer_sweep(chunks, target, say)
-        layers["target"] = [search.label(k) for k in target] if target else [IMAGE_SIDE]
+        layers = LayerSweep(target=[search.label(k) for k in target] if target else [IMAGE_SIDE],
+                            **search.layer_sweep(chunks, target, say))
 
     classes = [c for c in _class_candidates(search, total, contrib) if c.name in search.distinct]
     for name, same in search.alias_of.items():

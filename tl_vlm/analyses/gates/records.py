@@ -1,5 +1,5 @@
 """The typed records of a gate search: :class:`GateCheck` (its estimates against exact
-knockouts) and :class:`GateCost` (what it ran). Each is a dataclass that also reads like
+knockouts), :class:`GateCost` (what it ran) and :class:`LayerSweep` (where the gate acts). Each is a dataclass that also reads like
 the dict it replaced, and writes the same dict into ``gates.json``.
 
 Example:
@@ -151,5 +151,34 @@ class GateCost(_Record):
     seconds: dict[str, float] = field(default_factory=dict)
     baseline_forward_s: Optional[float] = None
     time_ratio: Optional[float] = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    missing: frozenset = field(default=frozenset(), repr=False)
+
+
+@dataclass(eq=False)
+class LayerSweep(_Record):
+    """Where the gate acts (:attr:`GateSearch.layers`): the gate (or, when the image is
+    distributed, the whole image side) knocked out in the last w layers only, for growing
+    w. Reads as a dict too (``layers["widths"]``).
+
+    Attributes:
+        target: what was knocked out (position names; ``["image_side"]`` when the verdict
+            is distributed); empty when no sweep ran.
+        widths: the w of each knockout (the last w layers).
+        effect: the share of the image effect each knockout removes, per width.
+        from_layer: the first layer of the smallest window that removes most of the
+            effect (None when none does).
+        extra, missing: as in :class:`GateCheck`.
+
+    Example:
+        >>> sweep = LayerSweep(target=["eoi"], widths=[1, 2], effect=[0.3, 0.9], from_layer=2)
+        >>> sweep["widths"], sweep.from_layer, sweep.to_dict()["target"]
+        ([1, 2], 2, ['eoi'])
+    """
+
+    target: list[str] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    effect: list[float] = field(default_factory=list)
+    from_layer: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     missing: frozenset = field(default=frozenset(), repr=False)

@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_vlm.analyses.gates.candidates import IMAGE_SIDE
-from tl_vlm.analyses.gates.records import GateCheck, GateCost
+from tl_vlm.analyses.gates.records import GateCheck, GateCost, LayerSweep
 from tl_vlm.core.jsonable import jsonable
 
 
@@ -120,8 +120,8 @@ class GateSearch:
             top_shares: the same for the best one and the best two positions.
         best_class: the class (other than ``image`` and ``image_side``) with the largest
             exact share; of those within 5% of it, the one with the fewest positions.
-        layers: the layer sweep: ``target`` (what was knocked out), ``widths`` (w, the
-            last-w layers), ``effect`` (drop per w), ``from_layer``.
+        layers: the layer sweep (:class:`LayerSweep`): ``target`` (what was knocked out),
+            ``widths`` (w, the last-w layers), ``effect`` (drop per w), ``from_layer``.
         check: the estimate against exact knockouts (:class:`GateCheck`: Spearman,
             top-k agreement, the positions the sample settles, the refined values').
         cost: passes and seconds per phase (:class:`GateCost`): the search's passes per
@@ -157,7 +157,7 @@ class GateSearch:
     gate_share: float
     top_shares: list[float]
     best_class: Optional[str]
-    layers: dict[str, Any]
+    layers: LayerSweep
     check: GateCheck
     cost: GateCost
     notes: list[str] = field(default_factory=list)
@@ -168,6 +168,8 @@ class GateSearch:
             self.check = GateCheck.from_dict(self.check)
         if not isinstance(self.cost, GateCost):
             self.cost = GateCost.from_dict(self.cost)
+        if not isinstance(self.layers, LayerSweep):
+            self.layers = LayerSweep.from_dict(self.layers)
 
     @property
     def ranking(self) -> list[GateCandidate]:
@@ -362,7 +364,8 @@ class GateSearch:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(classes=[asdict(c) for c in self.classes],
                     positions=[asdict(c) for c in self.positions],
-                    check=self.check.to_dict(), cost=self.cost.to_dict())
+                    check=self.check.to_dict(), cost=self.cost.to_dict(),
+                    layers=self.layers.to_dict())
         return jsonable(data)
 
     @classmethod
