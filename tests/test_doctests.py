@@ -44,6 +44,7 @@ MODULES = [
     "tl_vlm.study.gate_figures",
     "tl_vlm.study.compare",
     "tl_vlm.cli.find_gate",
+    "tl_vlm.cli.families",
     "tl_vlm.cli.compare",
     "tl_vlm.core.prefix",
     "tl_vlm.core.recompute",

@@ -225,6 +225,8 @@ def mask_image_vocabulary(model) -> Callable[[Tensor], Tensor]:
 
 FAMILY = Family(
     name="chameleon",
+    title="Chameleon (7B; 30B/34B `swin_norm`)",
+    image_tokens="`<racm3:break>` + 1024 VQ codes + `<eoss>`",
     architectures=("ChameleonForConditionalGeneration",),
     adapter=ChameleonAdapter,
     layout=ChameleonLayout,

@@ -157,6 +157,8 @@ class Emu3Layout(ImageLayout):
 
 FAMILY = Family(
     name="emu3",
+    title="Emu3",
+    image_tokens="`<|image start|>`, size prefix, rows + EOL, EOF, `<|image end|>`",
     architectures=("Emu3ForConditionalGeneration",),
     adapter=Emu3Adapter,
     layout=Emu3Layout,

@@ -96,6 +96,8 @@ class Gemma3Layout(ImageLayout):
 
 FAMILY = Family(
     name="gemma3",
+    title="Gemma 3",
+    image_tokens="`<start_of_image>` + 256 x `<image_soft_token>` + `<end_of_image>`",
     architectures=("Gemma3ForConditionalGeneration",),
     adapter=Gemma3Adapter,
     layout=Gemma3Layout,

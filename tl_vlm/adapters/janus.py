@@ -120,6 +120,8 @@ class JanusLayout(ImageLayout):
 
 FAMILY = Family(
     name="janus",
+    title="Janus, Janus-Pro",
+    image_tokens="`<begin_of_image>` + 576 x `<image_placeholder>` + `<end_of_image>`",
     architectures=(JANUS,),
     adapter=JanusAdapter,
     layout=JanusLayout,

@@ -68,6 +68,8 @@ class LlavaLayout(ImageLayout):
 
 FAMILY = Family(
     name="llava",
+    title="LLaVA-1.5 (CLIP tower)",
+    image_tokens="576 x `<image>`",
     architectures=("LlavaForConditionalGeneration",),
     adapter=LlavaAdapter,
     layout=LlavaLayout,

@@ -276,6 +276,8 @@ class LlavaOnevisionLayout(ImageLayout):
 
 FAMILY = Family(
     name="llava_onevision",
+    title="LLaVA-OneVision",
+    image_tokens="`<image>` features: base + anyres tiles, a newline feature per row",
     architectures=("LlavaOnevisionForConditionalGeneration",),
     adapter=LlavaOnevisionAdapter,
     layout=LlavaOnevisionLayout,

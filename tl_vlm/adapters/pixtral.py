@@ -84,6 +84,8 @@ class PixtralLayout(ImageLayout):
 
 FAMILY = Family(
     name="pixtral",
+    title="Pixtral (Pixtral tower in LLaVA packaging)",
+    image_tokens="`[IMG]` rows, `[IMG_BREAK]` after each row but the last, `[IMG_END]`",
     architectures=("LlavaForConditionalGeneration",),
     adapter=PixtralAdapter,
     layout=PixtralLayout,

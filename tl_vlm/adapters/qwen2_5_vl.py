@@ -17,6 +17,8 @@ from tl_vlm.adapters.qwen2_vl import QWEN2_5_VL, Qwen2VLAdapter, Qwen2VLLayout
 
 FAMILY = Family(
     name="qwen2_5_vl",
+    title="Qwen2.5-VL",
+    image_tokens="`<|vision_start|>` + merged patches `<|image_pad|>` + `<|vision_end|>`",
     architectures=(QWEN2_5_VL,),
     adapter=Qwen2VLAdapter,
     layout=Qwen2VLLayout,

@@ -138,6 +138,8 @@ class Qwen2VLLayout(ImageLayout):
 # adapter for it and not for Qwen2-VL; both use the classes above.
 FAMILY = Family(
     name="qwen2_vl",
+    title="Qwen2-VL",
+    image_tokens="`<|vision_start|>` + merged patches `<|image_pad|>` + `<|vision_end|>`",
     architectures=(QWEN2_VL,),
     adapter=Qwen2VLAdapter,
     layout=Qwen2VLLayout,

@@ -35,6 +35,9 @@ class Family:
         final_logits: what the HF forward does to ``lm_head``'s output, as
             ``model -> (logits -> logits)``; None when it returns it unchanged. The logit
             lens applies it so that lensing the last residual gives the model's logits.
+        title: the name people use ("LLaVA-1.5"), for tables; default ``name``.
+        image_tokens: what an image becomes in the token sequence, in Markdown, for
+            tables; default: written from the layout's tokens (:meth:`describe_tokens`).
 
     Example:
         >>> llava = next(f for f in families() if f.name == "llava")
@@ -49,20 +52,137 @@ class Family:
     example_ids: tuple[str, ...] = ()
     matches: Optional[Any] = field(default=None, compare=False)
     final_logits: Optional[Any] = field(default=None, compare=False)
+    title: str = ""
+    image_tokens: str = ""
+
+    def describe_tokens(self) -> str:
+        """What an image becomes in the token sequence: :attr:`image_tokens`, or one
+        written from the layout's tokens (BOI + content (+ row breaks) + EOI).
+
+        Example:
+            >>> from tl_vlm.adapters.gemma3 import Gemma3Layout
+            >>> Family("demo", (), object, Gemma3Layout).describe_tokens()
+            '`<start_of_image>` + `<image_soft_token>` per feature + `<end_of_image>`'
+        """
+        if self.image_tokens:
+            return self.image_tokens
+        layout = self.layout
+        parts = [f"`{layout.boi_token}`"] if layout.boi_token else []
+        content = f"`{layout.content_token}` per feature"
+        if layout.row_break_token:
+            content += f", `{layout.row_break_token}` after each row"
+        parts.append(content)
+        if layout.eoi_token:
+            parts.append(f"`{layout.eoi_token}`")
+        return " + ".join(parts)
+
+    @property
+    def verified(self) -> dict[str, Any]:
+        """What the test suite checks for this family and which real checkpoints were run
+        (``verified_families.json``, written from the tests by
+        ``scripts/families_table.py``; ``tests/test_family_table.py`` keeps it current):
+        ``tiny_exact`` (logits equal Hugging Face's on a tiny random checkpoint),
+        ``real_size`` (image size -> image tokens at the released processor settings,
+        checked against the processor's own marks), ``checkpoints`` (rows of
+        ``docs/verified-models.md``).
+
+        Example:
+            >>> llava = next(f for f in families() if f.name == "llava")
+            >>> llava.verified["tiny_exact"], llava.verified["real_size"]["480x640"]
+            (True, '24x24 = 576')
+        """
+        return verification_record().get(self.name, {"tiny_exact": False, "real_size": {},
+                                                      "checkpoints": []})
 
 
 #: the packages whose modules are family files (each defines ``FAMILY``)
 FAMILY_PACKAGES: list[str] = ["tl_vlm.adapters"]
-_FAMILIES: Optional[list[Family]] = None
+_FAMILIES: Optional[FamilyList] = None
 _LOADING = False
 
 
-def families() -> list[Family]:
+class FamilyList(list):
+    """The families, as a list of :class:`Family` that shows itself as a table: what
+    loads, how, and what was verified (``tl-vlm families`` prints the same).
+
+    Example:
+        >>> table = families()
+        >>> table[0].name, "| family |" in table.to_markdown()
+        ('chameleon', True)
+    """
+
+    HEADER = ("family", "HF class", "example checkpoint", "image tokens", "gate candidate",
+              "tiny model = HF", "real-size layout checked", "real checkpoint run")
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """One row of :attr:`HEADER` per family, in Markdown."""
+        out = []
+        for fam in self:
+            record = fam.verified
+            sizes = record.get("real_size", {})
+            out.append((
+                fam.title or fam.name,
+                ", ".join(f"`{a}`" for a in fam.architectures),
+                fam.example_ids[0] if fam.example_ids else "",
+                fam.describe_tokens().replace("|", "\\|"),
+                fam.layout.gate_description.replace("|", "\\|"),
+                "yes" if record.get("tiny_exact") else "no",
+                "; ".join(f"{size} -> {tokens}" for size, tokens in sizes.items()) or "no",
+                ", ".join(record.get("checkpoints", [])) or "none yet",
+            ))
+        return out
+
+    def to_markdown(self) -> str:
+        """The table in Markdown (the README's and the docs' supported-families table)."""
+        lines = ["| " + " | ".join(self.HEADER) + " |", "|" + "---|" * len(self.HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        rows = [(r[0].replace("`", ""), r[1].replace("`", ""), r[5], r[7]) for r in self.rows()]
+        head = ("family", "HF class", "tiny = HF", "real checkpoint")
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
+                         for row in [head, *rows])
+
+    def _repr_html_(self) -> str:
+        import html
+
+        cells = lambda row, tag: "".join(f"<{tag}>{html.escape(x).replace('`', '')}</{tag}>"
+                                         for x in row)
+        body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in self.rows())
+        return f"<table><tr>{cells(self.HEADER, 'th')}</tr>{body}</table>"
+
+
+_VERIFIED: Optional[dict[str, Any]] = None
+
+
+def verification_record() -> dict[str, Any]:
+    """family name -> what the tests verify and which checkpoints were run
+    (``tl_vlm/core/verified_families.json``; see :attr:`Family.verified`).
+
+    Example:
+        >>> verification_record()["chameleon"]["tiny_exact"]
+        True
+    """
+    global _VERIFIED
+    if _VERIFIED is None:
+        import json
+        from pathlib import Path
+
+        path = Path(__file__).with_name("verified_families.json")
+        _VERIFIED = json.loads(path.read_text()) if path.exists() else {}
+    return _VERIFIED
+
+
+def families() -> FamilyList:
     """All supported families: the ``FAMILY`` of every module of the family packages
     (:data:`FAMILY_PACKAGES`, found by name and imported on first use).
 
     Core never imports a family module by its name: a family is a file that defines
     ``FAMILY``; adding one is adding a file (CONTRIBUTING.md, "Adding a family").
+
+    In a notebook the list shows as the supported-families table (:class:`FamilyList`).
 
     Example:
         >>> sorted(f.name for f in families())[:3]
@@ -85,7 +205,7 @@ def families() -> list[Family]:
                                            f"{err!r}") from err
         finally:
             _LOADING = False
-        _FAMILIES = loaded
+        _FAMILIES = FamilyList(loaded)
     return _FAMILIES
 
 
