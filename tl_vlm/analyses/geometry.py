@@ -200,6 +200,17 @@ def _unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keep, rank[inverse.reshape(-1)]
 
 
+#: the smallest k DADApy's ADP clustering works with (below it its density estimate
+#: reads past the k neighbours it computed)
+ADP_MIN_K = 3
+
+
+def _check_adp_k(k: Any) -> None:
+    if isinstance(k, (int, np.integer)) and 0 < k < ADP_MIN_K:
+        raise ValueError(f"k={k}: ADP clustering needs k >= {ADP_MIN_K} neighbours; give "
+                         f"k={ADP_MIN_K} or more (and more points than k)")
+
+
 def _check_k(k: int, n: int, what: str) -> None:
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
@@ -301,6 +312,7 @@ def adp_clusters(
         ((120,), 1, True)
     """
     Data = _dadapy_data()
+    _check_adp_k(k)
     keep, copy_of = _unique_rows(np.asarray(x, dtype=np.float64))
     _check_k(k, len(keep), "ADP clustering (distinct vectors)")
     if density not in ("PAk", "kstarNN"):
@@ -396,6 +408,7 @@ def modality_separation(
     """
     _homogeneity_score()
     _dadapy_data()  # fail before the forward passes if DADApy is missing
+    _check_adp_k(k)
     points = residual_points(model, layers, final)
 
     def draw(selector: Selector, what: str):
