@@ -211,7 +211,7 @@ def test_bad_arguments_raise_clearly(tiny_zoo, monkeypatch):
         G.neighbourhood_overlap(model, [], [], "last_image", k=2)
     image_last = _batches(model, n_batches=1, caption_first=True)
     with pytest.raises(ValueError, match="text_tokens is empty"):
-        G.modality_separation(model, image_last, k=2)
+        G.modality_separation(model, image_last, k=3)
     with pytest.raises(ValueError, match="lower k"):
         G.modality_separation(model, batches, k=16)
     monkeypatch.setitem(sys.modules, "dadapy", None)
