@@ -681,6 +681,32 @@ def patching(res: Mapping[str, Any]) -> "go.Figure":
     return fig
 
 
+def flow_map(flow: Any, title: Optional[str] = None) -> "go.Figure":
+    """An information-flow map: one line per edge over the windows' first layers, the
+    relative change of the correct answer's probability (%), with a band of one standard
+    error and a dashed line at no change.
+
+    ``flow``: a :class:`~tl_vlm.analyses.flow.FlowMap` or its ``to_dict()``.
+
+    Example:
+        >>> fig = flow_map({"model": "m", "window": 1, "layers": [0, 1],
+        ...                 "edges": {"gate->last": [-50.0, 0.0]}, "se": {"gate->last": [5.0, 0.0]}})
+        >>> [t.name for t in fig.data if t.mode == "lines+markers"], fig.layout.yaxis.title.text
+        (['gate->last'], 'change of p(answer), %')
+    """
+    data = flow.to_dict() if hasattr(flow, "to_dict") else flow
+    edges, se = data["edges"], data.get("se", {})
+    bands = {f"{edge} ± SE": ([m - (e or 0) for m, e in zip(vals, se.get(edge, vals))],
+                              [m + (e or 0) for m, e in zip(vals, se.get(edge, vals))])
+             for edge, vals in edges.items() if edge in se}
+    width = data.get("window", 1)
+    x_title = "layer" if width == 1 else f"first layer of the window ({width} layers)"
+    return layer_curves(edges, data["layers"], bands=bands, hlines={"no change": 0.0},
+                        x_title=x_title, y_title="change of p(answer), %",
+                        title=title or f"Information flow: {data.get('model', '')}, each edge "
+                                       f"cut in one window of {width} layer(s)")
+
+
 #: the study's steps and the figures of each (a figure function may return None)
 STUDY_FIGURES = {
     "accuracy": (knockout_accuracy,),

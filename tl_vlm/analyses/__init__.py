@@ -33,6 +33,7 @@ from tl_vlm.analyses.contribution import (
     contribution_hooks,
     cross_modal_contribution,
 )
+from tl_vlm.analyses.flow import DEFAULT_EDGES, FlowMap, flow_map
 from tl_vlm.analyses.gates import (GateCandidate, GateCheck, GateCost, GateMetric, GateSearch,
                                   GateSearchConfig, LayerSweep, find_gates)
 from tl_vlm.analyses.geometry import (
@@ -60,6 +61,7 @@ __all__ = [
     "cross_modal_contribution",
     "GateCandidate", "GateCheck", "GateCost", "GateMetric", "GateSearch", "GateSearchConfig",
     "LayerSweep", "find_gates",
+    "DEFAULT_EDGES", "FlowMap", "flow_map",
     "ModalitySeparation", "NeighbourhoodOverlap", "modality_separation", "neighbourhood_overlap",
     "neighbourhood_overlaps",
     "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers", "progressive_widths",

@@ -47,7 +47,7 @@ examples:
 
 An interrupted command resumes when it is run again with the same settings."""
 
-from tl_vlm.cli import compare, families, find_gate, merge, narrow_gate, rescore, table
+from tl_vlm.cli import compare, families, find_gate, flow, merge, narrow_gate, rescore, table
 from tl_vlm.cli.options import CLIError, log
 from tl_vlm.core.names import TOY_MODELS
 
@@ -63,8 +63,8 @@ class _Parser(argparse.ArgumentParser):
 # and sets ``run=`` to the function that runs it.
 COMMANDS: list[Callable[[Any], None]] = [narrow_gate.add_parser, table.add_parser,
                                          merge.add_parser, rescore.add_parser,
-                                         find_gate.add_parser, compare.add_parser,
-                                         families.add_parser]
+                                         find_gate.add_parser, flow.add_parser,
+                                         compare.add_parser, families.add_parser]
 # Subcommands with their own parser, in their own module: name -> "module:function(argv)".
 # Registering another tool is one line here.
 EXTERNAL_COMMANDS = {
