@@ -36,6 +36,8 @@ BAD_FLAGS = [
     (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["--n-pairs", "-3"], "argument --n-pairs: must be at least 1, got -3"),
     (["--model", "toy_gated"], "did you mean the shipped toy model 'toy-gated'?"),
+    (["--model", "toy-gatd"], "did you mean the shipped toy model 'toy-gated'?"),
+    (["--model", "org/model", "--task", "vqav2"], "org/model: the Hugging Face hub cannot be reached"),
     (["--model", "./checkpoints/missing"], "no checkpoint directory './checkpoints/missing'"),
     (["--model", "org/model"], "--task is required for a model other than the toy models"),
     (["--steps", "acuracy"], "unknown step ['acuracy']; choose from accuracy,"),

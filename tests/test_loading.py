@@ -340,3 +340,19 @@ def test_registration_whatever_is_imported_first(first):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["tl_vlm.adapters.chameleon", "LlavaArchitectureAdapter"]
+
+
+def test_a_hub_id_that_cannot_load_fails_in_seconds(monkeypatch):
+    """No network (or offline mode) and not in the local cache: one line, no retries."""
+    import time
+
+    from tl_vlm import HookedVLM
+    from tl_vlm.core.loading import HubUnreachableError
+
+    start = time.perf_counter()
+    with pytest.raises(HubUnreachableError, match="org/model: the Hugging Face hub cannot be "
+                                                  "reached .* not in the local cache"):
+        HookedVLM.from_pretrained("org/model")
+    assert time.perf_counter() - start < 10
+    with pytest.raises(ValueError, match="did you mean the shipped toy model 'toy-gated'"):
+        HookedVLM.from_pretrained("toy-gatd")

@@ -14,8 +14,9 @@ import time
 
 from tl_vlm.cli.options import (CLIError, Formatter, add_data_arguments, add_model_arguments,
                                 add_source_arguments, check_chat_template, check_device,
-                                check_model_name, checkpoint_layers, log, name_list,
-                                placement_from, positive_int, resolve_task, task_source_from)
+                                check_model_name, check_model_reachable, checkpoint_layers, log,
+                                name_list, placement_from, positive_int, resolve_task,
+                                task_source_from)
 
 
 def add_parser(sub) -> None:
@@ -70,6 +71,7 @@ def run_flow(args: argparse.Namespace) -> int:
     placement = placement_from(args)
     source = resolve_task(StudyConfig(model=args.model, source=task_source_from(args),
                                       placement=placement)).source
+    check_model_reachable(args.model)
     check_device(args.device, args.n_devices)
     n_layers = checkpoint_layers(args.model)
     if args.window is not None and n_layers is not None and args.window > n_layers:

@@ -468,14 +468,40 @@ def check_model_name(model: str) -> None:
     a one-line CLI error: a toy name misspelt, a local path that does not exist.
 
     Example:
-        >>> check_model_name("toy-gated"), check_model_name("facebook/chameleon-7b")
-        (None, None)
+        >>> check_model_name("toy-gated")
+        >>> check_model_name("toy-gatd")
+        Traceback (most recent call last):
+        ...
+        tl_vlm.cli.options.CLIError: no model 'toy-gatd': did you mean the shipped toy model 'toy-gated'?
     """
     from tl_vlm.core.loading import resolve_model_name
 
     try:
         resolve_model_name(model)
     except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
+
+
+def check_model_reachable(model: str) -> None:
+    """A hub id's model can be loaded from here: the hub answers (a probe of a few
+    seconds) or the model is in the local cache; else a one-line CLI error, before any
+    run directory is made. Toy models and local directories pass at once.
+
+    Example:
+        >>> check_model_reachable("toy-gated")
+        >>> check_model_reachable("facebook/chameleon-7b")                 # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        tl_vlm.cli.options.CLIError: facebook/chameleon-7b: the Hugging Face hub cannot be reached (no network) and the model is not in the local cache; pass a local directory ...
+    """
+    from tl_vlm.core.loading import HubUnreachableError, check_hub_access, resolve_model_name
+
+    path = resolve_model_name(model)
+    if os.path.exists(path):
+        return
+    try:
+        check_hub_access(path)
+    except HubUnreachableError as err:
         raise CLIError(str(err)) from None
 
 

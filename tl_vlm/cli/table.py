@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from tl_vlm.cli.options import (CLIError, Formatter, add_model_arguments, add_run_arguments,
                                 add_scoring_arguments, add_task_arguments, check_data_path,
-                                check_device, check_model_name, check_placement_flags, log,
+                                check_device, check_model_name, check_model_reachable,
+                                check_placement_flags, log,
                                 name_list, study_config_from)
 from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
 from tl_vlm.core.names import TOY_MODELS
@@ -116,6 +117,8 @@ def validate_table(args: argparse.Namespace) -> dict[str, str]:
                        "checkpoint's chat template is checked there)")
     check_placement_flags(args)
     check_device(args.device, args.n_devices)
+    for model in args.models:
+        check_model_reachable(model)
     return data
 
 

@@ -19,10 +19,85 @@ import re
 from typing import Any, Iterator
 
 
+class HubUnreachableError(ConnectionError):
+    """A hub id was asked for, the hub cannot be reached and the model is not in the local
+    Hugging Face cache: said in seconds, instead of minutes of retries.
+
+    Example:
+        >>> raise HubUnreachableError("no network")
+        Traceback (most recent call last):
+        ...
+        tl_vlm.core.loading.HubUnreachableError: no network
+    """
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection within
+    ``timeout`` seconds; False when offline mode is set.
+
+    Example:
+        >>> isinstance(hub_reachable(timeout=0.5), bool)
+        True
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def cached_on_this_machine(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s ``config.json``.
+
+    Example:
+        >>> cached_on_this_machine("no-such-org/no-such-model")
+        False
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:     # a malformed id: transformers says what is wrong with it
+        return False
+    return isinstance(found, str)
+
+
+def check_hub_access(name: str) -> bool:
+    """For a hub id: True when it can load only from the local cache (the hub is
+    unreachable), False when the hub answers; a one-line :class:`HubUnreachableError`
+    when neither, before any retry.
+
+    Example:
+        >>> check_hub_access("no-such-org/no-such-model")     # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        tl_vlm.core.loading.HubUnreachableError: no-such-org/no-such-model: the Hugging Face hub cannot be reached (no network) and the model is not in the local cache; pass a local directory (save_pretrained output) or a shipped toy model, or connect and retry
+    """
+    if hub_reachable():
+        return False
+    if cached_on_this_machine(name):
+        return True
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    why = "HF_HUB_OFFLINE is set" if offline else "no network"
+    raise HubUnreachableError(
+        f"{name}: the Hugging Face hub cannot be reached ({why}) and the model is not in "
+        f"the local cache; pass a local directory (save_pretrained output) or a shipped toy "
+        f"model, or connect and retry")
+
+
 @contextlib.contextmanager
 def offline_if_local(name_or_path: str) -> Iterator[None]:
-    """Within the block, the hub is off if ``name_or_path`` is a local directory: loading
-    one must never wait on network time-outs (70 s seen). The environment is restored.
+    """Within the block, the hub is off if ``name_or_path`` is a local directory, or a hub
+    id in the local cache while the hub cannot be reached: loading must never wait on
+    network time-outs (70 s seen). A hub id neither reachable nor cached is refused at
+    once (:func:`check_hub_access`). The environment is restored.
 
     Example:
         >>> import os, tempfile
@@ -30,7 +105,7 @@ def offline_if_local(name_or_path: str) -> Iterator[None]:
         ...     os.environ["HF_HUB_OFFLINE"]
         '1'
     """
-    if not os.path.isdir(name_or_path):
+    if not os.path.isdir(name_or_path) and not check_hub_access(name_or_path):
         yield
         return
     import huggingface_hub.constants as hub_constants
@@ -63,6 +138,10 @@ def resolve_model_name(name_or_path: str) -> str:
         Traceback (most recent call last):
         ...
         ValueError: no model 'toy_gated': did you mean the shipped toy model 'toy-gated'?
+        >>> resolve_model_name("toy-gatd")
+        Traceback (most recent call last):
+        ...
+        ValueError: no model 'toy-gatd': did you mean the shipped toy model 'toy-gated'?
         >>> resolve_model_name("./checkpoints/missing")
         Traceback (most recent call last):
         ...
@@ -74,6 +153,10 @@ def resolve_model_name(name_or_path: str) -> str:
         return str(toy_model_path(name_or_path))
     name = str(name_or_path)
     close = [t for t in TOY_MODELS if t.replace("-", "") == name.replace("_", "").replace("-", "")]
+    if not close and name.lower().startswith("toy") and "/" not in name:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), TOY_MODELS, n=1, cutoff=0.75)
     if close and not os.path.exists(name):
         raise ValueError(f"no model {name!r}: did you mean the shipped toy model {close[0]!r}?")
     hub_id = (not name.startswith((".", "/", "~"))            # "org/name", never a path
