@@ -103,6 +103,7 @@ _USER_ERRORS = {
     "tl_vlm.core.layout": ("LayoutError",),
     "tl_vlm.core.family": ("UnsupportedModelError",),
     "tl_vlm.study.config": ("StudyConfigError",),
+    "tl_vlm.eval.examples": ("TaskDataError",),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tl_vlm.cli.options import CLIError, Formatter
+from tl_vlm.cli.options import CLIError, Formatter, check_out_dir
 
 
 def add_parser(sub) -> None:
@@ -44,6 +44,7 @@ def compare(args: argparse.Namespace) -> int:
     """
     from tl_vlm.study.compare import write_comparison
 
+    check_out_dir(args.out)
     try:
         path = write_comparison(args.runs, args.out)
     except ValueError as err:          # a results.json that is not one: the user's input

@@ -16,8 +16,9 @@ import time
 
 from tl_vlm.cli.options import (Formatter, add_data_arguments, add_model_arguments,
                                 add_source_arguments, check_chat_template, check_device,
-                                check_model_name, check_model_reachable, log, non_negative_int,
-                                placement_from, positive_int, resolve_task, task_source_from)
+                                check_model_name, check_model_reachable, check_out_dir, log,
+                                non_negative_int, placement_from, positive_int, resolve_task,
+                                task_source_from)
 
 
 def add_parser(sub) -> None:
@@ -87,6 +88,7 @@ def find_gate(args: argparse.Namespace) -> int:
     source = resolve_task(StudyConfig(model=args.model, source=task_source_from(args),
                                       placement=placement)).source
     check_model_reachable(args.model)
+    check_out_dir(args.out)
     check_device(args.device, args.n_devices)
     processor = check_chat_template(args.model, source.prompt_style)
 

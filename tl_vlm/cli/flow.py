@@ -14,9 +14,9 @@ import time
 
 from tl_vlm.cli.options import (CLIError, Formatter, add_data_arguments, add_model_arguments,
                                 add_source_arguments, check_chat_template, check_device,
-                                check_model_name, check_model_reachable, checkpoint_layers, log,
-                                name_list, placement_from, positive_int, resolve_task,
-                                task_source_from)
+                                check_model_name, check_model_reachable, check_out_dir,
+                                checkpoint_layers, log, name_list, placement_from, positive_int,
+                                resolve_task, task_source_from)
 
 
 def add_parser(sub) -> None:
@@ -82,7 +82,7 @@ def run_flow(args: argparse.Namespace) -> int:
             parse_edge(edge, DEFAULT_GROUPS)
         except ValueError as err:
             raise CLIError(f"--edges: {err}") from None
-    out = _check_out(args.out)
+    out = check_out_dir(args.out)
     processor = check_chat_template(args.model, source.prompt_style)
 
     from tl_vlm.analyses.flow import flow_map
@@ -100,11 +100,3 @@ def run_flow(args: argparse.Namespace) -> int:
     log(f"report: {path} ({time.time() - t0:.1f}s)")
     return 0
 
-
-def _check_out(out: str):
-    from pathlib import Path
-
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--out {out}: a file is in the way; give a directory")
-    return path

@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 from tl_vlm.cli.options import (CLIError, Formatter, add_model_arguments, add_run_arguments,
                                 add_scoring_arguments, add_source_arguments, add_task_arguments,
                                 check_chat_template, check_device, check_model_name,
-                                check_model_reachable,
-                                checkpoint_layers, layer_spec, log, name_list, positive_int,
-                                resolve_task, study_config_from)
+                                check_model_reachable, check_out_dir, checkpoint_layers,
+                                layer_spec, log, name_list, positive_int, resolve_task,
+                                study_config_from)
 from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
 
 
@@ -106,6 +106,7 @@ def validated_config(args: argparse.Namespace):
     """
     check_model_name(args.model)
     config = resolve_task(study_config_from(args))
+    check_out_dir(config.out)
     check_model_reachable(args.model)
     _check_geometry(config.steps)
     check_device(args.device, args.n_devices)

@@ -482,6 +482,29 @@ def check_model_name(model: str) -> None:
         raise CLIError(str(err)) from None
 
 
+def check_out_dir(out: Any, flag: str = "--out") -> Path:
+    """The output directory: it may exist (a run resumes) but must not be a file.
+
+    Example:
+        >>> import tempfile
+        >>> check_out_dir(tempfile.mkdtemp()).is_dir()
+        True
+        >>> check_out_dir(tempfile.mkstemp()[1])                    # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        tl_vlm.cli.options.CLIError: --out ...: a file is in the way; give a directory (it is created, or resumed if it holds a run)
+    """
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {out}: a file is in the way; give a directory (it is created, "
+                       f"or resumed if it holds a run)")
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise CLIError(f"{flag} {out}: {parent} is a file, not a directory")
+    return path
+
+
 def check_model_reachable(model: str) -> None:
     """A hub id's model can be loaded from here: the hub answers (a probe of a few
     seconds) or the model is in the local cache; else a one-line CLI error, before any

@@ -24,8 +24,8 @@ from typing import Any, Callable
 from tl_vlm.cli.options import (CLIError, Formatter, add_model_arguments, add_run_arguments,
                                 add_scoring_arguments, add_task_arguments, check_data_path,
                                 check_device, check_model_name, check_model_reachable,
-                                check_placement_flags, log,
-                                name_list, study_config_from)
+                                check_out_dir, check_placement_flags, log, name_list,
+                                study_config_from)
 from tl_vlm.core.names import CONDITIONS as CONDITION_CHOICES
 from tl_vlm.core.names import TOY_MODELS
 from tl_vlm.study.rundir import RunStore, dumps, write_atomic
@@ -119,6 +119,7 @@ def validate_table(args: argparse.Namespace) -> dict[str, str]:
     check_device(args.device, args.n_devices)
     for model in args.models:
         check_model_reachable(model)
+    check_out_dir(args.out)
     return data
 
 

@@ -97,6 +97,55 @@ class LazyImage(abc.ABC):
         """The image as an RGB PIL image."""
 
 
+class TaskDataError(ValueError):
+    """A task's data is not what it must be (an empty file, a malformed line, a line
+    without its keys, an image that is not one): said with the file, the line and what
+    to fix, before any model is loaded.
+
+    Example:
+        >>> check_image_file(Path("/no/such.png"), "tasks.jsonl:3")
+        Traceback (most recent call last):
+        ...
+        tl_vlm.eval.examples.MissingImageError: tasks.jsonl:3: image /no/such.png does not exist
+    """
+
+
+class MissingImageError(TaskDataError, FileNotFoundError):
+    """A task's image file does not exist (a :class:`TaskDataError` and a
+    ``FileNotFoundError``).
+
+    Example:
+        >>> issubclass(MissingImageError, FileNotFoundError)
+        True
+    """
+
+
+def check_image_file(path: Path, where: str) -> None:
+    """That ``path`` is an image PIL can read (its header: no pixels decoded), else a
+    :class:`TaskDataError` naming ``where`` (e.g. ``"file.jsonl:3"``).
+
+    Example:
+        >>> import tempfile
+        >>> bad = Path(tempfile.mkdtemp()) / "a.png"
+        >>> _ = bad.write_text("not a png")
+        >>> check_image_file(bad, "tasks.jsonl:1")               # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        tl_vlm.eval.examples.TaskDataError: tasks.jsonl:1: image .../a.png is not a readable image (cannot identify image file ...); replace the file or remove the line
+    """
+    from PIL import Image
+
+    if not path.exists():
+        raise MissingImageError(f"{where}: image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise TaskDataError(f"{where}: image {path} is not a readable image ({detail}); "
+                            f"replace the file or remove the line") from None
+
+
 def load_image(image: Any) -> Any:
     """A PIL image from a PIL image, a path or a :class:`LazyImage`.
 
@@ -111,6 +160,12 @@ def load_image(image: Any) -> Any:
     if isinstance(image, (str, Path)):
         from PIL import Image
 
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as err:   # PIL's errors for a bad file
+            if not Path(image).exists():
+                raise
+            raise TaskDataError(f"image {image} is not a readable image "
+                                f"({' '.join(str(err).split())})") from None
     return image

@@ -60,7 +60,8 @@ from torch import Tensor
 from tl_vlm.core.answers import answer_token_id, answer_token_ids  # noqa: F401  (re-exported)
 from tl_vlm.eval.scoring import EXTRACT_MODES, Scoring  # noqa: F401  (re-exported)
 from tl_vlm.core.batch import VLMBatch
-from tl_vlm.eval.examples import Example, LazyImage, load_image  # noqa: F401  (re-exported)
+from tl_vlm.eval.examples import (Example, LazyImage, TaskDataError,  # noqa: F401  (re-exported)
+                                  check_image_file, load_image)
 
 Hooks = Sequence[tuple[Union[str, Callable], Callable]]
 
@@ -484,22 +485,26 @@ class GenerationTask(Task):
                     row = json.loads(line)
                     image = Path(row["image"])
                     question, answers = row["question"], row["answers"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(
-                        f"{path}:{n}: expected a JSON object with 'image', 'question' and "
-                        f"'answers' ({err})"
-                    ) from err
+                except json.JSONDecodeError as err:
+                    raise TaskDataError(f"{path}:{n}: not a JSON line ({err.msg} at column "
+                                        f"{err.colno}); expected one object per line with "
+                                        f"'image', 'question' and 'answers'") from None
+                except (KeyError, TypeError) as err:
+                    found = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise TaskDataError(f"{path}:{n}: expected a JSON object with 'image', "
+                                        f"'question' and 'answers', found {found} "
+                                        f"({type(err).__name__}: {err})") from None
                 if not image.is_absolute():
                     image = path.parent / image
-                if not image.exists():
-                    raise FileNotFoundError(f"{path}:{n}: image {image} does not exist")
+                check_image_file(image, f"{path}:{n}")
                 answers = [answers] if isinstance(answers, str) else list(answers)
                 examples.append(Example(question, (image,), tuple(answers), row.get("label"),
                                         row.get("kind"), id=row.get("id", n)))
                 if limit is not None and len(examples) >= limit:
                     break
         if not examples:
-            raise ValueError(f"{path} holds no examples")
+            raise TaskDataError(f"{path} holds no examples: expected one JSON object per line "
+                                f"with 'image', 'question' and 'answers'")
         return cls(name or path.stem, examples, **kwargs)
 
     @torch.no_grad()

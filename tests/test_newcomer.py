@@ -1,0 +1,69 @@
+"""A newcomer's first day (issue 22), item by item: each mistake is one line saying what
+was expected, what was found and what to do, fast, and nothing is created or lost."""
+
+import json
+import time
+
+import pytest
+
+from tl_vlm.cli import commands as cli
+
+
+def _run(argv, capsys):
+    start = time.perf_counter()
+    status = cli.main(argv)
+    wall = time.perf_counter() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    return status, err, wall
+
+
+# -- 1. a mistyped model name, a hub id without network ---------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["narrow-gate", "--model", "toy-gatd", "--task", "toy"],
+     "no model 'toy-gatd': did you mean the shipped toy model 'toy-gated'?"),
+    (["narrow-gate", "--model", "toy-gatd"],               # the typo first, not "--task is required"
+     "did you mean the shipped toy model 'toy-gated'?"),
+    (["narrow-gate", "--model", "facebook/chameleon-7b", "--task", "vqav2"],
+     "facebook/chameleon-7b: the Hugging Face hub cannot be reached"),
+    (["find-gate", "--model", "facebook/chameleon-7b", "--task", "vqav2"],
+     "pass a local directory (save_pretrained output) or a shipped toy model"),
+])
+def test_model_names_fail_in_one_line_within_seconds(argv, message, tmp_path, capsys):
+    status, err, wall = _run(argv + ["--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and len(err) == 1 and message in err[0]
+    assert wall < 10 and not (tmp_path / "run").exists()
+
+
+# -- 2. checks that came after the work -------------------------------------------------
+@pytest.mark.parametrize("command", ["find-gate", "narrow-gate", "flow"])
+def test_an_output_path_that_is_a_file_is_refused_first(command, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    status, err, wall = _run([command, "--n-examples", "8", "--out", str(afile)], capsys)
+    assert status == 2 and "a file is in the way; give a directory" in err[-1]
+    assert wall < 10 and afile.read_text() == "keep me"
+
+
+# -- 3. data mistakes ------------------------------------------------------------------
+def _write(folder, name, text):
+    (folder / name).write_text(text)
+    return folder / name
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no examples: expected one JSON object per line"),
+    ('{"image": "a.png", "question": \n', ":1: not a JSON line"),
+    ('{"image": "a.png"}\n', ":1: expected a JSON object with 'image', 'question' and "
+                             "'answers', found ['image']"),
+    ('{"image": "bad.png", "question": "q", "answers": ["a"]}\n',
+     "bad.png is not a readable image (cannot identify image file"),
+    ('{"image": "gone.png", "question": "q", "answers": ["a"]}\n',
+     "gone.png does not exist"),
+])
+def test_data_mistakes_are_one_line_before_the_model(content, message, tmp_path, capsys):
+    (tmp_path / "bad.png").write_text("not a png")
+    task = _write(tmp_path, "task.jsonl", content)
+    status, err, _ = _run(["narrow-gate", "--model", "toy-gated", "--task", str(task),
+                           "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and len(err) == 1 and message in err[0]
+    assert "loading" not in " ".join(err) and not (tmp_path / "run").exists()
