@@ -67,3 +67,39 @@ def test_data_mistakes_are_one_line_before_the_model(content, message, tmp_path,
                            "--out", str(tmp_path / "run")], capsys)
     assert status == 2 and len(err) == 1 and message in err[0]
     assert "loading" not in " ".join(err) and not (tmp_path / "run").exists()
+
+
+# -- 4. a small task runs every step ----------------------------------------------------
+def _small_task(folder, n):
+    from tests.tiny import image
+
+    rows = []
+    for i in range(n):
+        image(i, (32, 32)).save(folder / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "what colour",
+                     "answers": [["red", "blue"][i % 2]], "label": i % 2})
+    return _write(folder, "small.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_six_example_task_runs_every_step(tmp_path, capsys):
+    pytest.importorskip("dadapy")
+    task = _small_task(tmp_path, 6)
+    out = tmp_path / "run"
+    status, err, _ = _run(["narrow-gate", "--model", "toy-gated", "--task", str(task),
+                           "--steps", "accuracy,separation,overlap", "--out", str(out)], capsys)
+    assert status == 0, err
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["separation"]["params"]["k"] == 11          # 12 points: k adapted from 16
+    assert results["overlap"]["k"] < 6
+
+
+def test_a_one_example_task_skips_separation_and_says_why(tmp_path, capsys):
+    pytest.importorskip("dadapy")
+    task = _small_task(tmp_path, 1)
+    out = tmp_path / "run"
+    status, err, _ = _run(["narrow-gate", "--model", "toy-gated", "--task", str(task),
+                           "--steps", "accuracy,separation", "--out", str(out)], capsys)
+    assert status == 0, err
+    assert any("[separation] does not apply" in line for line in err)
+    assert "separation" not in json.loads((out / "results.json").read_text())["results"]
+    assert "separation: 2 points" in (out / "index.html").read_text()

@@ -213,6 +213,10 @@ def write_run_report(store, header: Optional[dict] = None, log: Log = print) -> 
     from tl_vlm.study.runner import study_results
 
     header = dict(header or {})
+    skipped = {s: r.get("reason", "") for s, r in store.results().items()
+               if r.get("skipped") is True}
+    if skipped:       # on the page, not in results.json
+        header["skipped steps"] = "; ".join(f"{s}: {why}" for s, why in skipped.items())
     total = compute_seconds(store.out)
     if total is not None:
         header["compute_seconds"] = total

@@ -337,11 +337,22 @@ class _SeparationStep(_GeometryStep):
         return {"text": (text.random(1, seed).mask, "each"),
                 "image": (image.random(1, seed).mask, "each")}
 
+    def plan(self, ctx: StepContext) -> Plan:
+        from tl_vlm.analyses.geometry import ADP_MIN_K
+
+        points = 2 * ctx.settings.n_examples
+        if points - 1 < ADP_MIN_K:
+            return Plan(ctx.settings.n_chunks, [], skipped=f"{points} points (a text and an "
+                        f"image token per example): ADP clustering needs more than {ADP_MIN_K}")
+        return super().plan(ctx)
+
     def finalize(self, records, store, settings, scoring) -> dict[str, Any]:
         from tl_vlm.analyses.geometry import separation_from_vectors
 
         layers, v = self.vectors(store, records)
-        d = separation_from_vectors(v["text"], v["image"], layers, k=self.K, Z=self.Z,
+        # the paper's k=16 neighbours, or fewer when the task has fewer points (params say)
+        k = min(self.K, v["text"].shape[1] + v["image"].shape[1] - 1)
+        d = separation_from_vectors(v["text"], v["image"], layers, k=k, Z=self.Z,
                                     metric=self.METRIC, density=self.DENSITY,
                                     seed=settings["seed"]).to_dict()
         return {"layers": d["layers"], "median_abs_cos": d["cos_median"], "q25": d["cos_q25"],
