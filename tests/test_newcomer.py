@@ -2,6 +2,7 @@
 was expected, what was found and what to do, fast, and nothing is created or lost."""
 
 import json
+import re
 import time
 
 import pytest
@@ -103,3 +104,25 @@ def test_a_one_example_task_skips_separation_and_says_why(tmp_path, capsys):
     assert any("[separation] does not apply" in line for line in err)
     assert "separation" not in json.loads((out / "results.json").read_text())["results"]
     assert "separation: 2 points" in (out / "index.html").read_text()
+
+
+# -- 6. notebook manners ----------------------------------------------------------------
+def test_short_reprs_and_clear_type_errors(toy_models):
+    from tl_vlm import analyses as A
+    from tl_vlm.toy import make_examples
+
+    model = toy_models["toy-gated"]
+    batch = model.prepare(make_examples(3).prompts, padding_side="left")
+    out = model.generate(batch, max_new_tokens=2)
+    for shown in (repr(out), repr(batch),
+                  repr(A.cross_modal_contribution(model, [batch], show_progress=False))):
+        assert len(shown.splitlines()) == 1 and len(shown) < 400 and "tensor([" not in shown
+    assert "text=['red', 'square', 'top-left']" in repr(out)
+    for call, method in [(lambda: model.last_logits(["which colour ?"]), "last_logits()"),
+                         (lambda: model.generate("which colour ?"), "generate()"),
+                         (lambda: model(["which colour ?"]), "model(...)")]:
+        with pytest.raises(TypeError, match=rf"{re.escape(method)} takes a batch, not prompts: "
+                                            r"batch = model.prepare\(prompts"):
+            call()
+    with pytest.raises(TypeError, match="did you swap model and batch"):
+        A.gate_knockout(batch, model)

@@ -65,6 +65,7 @@ from tl_vlm.core.attention_edits import PatternReader
 from tl_vlm.analyses.knockout import Hook, Layers, resolve_layers
 from tl_vlm.core.batch import VLMBatch
 from tl_vlm.core.positions import ImagePositions, PositionSet
+from tl_vlm.core.reprs import short_repr
 
 GroupFn = Callable[[ImagePositions], PositionSet]
 Queries = Union[None, PositionSet, Callable[[ImagePositions], PositionSet]]
@@ -121,6 +122,8 @@ class CrossModalContribution:
         >>> torch.equal(contrib.per_layer()[:, contrib.groups.index("eoi")], contrib.share("eoi"))
         True
     """
+
+    __repr__ = short_repr   # shapes and headline numbers, not tensors
 
     layers: tuple[int, ...]
     groups: tuple[str, ...]

@@ -54,6 +54,7 @@ from tl_vlm.analyses.knockout import Layers, resolve_layers
 from tl_vlm.core.batch import VLMBatch
 from tl_vlm.core.positions import ImagePositions, PositionSet
 from tl_vlm.core.jsonable import jsonable
+from tl_vlm.core.reprs import short_repr
 
 Selector = Callable[[VLMBatch], PositionSet]
 Representation = Union[str, Selector]
@@ -250,6 +251,8 @@ class ModalitySeparation:
         >>> sorted(sep.to_dict())[:4]
         ['cos_median', 'cos_q25', 'cos_q75', 'homogeneity']
     """
+
+    __repr__ = short_repr   # shapes and headline numbers, not tensors
 
     layers: list[int]
     cos_median: Float[np.ndarray, "layer"]
@@ -516,6 +519,8 @@ class NeighbourhoodOverlap:
         >>> chi.to_dict()["params"]
         {'k': 5, 'weighted': False}
     """
+
+    __repr__ = short_repr   # shapes and headline numbers, not tensors
 
     layers: list[int]
     overlap: Float[np.ndarray, "layer"]

@@ -113,7 +113,14 @@ def progressive_widths(n_layers: int) -> list[int]:
 
 
 def _positions(batch: Union[VLMBatch, ImagePositions]) -> ImagePositions:
-    return batch.positions if isinstance(batch, VLMBatch) else batch
+    if isinstance(batch, VLMBatch):
+        return batch.positions
+    if isinstance(batch, ImagePositions):
+        return batch
+    hint = (" (did you swap model and batch? the model comes first)"
+            if hasattr(batch, "cfg") and hasattr(batch, "layout") else "")
+    raise TypeError(f"expected a VLMBatch from model.prepare(...) or its positions as the "
+                    f"batch, got {type(batch).__name__}{hint}")
 
 
 def knockout_hooks(
@@ -164,6 +171,10 @@ def knockout_hooks(
         ...
         ValueError: keys is empty in every example (...)
     """
+    if not hasattr(model, "cfg") or not hasattr(model, "layout"):
+        raise TypeError(f"expected a HookedVLM as the model, got {type(model).__name__}"
+                        + (" (did you swap model and batch? the model comes first)"
+                           if isinstance(model, (VLMBatch, ImagePositions)) else ""))
     pos = _positions(batch)
     queries = pos.all if queries is None else queries
     pos.check(keys, "keys", nonempty=True)

@@ -53,6 +53,7 @@ from tl_vlm.core.answers import answer_token_id
 from tl_vlm.core.batch import VLMBatch
 from tl_vlm.core.positions import ImagePositions, PositionSet
 from tl_vlm.core.prefix import run_from_layer
+from tl_vlm.core.reprs import short_repr
 
 Hook = tuple[str, Callable]
 Span = Literal["layer", "to_end"]
@@ -380,6 +381,8 @@ class PatchingResult:
             2   ...
         clean overlap 0.000
     """
+
+    __repr__ = short_repr   # shapes and headline numbers, not tensors
 
     layers: list[int]
     hook_names: list[list[str]]

@@ -61,6 +61,12 @@ class VLMBatch:
         """The inputs other than ``input_ids`` (masks, pixels, image metadata)."""
         return {k: v for k, v in self.inputs.items() if k != "input_ids"}
 
+    def __repr__(self) -> str:
+        images = sum(self.positions.n_images(b) for b in range(len(self)))
+        shape = tuple(self.input_ids.shape)
+        return (f"VLMBatch({shape[0]} examples x {shape[1]} tokens, padding {self.padding_side}, "
+                f"{images} images; inputs: {', '.join(self.inputs)}; .positions)")
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 

@@ -69,6 +69,8 @@ class GenerationOutput:
         ...                      max_new_tokens=2)
         >>> out.text, out.new_tokens.shape, out.logits.shape    # logits of each new token
         (['red', 'square', 'top-left'], torch.Size([3, 2]), torch.Size([3, 2, 54]))
+        >>> out
+        GenerationOutput(3 sequences, 2 new tokens each; text=['red', 'square', 'top-left']; .sequences, .logits, .new_tokens)
     """
 
     sequences: Int[Tensor, "batch total_pos"]
@@ -79,6 +81,19 @@ class GenerationOutput:
     @property
     def new_tokens(self) -> Int[Tensor, "batch new_pos"]:
         return self.sequences[:, self.prompt_length:]
+
+    def __repr__(self) -> str:
+        shown = self.text[:4] + (["..."] if len(self.text) > 4 else [])
+        return (f"GenerationOutput({len(self.text)} sequences, {self.new_tokens.shape[1]} new "
+                f"tokens each; text={shown!r}; .sequences, .logits, .new_tokens)")
+
+
+def _refuse_prompts(value: Any, method: str) -> None:
+    """Prompts where a batch belongs: say to call ``prepare`` (which renders the images)."""
+    if isinstance(value, str) or (isinstance(value, (list, tuple)) and value
+                                  and all(isinstance(v, str) for v in value)):
+        raise TypeError(f"{method} takes a batch, not prompts: batch = model.prepare(prompts, "
+                        f"images=...), then {method.replace('()', '(batch)').replace('(...)', '(batch)')}")
 
 
 class HookedVLM(TransformerBridge):
@@ -280,6 +295,7 @@ class HookedVLM(TransformerBridge):
         """
         if isinstance(input, VLMBatch):
             input = input.inputs
+        _refuse_prompts(input, "model(...)")
         if isinstance(input, Mapping):
             merged = {k: v for k, v in input.items() if k != "input_ids"}
             merged.update(kwargs)
@@ -330,6 +346,10 @@ class HookedVLM(TransformerBridge):
             >>> last.shape, torch.equal(last, model(batch)[batch.positions.last.mask])
             (torch.Size([3, 54]), True)
         """
+        _refuse_prompts(batch, "last_logits()")
+        if not isinstance(batch, VLMBatch):
+            raise TypeError(f"last_logits() takes a VLMBatch from model.prepare(...), got "
+                            f"{type(batch).__name__}")
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             logits = self(batch, logits_to_keep=batch.logits_to_keep, **forward_kwargs)
         return batch.last_of(logits)
@@ -406,8 +426,10 @@ class HookedVLM(TransformerBridge):
             ...                fwd_hooks=A.gate_knockout(model, batch)).text   # blind
             ['', 'square', 'top-right']
         """
+        _refuse_prompts(batch, "generate()")
         if not isinstance(batch, VLMBatch):
-            raise TypeError("generate() takes a VLMBatch from model.prepare(...)")
+            raise TypeError(f"generate() takes a VLMBatch from model.prepare(...), got "
+                            f"{type(batch).__name__}")
         if batch.padding_side == "right":
             raise ValueError(
                 "batched generation needs left padding: model.prepare(..., padding_side='left')"
