@@ -126,3 +126,33 @@ def test_short_reprs_and_clear_type_errors(toy_models):
             call()
     with pytest.raises(TypeError, match="did you swap model and batch"):
         A.gate_knockout(batch, model)
+
+
+# -- 5. the README's plotting line; figures without a setup call -------------------------
+def test_image_scores_takes_the_row_pos_last_gives(toy_models):
+    from tl_vlm import plot
+    from tl_vlm.toy import make_examples
+
+    model = toy_models["toy-gated"]
+    batch = model.prepare(make_examples(1).prompts)
+    _, cache = model.run_with_cache(batch, names_filter="blocks.3.attn.hook_pattern")
+    pattern = cache["blocks.3.attn.hook_pattern"][0].mean(0)
+    row = pattern[batch.positions.last[0]]                 # shape [1, seq]: what users write
+    fig = plot.image_scores(model, batch, row, score_name="attention")
+    assert fig.layout.title.text == "attention of each image token"
+
+
+def test_figures_draw_in_a_notebook_without_a_setup_call():
+    """In a kernel, importing tl_vlm.plot sets the renderer (the tutorials, executed by
+    tests/test_docs.py without a setup call, check every figure carries HTML)."""
+    import subprocess
+    import sys
+
+    code = ("import IPython, plotly.io as pio\n"
+            "class ZMQInteractiveShell: pass\n"
+            "IPython.get_ipython = lambda: ZMQInteractiveShell()\n"
+            "import tl_vlm.plot\n"
+            "print(pio.renderers.default)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "plotly_mimetype+tl_vlm_notebook", out.stderr[-2000:]

@@ -12,7 +12,8 @@ Every function returns a plotly ``Figure`` (show it in a notebook, or ``fig.writ
   ``[rows, cols]`` map on the token grid alone.
 * :func:`layer_curves` and :func:`layer_heatmap`: values per layer.
 * :func:`notebook_figures`: figures that draw in Jupyter, in exported HTML and on the
-  docs site, offline.
+  docs site, offline; importing ``tl_vlm.plot`` in a notebook turns it on (unless
+  ``PLOTLY_RENDERER`` names a renderer), so no setup call is needed.
 * :func:`knockout_accuracy`, :func:`progressive_knockout`, :func:`contribution`,
   :func:`contribution_map`, :func:`modality_separation`, :func:`neighbourhood_overlap`
   and :func:`patching` draw the Narrow Gate study's results (the entries of
@@ -240,6 +241,8 @@ def _numpy(values: Values):
 def _image_token_scores(batch: "VLMBatch", scores: Values, example: int):
     """Scores of the example's image tokens, from a per-position or per-image-token vector."""
     values = _numpy(scores)
+    while values.ndim > 1 and values.shape[0] == 1:   # pattern[pos.last[0]]: a [1, n] row
+        values = values[0]
     image = batch.positions.image[example].cpu().numpy()
     if values.ndim == 1 and len(values) == batch.positions.seq_len:
         return values[image]
@@ -716,3 +719,18 @@ STUDY_FIGURES = {
     "overlap": (neighbourhood_overlap,),
     "patching": (patching,),
 }
+
+
+def _figures_draw_in_this_notebook() -> None:
+    """In a Jupyter kernel, :func:`notebook_figures` on import: a notebook exported with
+    nbconvert, or shown on the docs site, draws its figures without a setup call. A
+    renderer the user chose (``PLOTLY_RENDERER``) is left alone."""
+    import os
+
+    from tl_vlm.core.progress import in_notebook
+
+    if in_notebook() and not os.environ.get("PLOTLY_RENDERER"):
+        notebook_figures()
+
+
+_figures_draw_in_this_notebook()

@@ -25,9 +25,17 @@ from typing import Iterable, Iterator, Optional, TypeVar
 T = TypeVar("T")
 
 
-def _in_notebook() -> bool:
+def in_notebook() -> bool:
+    """Whether this code runs in a Jupyter kernel (JupyterLab, VS Code, classic, nbconvert).
+
+    Example:
+        >>> in_notebook()
+        False
+    """
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 
 
 def _widgets_missing() -> bool:
@@ -56,7 +64,7 @@ def quiet_tqdm_widget_warning() -> None:
 def quiet_hub_bars_in_bare_notebooks() -> Iterator[None]:
     """Within the block, transformers' own progress bars ("Loading weights") are off in a
     notebook without ipywidgets, where tqdm would print "IProgress not found" instead."""
-    if not (_in_notebook() and _widgets_missing()):
+    if not (in_notebook() and _widgets_missing()):
         yield
         return
     from transformers.utils import logging as hf_logging
@@ -105,7 +113,7 @@ def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
     total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
     if not enabled or total == 1:
         return iterable
-    if _in_notebook():
+    if in_notebook():
         try:
             import ipywidgets  # noqa: F401
             from tqdm.notebook import tqdm
