@@ -29,7 +29,7 @@ print("RESULT", rc, ",".join(heavy) or "-")
 """
 
 BAD_FLAGS = [
-    (["--patch-layers", "0:99"], "asks for layer(s) [4, 5, 6, 7, 8], but toy-gated has 4 layers"),
+    (["--patch-layers", "0:99"], "asks for layer(s) [4, 5, 6, 7, 8, ...], but toy-gated has 4 layers"),
     (["--patch-layers", "2:1"], "'2:1' selects no layer"),
     (["--geometry-layers", "3,9"], "--geometry-layers asks for layer(s) [9]"),
     (["--n-examples", "0"], "argument --n-examples: must be at least 1, got 0"),

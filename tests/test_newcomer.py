@@ -156,3 +156,22 @@ def test_figures_draw_in_a_notebook_without_a_setup_call():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "plotly_mimetype+tl_vlm_notebook", out.stderr[-2000:]
+
+
+# -- 7. silence and small lies ----------------------------------------------------------
+def test_a_shard_of_another_split_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["narrow-gate", "--n-examples", "8", "--steps", "accuracy", "--conditions", "none",
+            "--out", out]
+    status, err, _ = _run(base + ["--shard", "0/2"], capsys)
+    assert status == 0 and any("shard(s) 1 of 2 still to finish it" in line for line in err)
+    status, err, _ = _run(base + ["--shard", "1/3"], capsys)
+    assert status == 2 and "holds shards of a 2-way split; shard 1/3 would mix two splits" in err[-1]
+    assert sorted(p.name for p in (tmp_path / "run" / "shards").iterdir()) == ["0-of-2"]
+
+
+def test_the_settings_table_leaves_out_what_does_not_apply(tmp_path, capsys):
+    out = tmp_path / "run"
+    status, _, _ = _run(["narrow-gate", "--n-examples", "8", "--steps", "accuracy",
+                         "--conditions", "none", "--out", str(out)], capsys)
+    assert status == 0 and "<td>prompts</td>" not in (out / "index.html").read_text()

@@ -81,7 +81,8 @@ def _check_layers(flag: str, layers: Optional[Sequence[int]], n_layers: Optional
         return
     outside = [l for l in layers if l >= n_layers]
     if outside:
-        raise CLIError(f"{flag} asks for layer(s) {outside[:5]}, but {model} has {n_layers} "
+        shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+        raise CLIError(f"{flag} asks for layer(s) [{shown}], but {model} has {n_layers} "
                        f"layers (0-{n_layers - 1}); e.g. {flag} 0:{n_layers}")
 
 

@@ -118,7 +118,7 @@ def _settings_rows(meta: dict[str, Any]) -> list[list[Any]]:
     """The header table: scalar settings, compute time spelled out."""
     rows = []
     for k, v in meta.items():
-        if isinstance(v, (dict, list)):
+        if isinstance(v, (dict, list)) or v is None:      # None: the setting does not apply
             continue
         if k == "compute_seconds":
             rows.append(["compute time (all runs of this report, resumes included)",

@@ -231,6 +231,8 @@ class RunStore:
                 shutil.rmtree(self.out / self.SHARDS, ignore_errors=True)
                 for name in self.RUN_FILES:
                     (self.out / name).unlink(missing_ok=True)
+        if shard is not None:
+            self._check_split(shard)
         if settings_file.exists() and not fresh:
             saved = json.loads(settings_file.read_text())
             if saved != settings:
@@ -244,6 +246,21 @@ class RunStore:
         self.records_dir.mkdir(parents=True, exist_ok=True)
         self.steps.mkdir(parents=True, exist_ok=True)
         self.settings = settings
+
+    def _check_split(self, shard: tuple[int, int]) -> None:
+        """A shard of an N-way split may not join a directory split another way."""
+        folder = self.out / self.SHARDS
+        if not folder.is_dir():
+            return
+        counts = sorted({int(p.name.split("-of-")[1]) for p in folder.iterdir()
+                         if p.is_dir() and "-of-" in p.name
+                         and p.name.split("-of-")[1].isdigit()})
+        others = [n for n in counts if n != shard[1]]
+        if others:
+            raise RunSettingsError(
+                f"{self.out} holds shards of a {others[0]}-way split; shard {shard[0]}/{shard[1]} "
+                f"would mix two splits: use --shard K/{others[0]}, another output directory, "
+                f"or --fresh without --shard to start over")
 
     # -- opening and naming ----------------------------------------------------------
     @classmethod

@@ -338,7 +338,9 @@ def merge_step(store: RunStore, step: str, scoring=None, log: Callable[[str], No
                               for k in sorted(missing + pending))
             raise MergeError(f"{step}: shards {sorted(missing + pending)} of {n} have not "
                              f"finished it (missing: {missing}); run them first ({hints})")
-        log(f"[{step}] waiting for shard(s) {sorted(missing + pending)} of {n}")
+        still = ", ".join(str(k) for k in sorted(missing + pending))
+        log(f"[{step}] this shard's part is done; shard(s) {still} of {n} still to finish it "
+            f"(the last to finish merges, or run `tl-vlm merge {out}`)")
         return None
     checked = _check_shards(out, step, states, store.settings)
     lock = out / RunStore.STEPS / f".merge-{step}.lock"
