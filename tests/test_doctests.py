@@ -18,6 +18,7 @@ import inspect
 import io
 
 import pytest
+    "tl_vlm.analyses.generation_attention",
 
 MODULES = [
     "tl_vlm",

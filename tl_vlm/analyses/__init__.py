@@ -36,6 +36,7 @@ from tl_vlm.analyses.contribution import (
 from tl_vlm.analyses.flow import DEFAULT_EDGES, FlowMap, flow_map
 from tl_vlm.analyses.gates import (GateCandidate, GateCheck, GateCost, GateMetric, GateSearch,
                                   GateSearchConfig, LayerSweep, find_gates)
+from tl_vlm.analyses.generation_attention import GenerationAttention, attention_over_generation
 from tl_vlm.analyses.geometry import (
     ModalitySeparation,
     NeighbourhoodOverlap,
@@ -66,6 +67,7 @@ __all__ = [
     "neighbourhood_overlaps",
     "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers", "progressive_widths",
     "random_image_knockout", "resolve_layers",
+    "GenerationAttention", "attention_over_generation",
     "LogitLensResult", "head_logit_attribution", "logit_lens",
     "PatchingResult", "patch_gate", "patch_hooks", "patch_positions",
     "batch_inputs", "run_patching",
