@@ -18,7 +18,6 @@ import inspect
 import io
 
 import pytest
-    "tl_vlm.analyses.generation_attention",
 
 MODULES = [
     "tl_vlm",
@@ -31,6 +30,8 @@ MODULES = [
     "tl_vlm.analyses.patching",
     "tl_vlm.analyses.geometry",
     "tl_vlm.analyses.logit_lens",
+    "tl_vlm.analyses.image_lens",
+    "tl_vlm.analyses.sinks",
     "tl_vlm.analyses.tl_patching",
     "tl_vlm.analyses.gates",
     "tl_vlm.analyses.gates.candidates",
@@ -49,6 +50,7 @@ MODULES = [
     "tl_vlm.cli.flow",
     "tl_vlm.study.flow_report",
     "tl_vlm.analyses.flow",
+    "tl_vlm.analyses.generation_attention",
     "tl_vlm.cli.compare",
     "tl_vlm.core.prefix",
     "tl_vlm.core.recompute",

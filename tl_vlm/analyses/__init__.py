@@ -22,7 +22,9 @@ Example:
     torch.Size([4, 24, 54])
 
 Modules: :mod:`.knockout`, :mod:`.contribution`, :mod:`.patching`, :mod:`.geometry`,
-:mod:`.logit_lens`, :mod:`.tl_patching` (``transformer_lens.patching`` on VLM batches),
+:mod:`.logit_lens`, :mod:`.image_lens` (the lens over the image tokens, projecting words
+out), :mod:`.sinks` (image-side attention sinks), :mod:`.tl_patching`
+(``transformer_lens.patching`` on VLM batches),
 :mod:`.gates` (find the gate in any model: :func:`find_gates`).
 """
 
@@ -34,9 +36,9 @@ from tl_vlm.analyses.contribution import (
     cross_modal_contribution,
 )
 from tl_vlm.analyses.flow import DEFAULT_EDGES, FlowMap, flow_map
+from tl_vlm.analyses.generation_attention import GenerationAttention, attention_over_generation
 from tl_vlm.analyses.gates import (GateCandidate, GateCheck, GateCost, GateMetric, GateSearch,
                                   GateSearchConfig, LayerSweep, find_gates)
-from tl_vlm.analyses.generation_attention import GenerationAttention, attention_over_generation
 from tl_vlm.analyses.geometry import (
     ModalitySeparation,
     NeighbourhoodOverlap,
@@ -53,8 +55,10 @@ from tl_vlm.analyses.knockout import (
     random_image_knockout,
     resolve_layers,
 )
+from tl_vlm.analyses.image_lens import ImageLensResult, image_logit_lens, project_away, tokens_in_box
 from tl_vlm.analyses.logit_lens import LogitLensResult, head_logit_attribution, logit_lens
 from tl_vlm.analyses.patching import PatchingResult, patch_gate, patch_hooks, patch_positions
+from tl_vlm.analyses.sinks import AttentionSinks, attention_sinks, sink_knockout
 from tl_vlm.analyses.tl_patching import batch_inputs, run_patching
 
 __all__ = [
@@ -63,12 +67,14 @@ __all__ = [
     "GateCandidate", "GateCheck", "GateCost", "GateMetric", "GateSearch", "GateSearchConfig",
     "LayerSweep", "find_gates",
     "DEFAULT_EDGES", "FlowMap", "flow_map",
+    "GenerationAttention", "attention_over_generation",
     "ModalitySeparation", "NeighbourhoodOverlap", "modality_separation", "neighbourhood_overlap",
     "neighbourhood_overlaps",
     "gate_knockout", "image_to_text_knockout", "knockout_hooks", "last_layers", "progressive_widths",
     "random_image_knockout", "resolve_layers",
-    "GenerationAttention", "attention_over_generation",
     "LogitLensResult", "head_logit_attribution", "logit_lens",
+    "ImageLensResult", "image_logit_lens", "project_away", "tokens_in_box",
+    "AttentionSinks", "attention_sinks", "sink_knockout",
     "PatchingResult", "patch_gate", "patch_hooks", "patch_positions",
     "batch_inputs", "run_patching",
 ]

@@ -222,7 +222,7 @@ def logit_lens(
         with torch.no_grad():
             mine = model_transform(_unembed(model, norm(kept[last])))
         theirs = model_logits[positions.mask.to(model_logits.device)]
-        rtol, atol = _tolerance(mine.dtype, logits=True)
+        rtol, atol = lens_tolerance(mine.dtype, logits=True)
         if theirs.shape != mine.shape or not torch.allclose(mine, theirs, rtol=rtol, atol=atol):
             raise RuntimeError(
                 f"the lens of the last residual does not reproduce {type(model.hf_model).__name__}'s "
@@ -239,46 +239,69 @@ def logit_lens(
                            None if cols is None else cols.tolist())
 
 
-def _tolerance(dtype: torch.dtype, logits: bool = False) -> tuple[float, float]:
+def lens_tolerance(dtype: torch.dtype, logits: bool = False) -> tuple[float, float]:
     """(rtol, atol) for "the same computation": half precision rounds per op (bf16 ulp at a
-    logit of 30 is 0.125), so a transform is only flagged when it changes much more."""
+    logit of 30 is 0.125), so a transform is only flagged when it changes much more.
+
+    Example:
+        >>> lens_tolerance(torch.float32), lens_tolerance(torch.bfloat16, logits=True)
+        ((0.001, 0.0001), (0.01, 0.5))
+    """
     if dtype in (torch.float32, torch.float64):
         return 1e-3, 1e-4
     return (1e-2, 0.5) if logits else (2e-2, 2e-2)
 
 
 # -- direct logit attribution ----------------------------------------------------------
-def _frozen_rms(module: torch.nn.Module, x_ref: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
-    """Per-row multiplier ``m`` with ``module(y) == y * m`` when the scale is frozen at ``x_ref``.
+def _frozen_rms(module: torch.nn.Module, x_ref: Float[Tensor, "n d"]) -> tuple[Tensor, bool]:
+    """``(m, centred)``: per-row multiplier ``m`` with ``module(y) == c(y) * m`` (plus the
+    norm's bias, if any) when the scale is frozen at ``x_ref``; ``c`` centres ``y``
+    (subtracts its mean) when ``centred``, else is the identity.
 
     Works for every RMSNorm form ``x * rsqrt(mean(x^2) + eps) * g`` (Llama's ``w``, Gemma's
-    ``1 + w``): ``g`` is read by normalising a vector of ones, and the result is checked
-    against ``module(x_ref)``.
+    ``1 + w``: ``g`` is read by normalising a vector of ones) and for LayerNorm forms
+    ``(x - mean x) * rsqrt(var x + eps) * w (+ b)`` (``torch.nn.LayerNorm``, Cohere's); the
+    result is checked against ``module(x_ref)``.
     """
     name = type(module).__name__
     eps = getattr(module, "variance_epsilon", None)
     eps = getattr(module, "eps", None) if eps is None else eps
-    if isinstance(module, torch.nn.LayerNorm) or eps is None:
+    if eps is None:
         raise NotImplementedError(
-            f"direct logit attribution needs an RMSNorm-style norm (x * rsqrt(mean x^2 + eps) "
-            f"* g); {name} is not one"
-        )
+            f"direct logit attribution needs an RMSNorm or LayerNorm form (x * rsqrt(mean x^2 "
+            f"+ eps) * g, or the same of x - mean x); {name} has no eps")
     d = x_ref.shape[-1]
     param = next(module.parameters(), None)
     dtype = param.dtype if param is not None else x_ref.dtype
+    rtol, atol = lens_tolerance(x_ref.dtype)
     with torch.no_grad():
-        ones = torch.ones(1, d, dtype=dtype, device=x_ref.device)
-        gain = module(ones).float()[0] * math.sqrt(1.0 + float(eps))
         x = x_ref.float()
-        mult = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps)) * gain
         actual = module(x_ref).float()
-    rtol, atol = _tolerance(x_ref.dtype)
-    if not torch.allclose(x * mult, actual, rtol=rtol, atol=atol):
-        raise NotImplementedError(
-            f"{name} is not of the form x * rsqrt(mean x^2 + eps) * g; direct logit "
-            f"attribution through it is not supported"
-        )
-    return mult
+        if not isinstance(module, torch.nn.LayerNorm):
+            ones = torch.ones(1, d, dtype=dtype, device=x_ref.device)
+            gain = module(ones).float()[0] * math.sqrt(1.0 + float(eps))
+            mult = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps)) * gain
+            if torch.allclose(x * mult, actual, rtol=rtol, atol=atol):
+                return mult, False
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        gain = torch.ones(d, device=x.device) if weight is None else weight.detach().float()
+        centred = x - x.mean(-1, keepdim=True)
+        mult = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + float(eps)) * gain
+        shift = 0.0 if not isinstance(bias, Tensor) else bias.detach().float()
+        if torch.allclose(centred * mult + shift, actual, rtol=rtol, atol=atol):
+            return mult, True
+    raise NotImplementedError(
+        f"{name} is neither x * rsqrt(mean x^2 + eps) * g nor (x - mean x) * rsqrt(var x + "
+        f"eps) * w (+ b); direct logit attribution through it is not supported")
+
+
+def _through_norm(direction: Tensor, frozen: tuple[Tensor, bool]) -> Tensor:
+    """A read-out direction pulled back through a frozen norm (:func:`_frozen_rms`): the
+    norm is linear then, and a centring norm's transpose centres too."""
+    mult, centred = frozen
+    direction = direction * mult
+    return direction - direction.mean(-1, keepdim=True) if centred else direction
 
 
 def _token_tensor(tokens: TokenIds, n: int, what: str) -> Tensor:
@@ -306,12 +329,14 @@ def head_logit_attribution(
     ``out[b, i, h]`` is head ``h`` of layer ``layers[i]``: its output at example ``b``'s
     position, ``z_h @ W_O[:, h * d_head:(h + 1) * d_head]^T`` (``z`` = ``attn.hook_z``,
     ``W_O`` = the o-projection weight), mapped through the final norm with its scale
-    frozen at the final residual, dotted with ``W_U[answer] - W_U[baseline]`` (TL's
+    frozen at the final residual (and centred, for a LayerNorm such as Aya Vision's
+    Cohere2 decoder has), dotted with ``W_U[answer] - W_U[baseline]`` (TL's
     ``apply_ln_to_stack`` convention). Blocks with a post-attention norm (``ln1_post``,
     Gemma 3) get that norm's scale frozen at the layer's whole attention output, so for
     every family ``out[b, i].sum() + bias term`` equals the direct attribution of what the
     layer's attention adds to the residual. The o-projection bias (if any) belongs to no
-    head and is left out; the unembedding bias and the family's final transform (e.g.
+    head and is left out, as is a final LayerNorm's bias; the unembedding bias and the
+    family's final transform (e.g.
     Chameleon's image-vocabulary mask) are not linear attributions and are left out too.
 
     Args:
@@ -369,8 +394,8 @@ def head_logit_attribution(
             if bool((base < 0).any() or (base >= vocab).any()):
                 raise IndexError(f"baseline_tokens {base.tolist()} outside the vocabulary")
             direction = direction - w_u[base.to(w_u.device)].float()
-    final = _frozen_rms(model.ln_final.original_component, kept["ln_final.hook_in"])
-    direction = direction * final                                                  # [b, d]
+    direction = _through_norm(direction, _frozen_rms(model.ln_final.original_component,
+                                                     kept["ln_final.hook_in"]))   # [b, d]
 
     out = []
     for l in chosen:
@@ -380,7 +405,7 @@ def head_logit_attribution(
         w_o = w_o.view(w_o.shape[0], z.shape[1], z.shape[2])                       # [d, h, k]
         d_l = direction
         if post[l]:
-            d_l = d_l * _frozen_rms(model.blocks[l].ln1_post.original_component,
-                                    kept[f"blocks.{l}.ln1_post.hook_in"])
+            d_l = _through_norm(d_l, _frozen_rms(model.blocks[l].ln1_post.original_component,
+                                                 kept[f"blocks.{l}.ln1_post.hook_in"]))
         out.append(torch.einsum("bhk,dhk,bd->bh", z, w_o.to(z.device), d_l.to(z.device)))
     return torch.stack(out, dim=1)
