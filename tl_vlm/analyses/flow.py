@@ -263,8 +263,7 @@ def flow_map(model, task, groups: Optional[Mapping[str, GroupSpec]] = None,
         batch_size: examples per forward.
         show_progress: report progress over the batches.
 
-    Example (toy-last-image: its planted position, the last image token, carries the
-    image; the other image tokens do not):
+    Example (toy-last-image: its planted last image token carries the image, not the rest):
         >>> from tl_vlm import HookedVLM
         >>> from tl_vlm.eval.tasks import toy_task
         >>> flow = flow_map(HookedVLM.from_pretrained("toy-last-image"), toy_task(16), window=4,
