@@ -12,13 +12,18 @@ from typing import Callable
 
 import torch
 
+from tl_vlm.core.attention_bridge import attention_layers
 
-def hf_attention_modules(model, ref) -> list[torch.nn.Module]:
-    """For each block of the bridge, the same attention module inside ``ref``."""
-    kind = type(model.blocks[0].attn.original_component)
+
+def hf_attention_modules(model, ref) -> dict[int, torch.nn.Module]:
+    """For each block of the bridge that has attention (every block but the
+    short-convolution ones of a hybrid decoder such as LFM2's), layer -> the same
+    attention module inside ``ref``."""
+    layers = attention_layers(model)
+    kind = type(model.blocks[layers[0]].attn.original_component)
     modules = [m for m in ref.modules() if type(m) is kind]   # the decoder's, in layer order
-    assert len(modules) == len(model.blocks), (kind, len(modules), len(model.blocks))
-    return modules
+    assert len(modules) == len(layers), (kind, len(modules), layers)
+    return dict(zip(layers, modules))
 
 
 @torch.no_grad()
@@ -38,10 +43,14 @@ def logits_with_pattern_edit(model, ref, inputs: dict, edits: dict[int, Callable
             v = values[layer].view(b, k, -1, attn.head_dim).transpose(1, 2)
             v = v.repeat_interleave(h // v.shape[1], dim=1)
             dz = ((edit(pattern) - pattern) @ v).transpose(1, 2).reshape(b, q, -1)
-            delta = torch.nn.functional.linear(dz, attn.o_proj.weight)
+            o_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj   # LFM2: out_proj
+            delta = torch.nn.functional.linear(dz, o_proj.weight)
             return (output[0] + delta,) + tuple(output[1:])
 
-        handles.append(attn.v_proj.register_forward_hook(grab_v))
+        # The values attention reads: v_norm's output where the module normalises them
+        # (Gemma 4; its k_eq_v layers have no v_proj), else v_proj's.
+        source = attn.v_norm if hasattr(attn, "v_norm") else attn.v_proj
+        handles.append(source.register_forward_hook(grab_v))
         handles.append(attn.register_forward_hook(add_delta, with_kwargs=True))
     try:
         return ref(**inputs, output_attentions=True).logits

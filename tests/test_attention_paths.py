@@ -7,6 +7,7 @@ import torch
 
 from tl_vlm import analyses as A
 from tl_vlm.core.attention import record_paths
+from tl_vlm.core.attention_bridge import attention_layers
 from tl_vlm.core.compat import torch_dispatch_mode
 
 TorchDispatchMode = torch_dispatch_mode()
@@ -16,7 +17,7 @@ ATOL = 1e-5
 
 def _identity_hooks(model):
     """A plain (non-fusable) hook on every layer's pattern: forces the eager computation."""
-    return [(f"blocks.{l}.attn.hook_pattern", lambda p, hook: p) for l in range(model.cfg.n_layers)]
+    return [(f"blocks.{l}.attn.hook_pattern", lambda p, hook: p) for l in attention_layers(model)]
 
 
 def _sdpa_reference(tiny_zoo, family):
@@ -33,7 +34,7 @@ def test_unhooked_is_hf_sdpa_and_hooked_is_hf_eager(tiny_zoo, family):
     mask = batch.attention_mask.bool()
     with record_paths() as paths:
         plain = model(batch)
-    assert set(paths) == {"sdpa"} and len(paths) == model.cfg.n_layers
+    assert set(paths) == {"sdpa"} and len(paths) == len(attention_layers(model))
     sdpa = _sdpa_reference(tiny_zoo, family)(**batch.inputs).logits
     torch.testing.assert_close(plain[mask], sdpa[mask], atol=ATOL, rtol=0)
     with record_paths() as paths:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from tests.reference import logits_with_pattern_edit
+from tl_vlm.core.attention_bridge import attention_layers
 
 ATOL = 1e-4
 
@@ -52,18 +53,19 @@ def test_cache_holds_every_layer_over_the_full_sequence(tiny_zoo, family):
     _, cache = model.run_with_cache(batch)
     b, seq = batch.input_ids.shape
     for i in range(model.cfg.n_layers):
+        assert cache[f"blocks.{i}.hook_resid_pre"].shape == (b, seq, model.cfg.d_model)
+    for i in attention_layers(model):   # every layer but a hybrid decoder's convolutions
         pattern = cache[f"blocks.{i}.attn.hook_pattern"]
         assert pattern.shape == (b, model.cfg.n_heads, seq, seq)
         row_sums = pattern.sum(-1).transpose(1, 2)[batch.attention_mask.bool()]  # [n, head]
         torch.testing.assert_close(row_sums, torch.ones_like(row_sums), atol=1e-5, rtol=0)
-        assert cache[f"blocks.{i}.hook_resid_pre"].shape == (b, seq, model.cfg.d_model)
 
 
 @torch.no_grad()
 def test_zeroing_a_key_column_matches_hand_reference(tiny_zoo, family):
     """Pattern edits are live: bridge == HF with the hand-computed change added."""
     model, batch = tiny_zoo.batch(family)
-    layer = model.cfg.n_layers - 1
+    layer = attention_layers(model)[-1]
     key = int(batch.positions.image[0][1])
 
     def zero_key(pattern):
@@ -90,20 +92,21 @@ def test_generate_keeps_hooks_on_cached_steps(tiny_zoo, family):
         mask = keys.pad_to(pattern.shape[-1]).mask.to(pattern.device)   # [b, k]
         return pattern * (~mask)[:, None, None, :]
 
-    hooks = [("blocks.0.attn.hook_pattern", cut)]
+    hooks = [(f"blocks.{attention_layers(model)[0]}.attn.hook_pattern", cut)]
     steps = 3
     out = model.generate(batch, max_new_tokens=steps, fwd_hooks=hooks)
     plain = model.generate(batch, max_new_tokens=steps)
     assert (out.logits - plain.logits).abs().max() > 1e-4, "hook had no effect in generate"
 
     inputs, seq = dict(batch.inputs), batch.input_ids.shape[1]
+    on_new = {"attention_mask": 1, **tiny_zoo.specs[family].generated_token_inputs}
     for step in range(steps):
         logits = model.run_with_hooks(inputs, fwd_hooks=hooks)[:, -1]
         torch.testing.assert_close(logits, out.logits[:, step], atol=ATOL, rtol=0)
         nxt = out.new_tokens[:, step : step + 1]
         for name, value in list(inputs.items()):   # grow every per-token input by one
             if torch.is_tensor(value) and value.shape[:2] == (len(batch), seq):
-                fill = nxt if name == "input_ids" else torch.full_like(nxt, int(name == "attention_mask"))
+                fill = nxt if name == "input_ids" else torch.full_like(nxt, on_new.get(name, 0))
                 inputs[name] = torch.cat([value, fill.to(value.dtype)], dim=1)
         seq += 1
 

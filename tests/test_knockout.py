@@ -5,6 +5,7 @@ import torch
 
 from tests.reference import logits_with_pattern_edit
 from tl_vlm import analyses as A
+from tl_vlm.core.attention_bridge import attention_layers
 from tl_vlm.core.positions import PositionSet
 
 ATOL = 1e-4
@@ -38,7 +39,7 @@ def test_knockout_equals_hand_reference(tiny_zoo, family, method):
 
     edit = zero if method == "zero" else renormalise
     expected = logits_with_pattern_edit(model, ref, batch.inputs,
-                                        {l: edit for l in range(model.cfg.n_layers)})
+                                        {l: edit for l in attention_layers(model)})
     mask = batch.attention_mask.bool()
     torch.testing.assert_close(got[mask], expected[mask], atol=ATOL, rtol=0)
 

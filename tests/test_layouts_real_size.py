@@ -7,8 +7,8 @@ tokens); no model is built. For each image, three sources must agree:
 * ``ImageLayout.locate``: the content grid (row widths), row breaks, BOI and EOI;
 * the processor's own output: the positions it marks as image tokens
   (``mm_token_type_ids``; Gemma 3's ``token_type_ids``; for Janus, which marks none, the
-  image tokens it writes), as a mask and, per image, as the length of that image's run of
-  marked positions. No private processor method is read: what a private helper counts
+  image tokens it writes), as a mask and, per image, as the number of marked positions
+  in that image's block (its run of image-side positions). No private processor method is read: what a private helper counts
   changes between releases (transformers 5.25 stopped counting BOI/EOI and row breaks
   in ``_get_num_multimodal_tokens``), what the processor writes is the contract;
 * ``EXPECTED``: the grid worked out by hand from each processor's documented resize rule
@@ -142,22 +142,29 @@ def _processor_image_mask(family: str, layout, inputs) -> torch.Tensor:
     return torch.as_tensor(marks) == 1
 
 
-def _marked_runs(mask_row: torch.Tensor) -> list[int]:
-    """Lengths of the maximal runs of marked positions in one row, left to right."""
-    runs, length = [], 0
-    for marked in mask_row.tolist() + [False]:
-        if marked:
-            length += 1
-        elif length:
-            runs.append(length)
-            length = 0
-    return runs
+def _image_block(pos, b: int, start: int) -> tuple[int, int]:
+    """``[lo, hi)``: the maximal run of image-side positions (BOI, content, row breaks,
+    specials, EOI) of row b around position ``start``, i.e. one image's block (every test
+    prompt has text between its images, so blocks do not merge)."""
+    side = pos.image_side.mask[b].tolist()
+    lo = hi = start
+    while lo > 0 and side[lo - 1]:
+        lo -= 1
+    while hi < len(side) and side[hi]:
+        hi += 1
+    return lo, hi
 
 
-def _processor_counts(family: str, layout, inputs, b: int) -> list[int]:
-    """The processor's own token count of each image of row b: its run of marked
-    positions (every test prompt has text between its images, so runs do not merge)."""
-    return _marked_runs(_processor_image_mask(family, layout, inputs)[b])
+def _processor_counts(family: str, layout, inputs, pos, b: int) -> list[int]:
+    """The processor's own token count of each image of row b: the positions it marks
+    inside that image's block (one run of marks for most processors, several where it
+    marks only the content of an image cut into crops, as SmolVLM's); every mark must
+    lie in some image's block."""
+    mask = _processor_image_mask(family, layout, inputs)[b]
+    counts = [int(mask[slice(*_image_block(pos, b, start))].sum())
+              for start in _image_starts(pos, b)]
+    assert sum(counts) == int(mask.sum()), "the processor marks positions outside the images"
+    return counts
 
 
 def _image_starts(pos, b: int) -> list[int]:
@@ -190,11 +197,12 @@ def _check_image(family: str, layout, inputs, pos, b: int, n: int, expected: Exp
              "image": int((pos.grid[b][:, 0] == n).sum()),
              "row_breaks": sum(start < p < stop for p in pos.row_breaks[b].tolist()),
              "eoi": sum(start < p < stop for p in pos.eoi[b].tolist())}
+    # Other image-side tokens (crop markers, tile labels) anywhere in the image's block.
+    count["specials"] = int(pos.specials.mask[b][slice(*_image_block(pos, b, start))].sum())
     assert count["row_breaks"] == expected.breaks
     assert count["boi"] == int(layout.boi_token is not None)
     assert count["eoi"] == int(layout.eoi_token is not None)
-    counts = _processor_counts(family, layout, inputs, b)
-    assert len(counts) == pos.n_images(b)
+    counts = _processor_counts(family, layout, inputs, pos, b)
     assert sum(count[name] for name in _layout_counted(family)) == counts[n]
 
 

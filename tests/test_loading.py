@@ -157,7 +157,8 @@ def test_plain_transformer_lens_gains_the_families_it_lacks_and_keeps_its_own(ti
 
     added = set(registration.added_architectures())
     names = [f.name for f in families() if set(f.architectures) <= added]
-    assert sorted(names) == ["chameleon", "janus", "qwen2_vl"]
+    assert sorted(names) == ["aya_vision", "chameleon", "internvl", "janus", "paligemma",
+                             "qwen2_vl", "smolvlm"]
     out, _ = _plain_boot(tiny_zoo, tmp_path, names)
     _check_exact_and_live(out["report"], names)
     for name, (cls_name, source, module) in out["table"].items():
@@ -167,7 +168,7 @@ def test_plain_transformer_lens_gains_the_families_it_lacks_and_keeps_its_own(ti
 
 
 def test_plain_transformer_lens_patched_boots_every_family_exactly_with_live_hooks(tiny_zoo, tmp_path):
-    """With TL_VLM_PATCH_TRANSFORMER_LENS=1, TL itself boots all 9 families with tl_vlm's
+    """With TL_VLM_PATCH_TRANSFORMER_LENS=1, TL itself boots every family with tl_vlm's
     adapters: logits equal to HF eager, live attention hooks, real classes in its table."""
     out, _ = _plain_boot(tiny_zoo, tmp_path, list(tiny_zoo.specs), TL_VLM_PATCH_TRANSFORMER_LENS="1")
     _check_exact_and_live(out["report"], tiny_zoo.specs)

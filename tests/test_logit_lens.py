@@ -8,9 +8,15 @@ from tl_vlm.core.positions import PositionSet
 
 
 def _gain(norm: torch.nn.Module) -> torch.Tensor:
-    """The RMSNorm gain, written out per family: Gemma scales by (1 + w), the others by w."""
+    """The norm's gain, written out per family: Gemma 1-3 scale by (1 + w), the others
+    (Gemma 4 too, and the LayerNorms) by w."""
     w = norm.weight.detach().float()
-    return 1.0 + w if type(norm).__name__.startswith("Gemma") else w
+    return 1.0 + w if type(norm).__name__ in ("GemmaRMSNorm", "Gemma2RMSNorm",
+                                              "Gemma3RMSNorm") else w
+
+
+#: LayerNorms (they subtract the mean before scaling): Aya Vision's Cohere2 decoder
+CENTRED = {"LayerNorm", "Cohere2LayerNorm"}
 
 
 def _eps(norm: torch.nn.Module) -> float:
@@ -73,6 +79,8 @@ def _hand_attribution(model, batch, cache, answer, baseline, layer):
     w_u = model.unembed.original_component.weight.detach()
     direction = w_u[answer] - w_u[baseline]                                       # [b, d]
     direction = direction / cache["ln_final.hook_scale"][pos] * _gain(norm)        # frozen scale
+    if type(norm).__name__ in CENTRED:   # d . (c(y) * m) == c(d * m) . y, c centring
+        direction = direction - direction.mean(-1, keepdim=True)
     block = model.blocks[layer]
     o = block.attn.o.original_component
     z = cache[f"blocks.{layer}.attn.hook_z"][pos]                                 # [b, h, k]
@@ -87,7 +95,10 @@ def _hand_attribution(model, batch, cache, answer, baseline, layer):
         bias = bias * mult
     per_head = torch.einsum("bhd,bd->bh", heads, direction)
     bias_term = (bias * direction).sum(-1)
-    added = (cache[f"blocks.{layer}.hook_resid_mid"] - cache[f"blocks.{layer}.hook_resid_pre"])[pos]
+    if f"blocks.{layer}.hook_resid_mid" in cache.cache_dict:
+        added = (cache[f"blocks.{layer}.hook_resid_mid"] - cache[f"blocks.{layer}.hook_resid_pre"])[pos]
+    else:   # a parallel block (Cohere: attention and MLP read one norm): its attention output
+        added = cache[f"blocks.{layer}.attn.hook_out"][pos]
     whole = (added * direction).sum(-1)
     return per_head, bias_term, whole
 

@@ -133,7 +133,8 @@ def test_patching_every_position_at_layer_0_reproduces_the_source(tiny_zoo, fami
     mask = target.attention_mask.bool()
     clean, want = model(target), model(source)
     assert (clean[mask] - want[mask]).abs().max() > 1e-4, "the two images must differ"
-    names = ["blocks.0.hook_resid_pre"]
+    # (and where the image also enters later, as DeepStack does, those terms too)
+    names = ["blocks.0.hook_resid_pre", *tiny_zoo.specs[family].image_entry_hooks]
     _, cache = model.run_with_cache(source, names_filter=names)
     got = model.run_with_hooks(target, fwd_hooks=patch_hooks(
         model, names, cache, source.positions.all, target.positions.all))

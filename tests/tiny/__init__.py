@@ -105,6 +105,14 @@ class TinySpec:
             images where the family allows it); ``images`` follows ``HookedVLM.prepare``.
         other_images: same structure, different pictures (to show images matter).
         multi_image: whether one prompt may hold two images.
+        generated_token_inputs: the value a per-token input other than ``input_ids``
+            takes on a generated token, where it is not 0 (``attention_mask`` is 1), as
+            the HF model's ``generate`` extends it (PaliGemma: ``token_type_ids`` 1, the
+            causal suffix).
+        image_entry_hooks: hook points besides ``blocks.0.hook_resid_pre`` through which
+            image information is added to the residual stream, each ``[batch, pos,
+            d_model]`` (Qwen3-VL's DeepStack terms ``blocks.{k}.deepstack.hook_out``); a
+            test that patches the model's whole input patches these too.
     """
 
     family: str
@@ -115,6 +123,8 @@ class TinySpec:
     other_images: list[Any]
     multi_image: bool = True
     notes: str = field(default="")
+    generated_token_inputs: dict[str, int] = field(default_factory=dict)
+    image_entry_hooks: tuple[str, ...] = ()
 
 
 def specs() -> dict[str, TinySpec]:

@@ -42,10 +42,11 @@ from transformer_lens.model_bridge.supported_architectures.llava_onevision impor
     LlavaOnevisionArchitectureAdapter,
 )
 
+from tl_vlm.core.anyres import tile_map_box, unpadded_tile_map
 from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.layout import GridQueue, ImageLayout, LayoutError, RowLayout, runs
-from tl_vlm.core.layout import Box, ImageView, padded_square_box
+from tl_vlm.core.layout import ImageView, padded_square_box
 
 
 class LlavaOnevisionAdapter(LlavaOnevisionArchitectureAdapter):
@@ -105,49 +106,10 @@ class OnevisionImage:
             p += 1
 
 
-def _unpadded_tiles(height: int, width: int, pinpoints: list, tile_px: int, side: int
-                    ) -> tuple[tuple[int, int], int, int, int, int]:
-    """The tile feature map the model keeps: ``(best resolution, top, left, rows, cols)``,
-    ``top``/``left`` being the padding rows/cols it drops (in features) before the map."""
-    from transformers.image_processing_utils import select_best_resolution
-
-    best_h, best_w = select_best_resolution((height, width), pinpoints)
-    cur_h, cur_w = best_h // tile_px * side, best_w // tile_px * side
-    # Undo the letterbox padding: keep the rows/cols the resized image covers.
-    top = left = 0
-    if width / height > cur_w / cur_h:
-        top = (cur_h - int(round(height * (cur_w / width), 7))) // 2
-        cur_h -= 2 * top
-    else:
-        left = (cur_w - int(round(width * (cur_h / height), 7))) // 2
-        cur_w -= 2 * left
-    return (best_h, best_w), top, left, cur_h, cur_w
-
-
-def _tiles_box(height: int, width: int, pinpoints: list, tile_px: int, side: int) -> Box:
-    """The part of the picture that the (unpadded) tile map covers, in picture pixels.
-
-    The processor resizes the picture into the best resolution keeping its aspect ratio
-    and pastes it centred; the model then drops whole feature rows (or cols) of padding,
-    so the kept map can overhang the picture by part of a feature.
-    """
-    (best_h, best_w), top, left, rows, cols = _unpadded_tiles(height, width, pinpoints,
-                                                              tile_px, side)
-    if best_w / width < best_h / height:   # as transformers' get_patch_output_size
-        new_h, new_w = min(math.ceil(height * best_w / width), best_h), best_w
-    else:
-        new_h, new_w = best_h, min(math.ceil(width * best_h / height), best_w)
-    paste_y, paste_x = (best_h - new_h) // 2, (best_w - new_w) // 2
-    px = tile_px / side                     # canvas pixels per feature
-    sy, sx = height / new_h, width / new_w  # picture pixels per canvas pixel
-    return ((left * px - paste_x) * sx, (top * px - paste_y) * sy,
-            ((left + cols) * px - paste_x) * sx, ((top + rows) * px - paste_y) * sy)
-
-
 def _tile_map(height: int, width: int, pinpoints: list, tile_px: int, side: int,
               aspect: str) -> tuple[int, int]:
     """(rows, cols) of the unpadded (and possibly shrunk) tile feature map of an image."""
-    _, _, _, cur_h, cur_w = _unpadded_tiles(height, width, pinpoints, tile_px, side)
+    _, _, _, cur_h, cur_w = unpadded_tile_map(height, width, pinpoints, tile_px, side)
     max_tiles = int(aspect.strip("anyres_max_"))
     ratio = math.sqrt(cur_h * cur_w / (max_tiles * side**2))
     if ratio > 1.1:  # the model shrinks the map by bilinear interpolation
@@ -211,7 +173,8 @@ class LlavaOnevisionLayout(ImageLayout):
         The base grid covers the whole picture when the image is tiled (the processor
         resizes it to ``image_size x image_size``) and the picture padded to a centred
         square in a multi-image prompt. The tile map covers the picture as the model
-        unpads it (see :func:`_tiles_box`), below the base rows in ``positions.grid``.
+        unpads it (see :func:`~tl_vlm.core.anyres.tile_map_box`), below the base rows in
+        ``positions.grid``.
         ``meta`` is the image's :class:`OnevisionImage` (from :meth:`image_grids`).
         """
         if not isinstance(meta, OnevisionImage):
@@ -235,8 +198,8 @@ class LlavaOnevisionLayout(ImageLayout):
         if not meta.tiled:
             return [ImageView("base", 0, base_rows, meta.side, padded_square_box(height, width))]
         vision = self.config.vision_config
-        tiles = _tiles_box(height, width, self.config.image_grid_pinpoints, vision.image_size,
-                           meta.side)
+        tiles = tile_map_box(height, width, self.config.image_grid_pinpoints, vision.image_size,
+                             meta.side)
         return [ImageView("base", 0, base_rows, meta.side, (0.0, 0.0, float(width), float(height))),
                 ImageView("tiles", base_rows, meta.tile_rows, meta.tile_cols, tiles)]
 

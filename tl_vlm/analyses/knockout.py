@@ -33,6 +33,7 @@ from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch  # noqa: F401  (the docstring examples use it)
 
+from tl_vlm.core.attention_bridge import attention_layers
 from tl_vlm.core.attention_edits import EdgeCut
 from tl_vlm.core.batch import VLMBatch
 from tl_vlm.core.positions import ImagePositions, PositionSet
@@ -144,7 +145,10 @@ def knockout_hooks(
             pre-softmax ``-inf`` (renormalised).
         generated_queries: tokens produced by ``generate`` are queries too (they are text).
 
-    Returns one ``(hook name, function)`` per layer, for ``run_with_hooks``,
+    Returns one ``(hook name, function)`` per layer that has attention (in a hybrid
+    decoder such as LFM2's, the chosen short-convolution layers are left out: they have
+    no attention to cut, though they still move information between neighbouring
+    positions; a choice without any attention layer raises), for ``run_with_hooks``,
     ``model.hooks`` or ``generate(fwd_hooks=...)``. Position sets of another batch, an
     empty key set or heads outside the model raise a clear error.
 
@@ -191,7 +195,19 @@ def knockout_hooks(
     # device, shared across layers and generation steps.
     cut = EdgeCut(queries.mask, keys.mask, heads=heads, semantics=method,
                   generated_queries=generated_queries, padding=pos.padding.mask)
-    return [(f"blocks.{layer}.attn.{cut.point}", cut) for layer in resolve_layers(model, layers)]
+    return [(f"blocks.{layer}.attn.{cut.point}", cut)
+            for layer in _with_attention(model, resolve_layers(model, layers))]
+
+
+def _with_attention(model, layers: list[int]) -> list[int]:
+    """The chosen layers that have attention: in a hybrid decoder (LFM2) the others have
+    none to cut, and are left out; none of them having attention is an error."""
+    have = attention_layers(model)
+    kept = [layer for layer in layers if layer in have]
+    if not kept:
+        raise ValueError(f"layers {layers} have no attention to knock out; this model's "
+                         f"attention layers are {have}")
+    return kept
 
 
 def gate_knockout(model, batch, layers: Layers = "all", **kw) -> list[Hook]:

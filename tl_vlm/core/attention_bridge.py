@@ -71,8 +71,11 @@ def use_hooked_attention(adapter: Any) -> None:
     blocks = adapter.component_mapping["blocks"]
     old = blocks.submodules["attn"]
     submodules = {k: v for k, v in old.submodules.items() if k in ("q", "k", "v", "o")}
+    # ``optional`` carries over: in hybrid decoders (LFM2's short-convolution layers)
+    # some blocks have no attention module, and TL then leaves ``blocks.i.attn`` out.
     blocks.submodules["attn"] = HookedAttentionBridge(
-        name=old.name, config=adapter.cfg, submodules=submodules
+        name=old.name, config=adapter.cfg, submodules=submodules,
+        optional=getattr(old, "optional", False),
     )
     adapter.cfg.attn_implementation = ATTN_IMPLEMENTATION
     if "prepare_model" not in adapter.__dict__:  # once, even if called again (Chameleon swin)
@@ -83,6 +86,20 @@ def use_hooked_attention(adapter: Any) -> None:
             default_attention_outside_text(hf_model)
 
         adapter.prepare_model = prepare_then_restore_towers
+
+
+def attention_layers(model: Any) -> list[int]:
+    """Indices of the text blocks that have attention (``blocks.{i}.attn``): every block,
+    except in hybrid decoders, whose other blocks mix positions otherwise (LFM2's
+    short-convolution layers) and carry no attention hook points.
+
+    Example:
+        >>> from tl_vlm import HookedVLM
+        >>> attention_layers(HookedVLM.from_pretrained("toy-gated"))     # 4 attention layers
+        [0, 1, 2, 3]
+    """
+    return [i for i, block in enumerate(model.blocks)
+            if isinstance(getattr(block, "attn", None), torch.nn.Module)]
 
 
 def default_attention_outside_text(hf_model: torch.nn.Module) -> dict[str, str]:

@@ -97,6 +97,9 @@ class Family:
 
 #: the packages whose modules are family files (each defines ``FAMILY``)
 FAMILY_PACKAGES: list[str] = ["tl_vlm.adapters"]
+#: the module of the generic path, for checkpoints no family file claims
+#: (:func:`family_for_config` falls back to its ``generic_family``)
+GENERIC_MODULE = "tl_vlm.core.generic"
 _FAMILIES: Optional[FamilyList] = None
 _LOADING = False
 
@@ -108,7 +111,7 @@ class FamilyList(list):
     Example:
         >>> table = families()
         >>> table[0].name, "| family |" in table.to_markdown()
-        ('chameleon', True)
+        ('aya_vision', True)
     """
 
     HEADER = ("family", "HF class", "example checkpoint", "image tokens", "gate candidate",
@@ -186,7 +189,7 @@ def families() -> FamilyList:
 
     Example:
         >>> sorted(f.name for f in families())[:3]
-        ['chameleon', 'emu3', 'gemma3']
+        ['aya_vision', 'chameleon', 'emu3']
     """
     global _FAMILIES, _LOADING
     if _FAMILIES is None:
@@ -283,6 +286,10 @@ class UnsupportedModelError(ValueError):
 def family_for_config(hf_config: Any) -> Family:
     """The family of an HF config, or a clear error listing the supported ones.
 
+    A named family always wins; a checkpoint none claims goes to the generic path
+    (:mod:`tl_vlm.core.generic`), which infers what it can for certain and refuses
+    (``GenericPathError``, an :class:`UnsupportedModelError`) what it cannot.
+
     Example:
         >>> from transformers import ChameleonConfig
         >>> family_for_config(ChameleonConfig(architectures=["ChameleonForConditionalGeneration"])).name
@@ -296,13 +303,21 @@ def family_for_config(hf_config: Any) -> Family:
     generic = [f for f in candidates if f.matches is None]
     if specific or generic:
         return (specific or generic)[0]
+    # No family file: the generic path (found by name, as the families are) maps what it
+    # can infer for certain, refuses with GenericPathError what it cannot, and returns
+    # None for a checkpoint that is no transformers image-text-to-text model.
+    fallback = importlib.import_module(GENERIC_MODULE).generic_family(hf_config)
+    if fallback is not None:
+        return fallback
     table = "\n".join(
         f"  {f.name:16s} {', '.join(f.architectures)}" for f in families()
     )
     raise UnsupportedModelError(
         f"tl_vlm does not support architecture {archs or '(none in config)'} "
         f"(model_type={getattr(hf_config, 'model_type', None)!r}). Supported families:\n"
-        f"{table}\nVILA-U is not in transformers; see the README for what to use instead."
+        f"{table}\nVILA-U is not in transformers; see the README for what to use instead. "
+        f"The generic path (docs/families.md) covers transformers' image-text-to-text models "
+        f"only."
     )
 
 

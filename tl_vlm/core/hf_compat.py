@@ -3,11 +3,16 @@
 tl_vlm needs only the PIL image processors, but some processor classes cannot even
 be built or loaded without torchvision:
 
-- ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` and ``LlavaOnevisionProcessor`` always
+- ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``LlavaOnevisionProcessor``,
+  ``Qwen3VLProcessor``, ``Glm4vProcessor``, ``InternVLProcessor`` and
+  ``SmolVLMProcessor`` always
   take a video processor, and every video processor needs torchvision. They are made
   image-only: ``ProcessorMixin`` reads its sub-processors from ``get_attributes()``,
   so dropping ``video_processor`` there is enough for ``__init__``,
   ``from_pretrained`` and ``save_pretrained``; a video input raises a clear error.
+- ``SmolVLMProcessor`` also takes its video processor as a required argument and refuses
+  to be built without ``num2words`` (which it uses only to write video frame times): its
+  video processor defaults to None and a stand-in ``num2words`` raises if ever called.
 - ``PixtralProcessor``'s module imports one helper from the torchvision image
   processor; the PIL image-processor module has the same function, so a stand-in
   module provides it.
@@ -47,10 +52,32 @@ def allow_image_only_processors() -> None:
     """Let the processors that insist on a video processor work with images only."""
     import transformers
 
-    for name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "LlavaOnevisionProcessor"):
+    for name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "LlavaOnevisionProcessor",
+                 "Qwen3VLProcessor", "Glm4vProcessor", "InternVLProcessor",
+                 "SmolVLMProcessor"):
         proc = getattr(transformers, name)
         proc.get_attributes = classmethod(_image_only_attributes)
         proc.video_processor = _NoVideoProcessor()
+
+
+def _num2words_for_videos(*args: Any, **kwargs: Any) -> str:
+    raise ImportError("SmolVLM video prompts need `num2words` (pip install num2words)")
+
+
+def make_smolvlm_processor_image_only() -> None:
+    """Let ``SmolVLMProcessor`` be built without a video processor and without num2words."""
+    from transformers.models.smolvlm import processing_smolvlm as module
+
+    if getattr(module, "num2words", None) is None:
+        module.num2words = _num2words_for_videos
+    # video_processor is a required positional argument: give it the default None (the
+    # signature itself must stay, from_pretrained/save_pretrained read it).
+    init = module.SmolVLMProcessor.__init__
+    params = init.__code__.co_varnames[1:init.__code__.co_argcount]
+    defaults = init.__defaults__ or ()
+    if "video_processor" in params and \
+            len(defaults) == len(params) - params.index("video_processor") - 1:
+        init.__defaults__ = (None, *defaults)
 
 
 def make_pixtral_processor_loadable() -> None:
@@ -75,5 +102,6 @@ def apply() -> bool:
         return _applied
     allow_image_only_processors()
     make_pixtral_processor_loadable()
+    make_smolvlm_processor_image_only()
     _applied = True
     return True

@@ -49,6 +49,23 @@ def _cache_kwarg() -> str:
 _CACHE_KWARG = _cache_kwarg()
 
 
+def _generation_cache(hf_model: Any) -> Any:
+    """The cache ``generate`` runs with: a full-length key/value cache on every attention
+    layer, sliding-window ones included, so that on cached steps key index == sequence
+    position for position-based hooks. Layers that keep a recurrent state instead of keys
+    and values (LFM2's short convolutions) get the cache layer transformers builds for
+    them from the config; a decoder without such layers gets a plain ``DynamicCache()``."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+
+    built = DynamicCache(config=hf_model.config)
+    if all(isinstance(layer, (DynamicLayer, DummyLayer)) for layer in built.layers):
+        return DynamicCache()
+    built.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer
+                    for layer in built.layers]
+    return built
+
+
 def _bos_eos(tokenizer: Any) -> tuple[bool, bool]:
     """Whether the tokenizer prepends BOS and appends EOS to a plain text."""
     ids = tokenizer.encode("a")
@@ -169,6 +186,9 @@ class HookedVLM(TransformerBridge):
                                                    trust_remote_code=trust_remote_code)
             family = family_for_config(hf_config)
             processor = load_processor(name_or_path, processor, trust_remote_code)
+            # The layout reads the processor before any weight is read: a layout that
+            # cannot place the images (the generic path's refusals) fails here.
+            layout = family.layout(processor, hf_config)
             arch = next(a for a in hf_config.architectures if a in family.architectures)
             placement = dict(device_map=device_map, n_devices=n_devices, max_memory=max_memory,
                              offload_folder=offload_folder)
@@ -199,7 +219,8 @@ class HookedVLM(TransformerBridge):
             bridge.cfg.tokenizer_prepends_bos, bridge.cfg.tokenizer_appends_eos = \
                 _bos_eos(tokenizer)
         bridge.family = family
-        bridge.layout = family.layout(processor, bridge.original_model.config)
+        layout.config = bridge.original_model.config   # the loaded model's own config
+        bridge.layout = layout
         bridge.eval()
         return bridge
 
@@ -248,7 +269,9 @@ class HookedVLM(TransformerBridge):
         saved_side = tokenizer.padding_side
         tokenizer.padding_side = side
         try:
-            kwargs = dict(text=texts, return_tensors="pt", padding=True, **processor_kwargs)
+            # The side goes to the processor too: some pin their own (Llama 4: left).
+            kwargs = dict(text=texts, return_tensors="pt", padding=True, padding_side=side,
+                          **processor_kwargs)
             if any(per_prompt):
                 kwargs["images"] = self.layout.processor_images(per_prompt)
             inputs = dict(self.processor(**kwargs))
@@ -437,11 +460,7 @@ class HookedVLM(TransformerBridge):
         tokenizer = self.layout.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if not {"cache", "past_key_values", "cache_implementation"} & set(generate_kwargs):
-            # A full-length cache on every layer, sliding-window ones included, so that
-            # on cached steps key index == sequence position for position-based hooks.
-            from transformers import DynamicCache
-
-            generate_kwargs[_CACHE_KWARG] = DynamicCache()
+            generate_kwargs[_CACHE_KWARG] = _generation_cache(self.hf_model)
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             out = self.hf_model.generate(
                 **batch.inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,

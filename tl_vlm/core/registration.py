@@ -29,8 +29,8 @@ available", so the failure surfaces as a clear error instead.
 
 Example:
     >>> from tl_vlm.core import registration
-    >>> sorted(registration.added_architectures())
-    ['ChameleonForConditionalGeneration', 'JanusForConditionalGeneration', 'Qwen2VLForConditionalGeneration']
+    >>> sorted(registration.added_architectures())[:3]
+    ['AyaVisionForConditionalGeneration', 'ChameleonForConditionalGeneration', 'InternVLForConditionalGeneration']
 """
 
 from __future__ import annotations
@@ -181,7 +181,9 @@ def patch_transformer_lens() -> list[str]:
 @contextlib.contextmanager
 def adapter_override(architecture: str, adapter: type) -> Iterator[None]:
     """Within the block, TL selects ``adapter`` for ``architecture`` (one boot of
-    HookedVLM); TL's tables are restored after it.
+    HookedVLM) and loads it as a multimodal model; TL's tables are restored after it.
+    This is also how the generic path's adapter (:mod:`tl_vlm.core.generic`) reaches TL
+    for an architecture no family registers.
 
     Example:
         >>> from transformer_lens.factories import architecture_adapter_factory as factory
@@ -192,12 +194,18 @@ def adapter_override(architecture: str, adapter: type) -> Iterator[None]:
         >>> factory.SUPPORTED_ARCHITECTURES["LlavaForConditionalGeneration"] is before
         True
     """
+    from transformer_lens.utilities import architectures
+
     tables = tl_adapter_tables(_factory())
     with _lock:
         ensure_registered()
         before = [table.get(architecture) for table in tables]
+        # an architecture neither TL nor a family registers (the generic path's) must
+        # still load with AutoModelForImageTextToText
+        was_multimodal = architecture in architectures.MULTIMODAL_ARCHITECTURES
         for table in tables:
             table[architecture] = adapter
+        mark_multimodal(architecture)
         try:
             yield
         finally:
@@ -206,6 +214,8 @@ def adapter_override(architecture: str, adapter: type) -> Iterator[None]:
                     table.pop(architecture, None)
                 else:
                     table[architecture] = old
+            if not was_multimodal:
+                architectures.MULTIMODAL_ARCHITECTURES.discard(architecture)
 
 
 def _torchvision_importable() -> bool:

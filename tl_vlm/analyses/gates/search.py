@@ -95,6 +95,8 @@ class BatchSearch:
         self.queries, self.rows, self.alpha = queries, rows, alpha
         self.per_example, self.recompute = per_example, recompute
         self.targets = AnswerTargets(model, task)
+        # For lm_head's output (unembed.hook_out); model.last_logits are the model's logits,
+        # the family's final transform (a logit scale, a soft-cap) already applied.
         self.transform = final_logit_transform(model)
         self.n_layers = model.cfg.n_layers
         self.n = 0
@@ -141,7 +143,7 @@ class BatchSearch:
                 raw = self.model.last_logits(batch, fwd_hooks=list(hooks))
             self.cost["forward"] += 1
             return (self.task.score_from_logits(self.model, examples, raw).float().cpu(),
-                    self.transform(raw).float().cpu())
+                    raw.float().cpu())
         kept: dict[str, Tensor] = {}
 
         def keep(logits: Tensor, hook) -> None:
@@ -160,7 +162,7 @@ class BatchSearch:
     @torch.no_grad()
     def metric_under(self, batch: VLMBatch, hooks: Sequence[Hook], targets, allowed,
                      counter: str = "check_forward") -> Tensor:
-        last = self.transform(self.model.last_logits(batch, fwd_hooks=hooks)).float().cpu()
+        last = self.model.last_logits(batch, fwd_hooks=hooks).float().cpu()
         self.cost[counter] += 1
         return self.metric(last, targets, allowed)
 
@@ -198,8 +200,8 @@ class BatchSearch:
         ``clean`` is ``(targets, allowed)`` when a clean pass already fixed them, else the
         targets are read from this pass's logits (at ``alpha`` = 1 it *is* the clean run).
 
-        Returns ``estimate [layer, batch, pos]``, ``metric``, ``last`` (the final
-        transform's logits) and ``raw_last`` (the model's), ``targets``, ``allowed``."""
+        Returns ``estimate [layer, batch, pos]``, ``metric``, ``last`` (the model's last
+        logits, float32 on the CPU) and ``raw_last`` (as computed), ``targets``, ``allowed``."""
         pos = batch.positions
         queries = None if self.queries == "all" else self.query_set(pos).mask
         base = torch.where(pos.image_side.mask, self.alpha, 1.0)
@@ -211,7 +213,7 @@ class BatchSearch:
         with torch.enable_grad(), no_weight_grads(self.model), self.model.hooks(fwd_hooks=hooks), \
                 recompute_blocks(self.model, enabled=self.recompute):
             raw = self.model.last_logits(batch, use_cache=False)
-            last = self.transform(raw)
+            last = raw   # the model's logits: its final transform is already applied
             targets, allowed = clean if clean is not None else \
                 self.targets(examples, last.detach().float().cpu())
             m = self.metric(last, targets, allowed)
