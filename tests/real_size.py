@@ -14,7 +14,6 @@ conversion scripts (``src/transformers/models/<family>/convert_*_weights_to_hf.p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, Callable
 
 import tl_vlm.adapters  # noqa: F401  (processors that need torchvision only for videos)
@@ -223,14 +222,16 @@ def qwen2_5_vl() -> Released:
     return _qwen(Qwen2_5_VLProcessor, Qwen2_5_VLConfig)
 
 
-@cache
 def tiny_modules() -> dict[str, Any]:
     """The ``tests/tiny`` family modules that carry their own real-size builder
     (``released()``) and expected table (``REAL_SIZE``: (height, width) -> Expected);
     optionally ``REAL_SIZE_MULTI_IMAGE`` (the same for an image of a two-image prompt,
     where the processor treats it otherwise) and ``processor_image_mask(layout, inputs)``
     (where the processor marks image tokens other than by ``mm_token_type_ids``). A new
-    family's tests live in its own files, so families can be added side by side."""
+    family's tests live in its own files, so families can be added side by side.
+
+    Not cached: a tiny module that imports this file is still half-imported while this
+    file first runs, and must be found on a later call."""
     import importlib
     import pkgutil
 
@@ -250,8 +251,27 @@ def tiny_module_tables() -> dict[str, dict]:
     return {name: module.REAL_SIZE for name, module in tiny_modules().items()}
 
 
-BUILDERS: dict[str, Callable[..., Released]] = {
-    f.__name__: f for f in (chameleon, emu3, gemma3, janus, llava, llava_onevision, pixtral,
-                            qwen2_vl, qwen2_5_vl)
-}
-BUILDERS.update({name: module.released for name, module in tiny_modules().items()})
+class _Builders(dict):
+    """The first nine families' builders, plus every tiny module's ``released``, looked up
+    when asked (see :func:`tiny_modules`)."""
+
+    def _all(self) -> dict[str, Callable[..., Released]]:
+        return {**dict(self.items()),
+                **{name: module.released for name, module in tiny_modules().items()}}
+
+    def __getitem__(self, name: str) -> Callable[..., Released]:
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
+
+
+BUILDERS: dict[str, Callable[..., Released]] = _Builders(
+    {f.__name__: f for f in (chameleon, emu3, gemma3, janus, llava, llava_onevision, pixtral,
+                             qwen2_vl, qwen2_5_vl)})
