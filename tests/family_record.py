@@ -22,7 +22,13 @@ SHOWN_SIZES = ((480, 640), (1080, 1920))
 
 
 def _tokens(expected) -> str:
-    blocks = " + ".join(f"{r}x{c}" for r, c in expected.blocks)
+    runs: list[list] = []                     # consecutive equal blocks: "13 x 8x8"
+    for block in expected.blocks:
+        if runs and runs[-1][0] == block:
+            runs[-1][1] += 1
+        else:
+            runs.append([block, 1])
+    blocks = " + ".join(f"{n} x {r}x{c}" if n > 1 else f"{r}x{c}" for (r, c), n in runs)
     total = sum(r * c for r, c in expected.blocks) + expected.breaks
     breaks = f" + {expected.breaks} breaks" if expected.breaks else ""
     return f"{blocks}{breaks} = {total}"
