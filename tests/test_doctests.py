@@ -95,6 +95,7 @@ MODULES = [
     "tl_vlm.core.names",
     "tl_vlm.core.jsonable",
     "tl_vlm.core.reprs",
+    "tl_vlm.core.merged_patches",
     "tl_vlm.core.family",
     "tl_vlm.core.registration",
     "tl_vlm.core.autoload",

@@ -32,8 +32,7 @@ presets can target it, and ``find_gates`` is the tool to look for one.
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from transformer_lens.model_bridge.supported_architectures.glm4v import (
     Glm4vArchitectureAdapter,
@@ -41,7 +40,7 @@ from transformer_lens.model_bridge.supported_architectures.glm4v import (
 
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.family import Family
-from tl_vlm.core.layout import ImageLayout, LayoutError
+from tl_vlm.core.merged_patches import MergedPatchLayout
 
 GLM4V = "Glm4vForConditionalGeneration"
 
@@ -57,7 +56,7 @@ class Glm4vAdapter(Glm4vArchitectureAdapter):
         use_hooked_attention(self)
 
 
-class Glm4vLayout(ImageLayout):
+class Glm4vLayout(MergedPatchLayout):
     """``<|begin_of_image|>`` + rows x cols ``<|image|>`` + ``<|end_of_image|>``.
 
     A prompt marks an image with ``<|begin_of_image|><|image|><|end_of_image|>`` (what
@@ -69,47 +68,11 @@ class Glm4vLayout(ImageLayout):
     content_token = "<|image|>"
     boi_token = "<|begin_of_image|>"
     eoi_token = "<|end_of_image|>"
-    native = False
     gate_description = "none (non-native; EOI <|end_of_image|> recorded as gate)"
-    processor_counted = ("image",)
 
-    def __init__(self, processor: Any, config: Any) -> None:
-        super().__init__(processor, config)
-        # The config holds the ids the model uses; read the token strings from them.
-        for attr, key in (("content_token", "image_token_id"),
-                          ("boi_token", "image_start_token_id"),
-                          ("eoi_token", "image_end_token_id")):
-            tid = getattr(config, key, None)
-            if tid is not None:
-                tok = self.tokenizer.convert_ids_to_tokens(int(tid))
-                if tok is not None:
-                    setattr(self, attr, tok)
-        self.placeholder = self.boi_token + self.content_token + self.eoi_token
-        self.merge = int(config.vision_config.spatial_merge_size)
+    config_token_ids = {"content_token": "image_token_id", "boi_token": "image_start_token_id",
+                        "eoi_token": "image_end_token_id"}
 
-    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
-        thw = inputs.get("image_grid_thw")
-        if thw is None:
-            return []
-        grids = []
-        for n, (t, h, w) in enumerate(thw.tolist()):
-            if h % self.merge or w % self.merge:
-                raise LayoutError(
-                    f"image {n}: image_grid_thw {(t, h, w)} is not divisible by "
-                    f"spatial_merge_size {self.merge}"
-                )
-            grids.append((t * h // self.merge, w // self.merge))
-        return grids
-
-    def count_placeholders(self, prompt: str) -> int:
-        return prompt.count(self.content_token)
-
-    def with_placeholders(self, prompt: str, n_images: int) -> str:
-        prompt = super().with_placeholders(prompt, n_images)
-        # Wrap every bare <|image|> (one without its begin/end tokens) in them.
-        pad, boi, eoi = map(re.escape, (self.content_token, self.boi_token, self.eoi_token))
-        bare = re.compile(f"(?<!{boi}){pad}(?!{eoi})")
-        return bare.sub(lambda _: self.placeholder, prompt)
 
 
 FAMILY = Family(

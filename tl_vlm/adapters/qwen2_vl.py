@@ -31,8 +31,7 @@ as ``gate`` so knockout presets can target it.
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from transformer_lens.model_bridge.generalized_components import LinearBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
@@ -42,7 +41,7 @@ from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import (
 
 from tl_vlm.core.family import Family
 from tl_vlm.core.attention_bridge import use_hooked_attention
-from tl_vlm.core.layout import ImageLayout, LayoutError
+from tl_vlm.core.merged_patches import MergedPatchLayout
 
 QWEN2_VL = "Qwen2VLForConditionalGeneration"
 QWEN2_5_VL = "Qwen2_5_VLForConditionalGeneration"
@@ -79,7 +78,7 @@ class Qwen2VLAdapter(Qwen2_5_VLArchitectureAdapter):
         use_hooked_attention(self)
 
 
-class Qwen2VLLayout(ImageLayout):
+class Qwen2VLLayout(MergedPatchLayout):
     """``<|vision_start|>`` + rows x cols ``<|image_pad|>`` + ``<|vision_end|>``.
 
     A prompt marks an image with ``<|vision_start|><|image_pad|><|vision_end|>`` (what
@@ -91,47 +90,10 @@ class Qwen2VLLayout(ImageLayout):
     content_token = "<|image_pad|>"
     boi_token = "<|vision_start|>"
     eoi_token = "<|vision_end|>"
-    native = False
     gate_description = "none (non-native)"
-    processor_counted = ("image",)
 
-    def __init__(self, processor: Any, config: Any) -> None:
-        super().__init__(processor, config)
-        self.content_token = getattr(processor, "image_token", None) or self.content_token
-        # The config holds the ids the model uses; read the token strings from them.
-        for attr, key in (("boi_token", "vision_start_token_id"),
-                          ("eoi_token", "vision_end_token_id")):
-            tid = getattr(config, key, None)
-            if tid is not None:
-                tok = self.tokenizer.convert_ids_to_tokens(int(tid))
-                if tok is not None:
-                    setattr(self, attr, tok)
-        self.placeholder = self.boi_token + self.content_token + self.eoi_token
-        self.merge = int(config.vision_config.spatial_merge_size)
+    processor_tokens = {"content_token": "image_token"}
 
-    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
-        thw = inputs.get("image_grid_thw")
-        if thw is None:
-            return []
-        grids = []
-        for n, (t, h, w) in enumerate(thw.tolist()):
-            if h % self.merge or w % self.merge:
-                raise LayoutError(
-                    f"image {n}: image_grid_thw {(t, h, w)} is not divisible by "
-                    f"spatial_merge_size {self.merge}"
-                )
-            grids.append((t * h // self.merge, w // self.merge))
-        return grids
-
-    def count_placeholders(self, prompt: str) -> int:
-        return prompt.count(self.content_token)
-
-    def with_placeholders(self, prompt: str, n_images: int) -> str:
-        prompt = super().with_placeholders(prompt, n_images)
-        # Wrap every bare <|image_pad|> (one without its vision start/end) in them.
-        pad, boi, eoi = map(re.escape, (self.content_token, self.boi_token, self.eoi_token))
-        bare = re.compile(f"(?<!{boi}){pad}(?!{eoi})")
-        return bare.sub(lambda _: self.placeholder, prompt)
 
 
 # Qwen2.5-VL is its own family (tl_vlm.adapters.qwen2_5_vl) because TL ships an

@@ -47,8 +47,7 @@ sense; EOI is recorded as ``gate`` so the knockout presets can target it, and
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
@@ -58,7 +57,7 @@ from transformer_lens.model_bridge.supported_architectures.qwen3_vl import (
 
 from tl_vlm.core.attention_bridge import use_hooked_attention
 from tl_vlm.core.family import Family
-from tl_vlm.core.layout import ImageLayout, LayoutError
+from tl_vlm.core.merged_patches import MergedPatchLayout
 
 QWEN3_VL = "Qwen3VLForConditionalGeneration"
 
@@ -160,7 +159,7 @@ class Qwen3VLAdapter(Qwen3VLArchitectureAdapter):
         move_deepstack_into_blocks(hf_model)
 
 
-class Qwen3VLLayout(ImageLayout):
+class Qwen3VLLayout(MergedPatchLayout):
     """``<|vision_start|>`` + rows x cols ``<|image_pad|>`` + ``<|vision_end|>``.
 
     A prompt marks an image with ``<|vision_start|><|image_pad|><|vision_end|>`` (what
@@ -172,47 +171,10 @@ class Qwen3VLLayout(ImageLayout):
     content_token = "<|image_pad|>"
     boi_token = "<|vision_start|>"
     eoi_token = "<|vision_end|>"
-    native = False
     gate_description = "none (non-native; EOI <|vision_end|> recorded as gate)"
-    processor_counted = ("image",)
 
-    def __init__(self, processor: Any, config: Any) -> None:
-        super().__init__(processor, config)
-        # The config holds the ids the model uses; read the token strings from them.
-        for attr, key in (("content_token", "image_token_id"),
-                          ("boi_token", "vision_start_token_id"),
-                          ("eoi_token", "vision_end_token_id")):
-            tid = getattr(config, key, None)
-            if tid is not None:
-                tok = self.tokenizer.convert_ids_to_tokens(int(tid))
-                if tok is not None:
-                    setattr(self, attr, tok)
-        self.placeholder = self.boi_token + self.content_token + self.eoi_token
-        self.merge = int(config.vision_config.spatial_merge_size)
+    config_token_ids = {"content_token": "image_token_id", **MergedPatchLayout.config_token_ids}
 
-    def image_grids(self, inputs: Mapping[str, Any]) -> Optional[list[tuple[int, int]]]:
-        thw = inputs.get("image_grid_thw")
-        if thw is None:
-            return []
-        grids = []
-        for n, (t, h, w) in enumerate(thw.tolist()):
-            if h % self.merge or w % self.merge:
-                raise LayoutError(
-                    f"image {n}: image_grid_thw {(t, h, w)} is not divisible by "
-                    f"spatial_merge_size {self.merge}"
-                )
-            grids.append((t * h // self.merge, w // self.merge))
-        return grids
-
-    def count_placeholders(self, prompt: str) -> int:
-        return prompt.count(self.content_token)
-
-    def with_placeholders(self, prompt: str, n_images: int) -> str:
-        prompt = super().with_placeholders(prompt, n_images)
-        # Wrap every bare <|image_pad|> (one without its vision start/end) in them.
-        pad, boi, eoi = map(re.escape, (self.content_token, self.boi_token, self.eoi_token))
-        bare = re.compile(f"(?<!{boi}){pad}(?!{eoi})")
-        return bare.sub(lambda _: self.placeholder, prompt)
 
 
 FAMILY = Family(
